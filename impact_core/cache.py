@@ -1,0 +1,121 @@
+"""Result cache keyed by a hash of the inputs each artefact depends on.
+
+Layout: ``<root>/<kind>/<key>.pt`` (the payload, ``torch.save``) and ``<key>.json``
+(its metadata: inputs, SHA-256 of the payload). Both are written to a temporary
+file and renamed; the JSON is written last, so an entry without it is partial.
+On load the payload's checksum is verified; a partial or corrupt entry is
+logged, removed and recomputed, never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import config_hash
+
+log = logging.getLogger("impact_core")
+
+
+class CacheError(RuntimeError):
+    """A cache entry is corrupt or partial."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through ``write(fileobj)`` into a temporary file beside ``path``, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class ResultCache:
+    """``cache.get_or_compute(kind, inputs, compute)``: load if present and intact, else compute and store."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def key(self, kind: str, inputs: dict) -> str:
+        return config_hash({"kind": kind, "inputs": inputs})
+
+    def paths(self, kind: str, key: str) -> tuple[Path, Path]:
+        base = self.root / kind
+        return base / f"{key}.pt", base / f"{key}.json"
+
+    def has(self, kind: str, inputs: dict) -> bool:
+        payload, meta = self.paths(kind, self.key(kind, inputs))
+        return payload.exists() and meta.exists()
+
+    def load(self, kind: str, key: str) -> Any:
+        """Load an entry; raise :class:`CacheError` if it is partial or corrupt, KeyError if absent."""
+        payload, meta = self.paths(kind, key)
+        if not payload.exists() and not meta.exists():
+            raise KeyError(f"{kind}/{key}")
+        if not meta.exists():
+            raise CacheError(f"{kind}/{key}: payload without metadata (partial write)")
+        if not payload.exists():
+            raise CacheError(f"{kind}/{key}: metadata without payload")
+        try:
+            info = json.loads(meta.read_text())
+        except json.JSONDecodeError as err:
+            raise CacheError(f"{kind}/{key}: unreadable metadata ({err})") from err
+        if info.get("sha256") != _sha256(payload):
+            raise CacheError(f"{kind}/{key}: checksum mismatch (corrupt payload)")
+        try:
+            return torch.load(payload, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise CacheError(f"{kind}/{key}: payload could not be read ({err})") from err
+
+    def save(self, kind: str, key: str, value: Any, inputs: dict) -> None:
+        payload, meta = self.paths(kind, key)
+        atomic_write_bytes(payload, lambda f: torch.save(value, f))
+        info = {"kind": kind, "key": key, "inputs": inputs, "sha256": _sha256(payload),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        text = json.dumps(info, indent=1, sort_keys=True, default=str).encode()
+        atomic_write_bytes(meta, lambda f: f.write(text))
+
+    def remove(self, kind: str, key: str) -> None:
+        for p in self.paths(kind, key):
+            if p.exists():
+                p.unlink()
+
+    def get_or_compute(self, kind: str, inputs: dict, compute: Callable[[], Any]) -> Any:
+        key = self.key(kind, inputs)
+        try:
+            value = self.load(kind, key)
+            log.info("cache: reusing %s/%s", kind, key)
+            return value
+        except KeyError:
+            pass
+        except CacheError as err:
+            log.warning("cache: %s; recomputing", err)
+            self.remove(kind, key)
+        log.info("cache: computing %s/%s", kind, key)
+        start = time.time()
+        value = compute()
+        self.save(kind, key, value, inputs)
+        log.info("cache: stored %s/%s (%.1f s)", kind, key, time.time() - start)
+        return value

@@ -1,0 +1,353 @@
+"""Validated configuration: small dataclasses that reject unknown fields.
+
+A preset (``params/<name>.yaml``) is read into :class:`Config`. Every section is
+a dataclass; an unknown or misspelt key, or an out-of-range value, raises
+:class:`ConfigError` naming the dotted key, before any compute.
+
+Overrides use dotted keys: ``load_config("smoke", {"pruning.sparsities": [0.7]})``.
+String paths may contain ``${VAR}`` (expanded from the environment).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PARAMS_DIR = REPO_ROOT / "params"
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, or its value is invalid."""
+
+
+def check_sparsity(value: float, key: str) -> float:
+    """A sparsity is the fraction of weights set to zero: it must lie in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: sparsity must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"{key}: sparsity must lie in [0, 1), got {value!r}")
+    return float(value)
+
+
+def as_sparsity_list(value: Any, key: str) -> list[float]:
+    """Accept one sparsity or a list of them (papermill passes either)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ConfigError(f"{key}: give at least one sparsity level")
+    return [check_sparsity(v, key) for v in values]
+
+
+def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}: must be a number {bound}, got {value!r}")
+
+
+class Section:
+    """Base of every config section: strict construction from a dict."""
+
+    def validate(self, prefix: str) -> None:  # overridden where ranges matter
+        pass
+
+    @classmethod
+    def from_dict(cls, data: Optional[dict], prefix: str = ""):
+        data = dict(data or {})
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in names:
+                hint = difflib.get_close_matches(key, names, n=1)
+                where = f"{prefix}{key}"
+                msg = f"unknown config key '{where}'"
+                if hint:
+                    msg += f" (did you mean '{prefix}{hint[0]}'?)"
+                raise ConfigError(msg)
+        kwargs = {}
+        for name, f in names.items():
+            if name not in data:
+                continue
+            value = data[name]
+            sub = _section_type(f)
+            if sub is not None:
+                value = sub.from_dict(value, prefix=f"{prefix}{name}.")
+            kwargs[name] = value
+        obj = cls(**kwargs)
+        obj.validate(prefix)
+        return obj
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _section_type(f: dataclasses.Field):
+    t = f.type if not isinstance(f.type, str) else globals().get(f.type)
+    if isinstance(t, type) and issubclass(t, Section):
+        return t
+    return None
+
+
+@dataclass
+class DataConfig(Section):
+    """Where the images come from and how many of each split are used."""
+
+    kind: str = "fashion_mnist"  # "fashion_mnist" (IDX files) or "imagefolder" (ImageNet layout)
+    root: str = "/usr/share/datasets/fashion-mnist"
+    train_images: Optional[int] = None  # cap on the training split (None: all)
+    calib_images: int = 1024  # Wanda calibration images (paper: 4096), drawn from train at `seed`
+    eval_images: Optional[int] = None  # cap on the evaluation split (None: all)
+    batch_size: int = 256  # inference batch size
+    num_workers: int = 0
+
+    def validate(self, prefix: str) -> None:
+        if self.kind not in ("fashion_mnist", "imagefolder"):
+            raise ConfigError(f"{prefix}kind: must be 'fashion_mnist' or 'imagefolder', got {self.kind!r}")
+        self.root = os.path.expandvars(str(self.root))
+        for key in ("calib_images", "batch_size"):
+            _positive(getattr(self, key), prefix + key)
+        for key in ("train_images", "eval_images"):
+            if getattr(self, key) is not None:
+                _positive(getattr(self, key), prefix + key)
+        _positive(self.num_workers, prefix + "num_workers", allow_zero=True)
+
+
+@dataclass
+class ModelConfig(Section):
+    """The backbone. ``small_deit3`` is the project's own DeiT-III-style ViT."""
+
+    arch: str = "small_deit3"  # or "deit3_base_patch16_224" (timm), loaded from `checkpoint`
+    checkpoint: Optional[str] = None  # local weights file (required for the timm DeiT-III)
+    img_size: int = 28
+    in_chans: int = 1
+    num_classes: int = 10
+    patch_size: int = 7
+    embed_dim: int = 96
+    depth: int = 12
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    init_values: float = 0.1  # LayerScale initial value
+    mean: list = field(default_factory=lambda: [0.2860])  # input normalisation
+    std: list = field(default_factory=lambda: [0.3530])
+
+    def validate(self, prefix: str) -> None:
+        if self.arch not in ("small_deit3", "deit3_base_patch16_224"):
+            raise ConfigError(f"{prefix}arch: unknown architecture {self.arch!r}")
+        if self.checkpoint is not None:
+            self.checkpoint = os.path.expandvars(str(self.checkpoint))
+        for key in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth", "num_heads"):
+            _positive(getattr(self, key), prefix + key)
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"{prefix}embed_dim: {self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ConfigError(f"{prefix}mean/std: need one value per input channel ({self.in_chans})")
+
+
+@dataclass
+class TrainConfig(Section):
+    """Training of the dense model (the small preset trains its own)."""
+
+    epochs: float = 3.0
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    label_smoothing: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        for key in ("epochs", "batch_size", "lr"):
+            _positive(getattr(self, key), prefix + key)
+        _positive(self.weight_decay, prefix + "weight_decay", allow_zero=True)
+
+
+@dataclass
+class PruningConfig(Section):
+    """Sec. 3.1: Wanda / magnitude pruning of every Linear in the blocks, then fine-tuning."""
+
+    methods: list = field(default_factory=lambda: ["wanda", "magnitude"])
+    sparsities: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.8, 0.9])
+    finetune_images: int = 12000  # images seen while fine-tuning each pruned model (paper: 2 epochs)
+    finetune_lr: float = 2e-4
+    finetune_batch_size: int = 128
+
+    def validate(self, prefix: str) -> None:
+        for m in self.methods:
+            if m not in ("wanda", "magnitude"):
+                raise ConfigError(f"{prefix}methods: unknown pruning method {m!r} (use 'wanda' or 'magnitude')")
+        self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
+        _positive(self.finetune_images, prefix + "finetune_images", allow_zero=True)
+        _positive(self.finetune_lr, prefix + "finetune_lr")
+
+
+@dataclass
+class NeuronConfig(Section):
+    """Sec. 3.2 / 4.2: top-K units per class by attribution patching, four metrics."""
+
+    sparsities: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
+    blocks: list = field(default_factory=lambda: [2, 7, 11])
+    top_k: int = 50
+    images: Optional[int] = 2000  # evaluation images used for the metrics (None: all)
+    classes: Optional[int] = None  # analyse the first N classes (None: all)
+
+    def validate(self, prefix: str) -> None:
+        self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
+        _positive(self.top_k, prefix + "top_k")
+
+
+@dataclass
+class SAEConfig(Section):
+    """Sec. 3.3 / 4.3: BatchTopK sparse autoencoders (paper: k=128, x32, CLS of block 11)."""
+
+    sparsities: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
+    block: int = -1  # -1: the last block
+    tokens: str = "cls"  # "cls", "patch" or "all"
+    k: int = 16
+    expansion: int = 8
+    lr: float = 1e-3
+    batch_size: int = 256
+    steps: int = 2000
+    aux_coefficient: float = 1.0 / 32
+    aux_k: int = 64
+    dead_after_steps: int = 50
+    threshold_beta: float = 0.999
+    normalize_input: bool = True
+    train_images: Optional[int] = None
+    eval_images: Optional[int] = 2000
+
+    def validate(self, prefix: str) -> None:
+        self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
+        if self.tokens not in ("cls", "patch", "all"):
+            raise ConfigError(f"{prefix}tokens: must be 'cls', 'patch' or 'all', got {self.tokens!r}")
+        for key in ("k", "expansion", "lr", "batch_size", "steps"):
+            _positive(getattr(self, key), prefix + key)
+
+
+@dataclass
+class CircuitConfig(Section):
+    """Sec. 3.4 / App. C: learnable node masks at 8 sites per block."""
+
+    sparsities: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
+    classes: Optional[list] = None  # class indices (None: all classes of the data set)
+    k_dense: float = 8e-5
+    k_sparse: float = 4e-5
+    k_sweep: list = field(default_factory=lambda: [4e-5, 5e-5, 6e-5, 7e-5, 8e-5])
+    epochs: int = 15
+    lr: float = 1e-2
+    step_gamma: float = 0.2
+    step_size: int = 5
+    tau: float = 1.0
+    init_mean: float = 0.5
+    init_std: float = 0.01
+    train_images_per_class: int = 200  # positives per class for mask training (same number of negatives)
+    eval_images_per_class: int = 200
+
+    def validate(self, prefix: str) -> None:
+        self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
+        for key in ("k_dense", "k_sparse", "lr", "tau"):
+            _positive(getattr(self, key), prefix + key)
+        _positive(self.epochs, prefix + "epochs")
+
+
+@dataclass
+class AttributionConfig(Section):
+    """Sec. 3.5 / 4.5: Chefer transformer attribution, insertion / deletion."""
+
+    sparsities: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
+    images: int = 500
+    steps: int = 16
+    baseline: str = "black"  # "black": 0 in [0,1] pixel space; "mean": 0 in normalised space
+    batch_size: int = 32
+
+    def validate(self, prefix: str) -> None:
+        self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
+        if self.baseline not in ("black", "mean"):
+            raise ConfigError(f"{prefix}baseline: must be 'black' or 'mean', got {self.baseline!r}")
+        for key in ("images", "steps", "batch_size"):
+            _positive(getattr(self, key), prefix + key)
+
+
+@dataclass
+class Config(Section):
+    """The whole configuration of one build of the book."""
+
+    name: str = "custom"
+    seed: int = 0
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
+    cache_dir: str = ".cache/impact"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    circuit: CircuitConfig = field(default_factory=CircuitConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+
+    def validate(self, prefix: str) -> None:
+        if not (self.device in ("cpu", "cuda", "auto") or str(self.device).startswith("cuda:")):
+            raise ConfigError(f"{prefix}device: must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
+        self.cache_dir = os.path.expandvars(str(self.cache_dir))
+        if self.model.arch == "small_deit3" and self.data.kind != "fashion_mnist":
+            pass  # allowed: a small model on an image folder, if shapes are set to match
+
+    @property
+    def cache_path(self) -> Path:
+        path = Path(os.environ.get("IMPACT_CACHE", self.cache_dir))
+        return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def preset_path(preset: str | os.PathLike) -> Path:
+    """A preset name (``smoke``) or a path to a YAML file."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise ConfigError(f"preset file not found: {path}")
+        return path
+    path = PARAMS_DIR / f"{preset}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(known)}")
+    return path
+
+
+def load_config(preset: str | os.PathLike = "default", overrides: Optional[dict] = None) -> Config:
+    """Read a preset and apply dotted-key overrides; validate everything."""
+    data = yaml.safe_load(preset_path(preset).read_text()) or {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return Config.from_dict(data)
+
+
+def config_hash(obj: Any, length: int = 16) -> str:
+    """A stable hash of a JSON-able object (a config subset, an artefact's inputs)."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def resolve_device(cfg: Config):
+    import torch
+
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {cfg.device!r} asked for, but no CUDA device is available")
+    return torch.device(cfg.device)

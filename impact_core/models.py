@@ -1,0 +1,146 @@
+"""Models: the DeiT-III-style small ViT (embedded default) and timm's DeiT-III B/16.
+
+Both are timm ``VisionTransformer``s with the DeiT-III traits the methods rely on:
+LayerScale (``init_values``), a class token, ``no_embed_class=True`` (position
+embedding added to patches only), a fused ``qkv`` Linear and 12 blocks, so the
+paper's early / middle / late blocks 2 / 7 / 11 keep their meaning.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from tqdm.auto import tqdm
+
+from .config import Config, ModelConfig, ConfigError
+from .data import Batches, Split
+
+log = logging.getLogger("impact_core")
+
+
+class CheckpointError(FileNotFoundError):
+    """A model checkpoint is missing or does not fit the architecture."""
+
+
+def build_model(mcfg: ModelConfig) -> VisionTransformer:
+    """An untrained model of the configured architecture (weights not loaded)."""
+    if mcfg.arch == "small_deit3":
+        return VisionTransformer(
+            img_size=mcfg.img_size, patch_size=mcfg.patch_size, in_chans=mcfg.in_chans,
+            num_classes=mcfg.num_classes, embed_dim=mcfg.embed_dim, depth=mcfg.depth,
+            num_heads=mcfg.num_heads, mlp_ratio=mcfg.mlp_ratio, qkv_bias=True,
+            class_token=True, no_embed_class=True, init_values=mcfg.init_values,
+            global_pool="token",
+        )
+    import timm
+
+    return timm.create_model(mcfg.arch, pretrained=False, num_classes=mcfg.num_classes)
+
+
+def check_checkpoint(mcfg: ModelConfig) -> None:
+    """Fail fast when the configured checkpoint file is absent."""
+    if mcfg.arch != "small_deit3" and not mcfg.checkpoint:
+        raise CheckpointError(f"model.checkpoint: {mcfg.arch} needs a local checkpoint file (no downloads here)")
+    if mcfg.checkpoint and not Path(mcfg.checkpoint).is_file():
+        raise CheckpointError(f"model.checkpoint: file not found: {mcfg.checkpoint}")
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load a state dict (plain, or under a 'model' / 'state_dict' key, as DeiT releases ship it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise CheckpointError(f"checkpoint {path} could not be read: {err}") from err
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {list(missing)[:5]}, "
+                              f"unexpected {list(unexpected)[:5]}")
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Split, batch_size: int = 256,
+             device: torch.device | str = "cpu", desc: str = "evaluate") -> dict[str, float]:
+    """Top-1 and top-5 accuracy on a split."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    for images, labels in tqdm(Batches(split, batch_size), desc=desc, leave=False):
+        logits = model(images.to(device))
+        labels = labels.to(device)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == labels).sum().item()
+        correct5 += (top == labels[:, None]).any(1).sum().item()
+        total += labels.numel()
+    return {"top1": correct1 / total, "top5": correct5 / total, "images": total}
+
+
+def train_classifier(model: torch.nn.Module, split: Split, *, images: int, batch_size: int, lr: float,
+                     weight_decay: float, warmup_fraction: float = 0.05, label_smoothing: float = 0.0,
+                     seed: int = 0, device: torch.device | str = "cpu", after_step=None,
+                     desc: str = "train") -> list[float]:
+    """AdamW with linear warm-up and cosine decay over ``images`` training images.
+
+    ``after_step(model)`` runs after every optimiser step (pruning uses it to re-apply masks).
+    Returns the loss of every step. Deterministic on CPU for a given seed.
+    """
+    torch.manual_seed(seed)
+    model.train().to(device)
+    steps = max(1, math.ceil(images / batch_size))
+    params_decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
+    params_other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
+    opt = torch.optim.AdamW([{"params": params_decay, "weight_decay": weight_decay},
+                             {"params": params_other, "weight_decay": 0.0}], lr=lr)
+    warm = max(1, int(warmup_fraction * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    losses: list[float] = []
+    epoch = 0
+    bar = tqdm(total=steps, desc=desc, leave=False)
+    while len(losses) < steps:
+        for x, y in Batches(split, batch_size, shuffle=True, seed=seed * 1000 + epoch):
+            if len(x) < batch_size:
+                continue
+            loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if after_step is not None:
+                after_step(model)
+            losses.append(loss.item())
+            bar.update(1)
+            if len(losses) % 50 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            if len(losses) >= steps:
+                break
+        epoch += 1
+    bar.close()
+    model.eval()
+    return losses
+
+
+def train_dense(cfg: Config, splits: dict[str, Split], device: torch.device | str = "cpu"):
+    """Train the small DeiT-III-style model from scratch on the training split."""
+    if cfg.model.arch != "small_deit3":
+        raise ConfigError(f"model.arch={cfg.model.arch}: only the small model is trained here; "
+                          "the paper preset loads model.checkpoint")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    t = cfg.train
+    images = int(t.epochs * len(splits["train"]))
+    losses = train_classifier(model, splits["train"], images=images, batch_size=t.batch_size, lr=t.lr,
+                              weight_decay=t.weight_decay, warmup_fraction=t.warmup_fraction,
+                              label_smoothing=t.label_smoothing, seed=cfg.seed, device=device,
+                              desc="train dense")
+    return model, losses

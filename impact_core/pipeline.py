@@ -1,0 +1,182 @@
+"""The artefacts every chapter needs, computed on first use and cached by config.
+
+    dense_model(cfg)                      trained (small preset) or loaded (paper preset) model
+    pruned_model(cfg, sparsity, method)   pruned + fine-tuned model (sparsity 0 -> dense)
+    accuracy(cfg, sparsity, method)       top-1 / top-5 on the eval split
+    site_means(cfg, sparsity, method)     per-position dataset means of all named sites
+
+Each cache key is a hash of exactly the config subset the artefact depends on
+(plus the keys of the artefacts it is built from), so a chapter run with another
+sparsity reuses the dense model and everything else it shares.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from . import pruning
+from .cache import ResultCache
+from .config import Config, check_sparsity, config_hash, resolve_device
+from .data import Batches, check_data, load_splits
+from .models import (build_model, check_checkpoint, evaluate, load_checkpoint, train_classifier,
+                     train_dense)
+from .sites import ALL_SITES, HookedViT, compute_site_means
+
+log = logging.getLogger("impact_core")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log what is cached and reused to stderr (visible in papermill's output)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[impact] %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level)
+
+
+def preflight(cfg: Config) -> None:
+    """All checks that must pass before any compute: data, checkpoint, device."""
+    check_data(cfg)
+    check_checkpoint(cfg.model)
+    resolve_device(cfg)
+
+
+def cache_for(cfg: Config) -> ResultCache:
+    return ResultCache(cfg.cache_path)
+
+
+_SPLITS: dict[str, dict] = {}
+
+
+def splits(cfg: Config):
+    """The data splits (loaded once per process for a given data config)."""
+    key = config_hash({"data": cfg.data.to_dict(), "model_norm": [cfg.model.mean, cfg.model.std],
+                       "img": cfg.model.img_size, "seed": cfg.seed})
+    if key not in _SPLITS:
+        _SPLITS[key] = load_splits(cfg)
+    return _SPLITS[key]
+
+
+def dense_inputs(cfg: Config) -> dict:
+    inputs = {"model": cfg.model.to_dict(), "seed": cfg.seed}
+    if cfg.model.arch == "small_deit3":
+        inputs.update(train=cfg.train.to_dict(), data={"kind": cfg.data.kind, "train_images": cfg.data.train_images})
+    else:
+        ckpt = Path(cfg.model.checkpoint)
+        inputs["checkpoint"] = {"path": str(ckpt.resolve()), "size": ckpt.stat().st_size,
+                                "mtime": int(ckpt.stat().st_mtime)}
+    inputs["model"].pop("checkpoint", None)
+    return inputs
+
+
+def pruned_inputs(cfg: Config, sparsity: float, method: str) -> dict:
+    p = cfg.pruning
+    return {"dense": cache_for(cfg).key("dense_model", dense_inputs(cfg)), "method": method,
+            "sparsity": sparsity, "calib_images": cfg.data.calib_images, "seed": cfg.seed,
+            "finetune": {"images": p.finetune_images, "lr": p.finetune_lr, "batch_size": p.finetune_batch_size,
+                         "weight_decay": cfg.train.weight_decay}}
+
+
+def model_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
+    """Inputs that identify a model: the dense one at sparsity 0, else the pruned one."""
+    if sparsity == 0:
+        return {"dense": dense_inputs(cfg)}
+    return {"pruned": pruned_inputs(cfg, sparsity, method)}
+
+
+def _state_to_model(cfg: Config, state: dict, device) -> torch.nn.Module:
+    model = build_model(cfg.model)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def dense_model(cfg: Config) -> torch.nn.Module:
+    """The dense model: trained by the project (small preset) or loaded from ``model.checkpoint``."""
+    preflight(cfg)
+    device = resolve_device(cfg)
+    if cfg.model.arch != "small_deit3":
+        return load_checkpoint(build_model(cfg.model), cfg.model.checkpoint).to(device).eval()
+
+    def compute():
+        model, losses = train_dense(cfg, splits(cfg), device=device)
+        return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "losses": losses}
+
+    entry = cache_for(cfg).get_or_compute("dense_model", dense_inputs(cfg), compute)
+    return _state_to_model(cfg, entry["state"], device)
+
+
+def dense_training_losses(cfg: Config) -> list[float]:
+    """Loss per step of the dense training run (small preset only)."""
+    entry = cache_for(cfg).get_or_compute("dense_model", dense_inputs(cfg), lambda: None)
+    return entry["losses"] if entry else []
+
+
+def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.nn.Module:
+    """Prune the dense model at ``sparsity`` with ``method``, fine-tune with the mask kept."""
+    sparsity = check_sparsity(sparsity, "sparsity")
+    if method not in pruning.METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; known: {pruning.METHODS}")
+    if sparsity == 0:
+        return dense_model(cfg)
+    preflight(cfg)
+    device = resolve_device(cfg)
+
+    def compute():
+        model = dense_model(cfg)
+        data = splits(cfg)
+        norms = None
+        if method == "wanda":
+            norms = pruning.input_norms(model, Batches(data["calib"], cfg.data.batch_size), device=device)
+        masks = pruning.prune_model(model, method, sparsity, norms)
+        p = cfg.pruning
+        if p.finetune_images > 0:
+            train_classifier(model, data["train"], images=p.finetune_images, batch_size=p.finetune_batch_size,
+                             lr=p.finetune_lr, weight_decay=cfg.train.weight_decay, seed=cfg.seed + 1,
+                             device=device, after_step=lambda m: pruning.apply_masks(m, masks),
+                             desc=f"fine-tune {method} {sparsity:g}")
+        return {"state": {k: v.cpu() for k, v in model.state_dict().items()}}
+
+    entry = cache_for(cfg).get_or_compute("pruned_model", pruned_inputs(cfg, sparsity, method), compute)
+    return _state_to_model(cfg, entry["state"], device)
+
+
+def accuracy(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
+    """Top-1 / top-5 on the eval split (cached)."""
+    inputs = {"model": model_inputs(cfg, sparsity, method), "eval_images": cfg.data.eval_images}
+
+    def compute():
+        model = pruned_model(cfg, sparsity, method)
+        return evaluate(model, splits(cfg)["eval"], cfg.data.batch_size, resolve_device(cfg),
+                        desc=f"evaluate {method} {sparsity:g}")
+
+    return cache_for(cfg).get_or_compute("accuracy", inputs, compute)
+
+
+def hooked_model(cfg: Config, sparsity: float, method: str = "wanda") -> HookedViT:
+    return HookedViT(pruned_model(cfg, sparsity, method))
+
+
+def site_means(cfg: Config, sparsity: float, method: str = "wanda") -> dict[str, torch.Tensor]:
+    """Per-position means of every site of every block over ``data.calib_images`` training images.
+
+    Eq. 11 replaces inactive nodes by "their mean activation over the training
+    distribution": we take it over the calibration images (a seeded sample of train).
+    """
+    inputs = {"model": model_inputs(cfg, sparsity, method), "calib_images": cfg.data.calib_images,
+              "sites": list(ALL_SITES)}
+
+    def compute():
+        hooked = hooked_model(cfg, sparsity, method)
+        names = hooked.site_names(sites=ALL_SITES)
+        return compute_site_means(hooked, Batches(splits(cfg)["calib"], cfg.data.batch_size), names,
+                                  device=resolve_device(cfg), desc=f"site means {sparsity:g}")
+
+    return cache_for(cfg).get_or_compute("site_means", inputs, compute)
+
+
+def level_label(sparsity: float) -> str:
+    return "dense" if sparsity == 0 else f"{sparsity:.0%}"
+

@@ -1,0 +1,236 @@
+"""Named activation sites on a timm VisionTransformer (TransformerLens-style hook points).
+
+Every studied activation has a stable name ``blocks.{i}.{site}``. The paper's eight
+sites per block (App. A.4 / C.1) are::
+
+    norm1     output of the first LayerNorm                (B, N, C)
+    q, k, v   per-head slices of the fused qkv projection  (B, N, H, D)
+    attn_out  attention branch after LayerScale, before the residual add  (B, N, C)
+    norm2     output of the second LayerNorm               (B, N, C)
+    mlp_act   MLP hidden activation after GELU             (B, N, 4C)
+    mlp_out   MLP branch after LayerScale, before the residual add        (B, N, C)
+
+Two extra readable sites serve other chapters:
+
+    heads      per-head attention output before ``proj``   (B, N, H, D)  (neuron-level head units)
+    resid_post residual stream after the block             (B, N, C)     (SAE inputs)
+
+A *hook function* receives the activation in the shape above and returns ``None``
+(read only) or a tensor of the same shape (patch). Units (nodes) are the last axis
+for ``(B, N, C)`` sites and the head axis for ``(B, N, H, D)`` sites.
+
+Means are per token position over the data set (shape ``(N, *unit_shape)``): CLS and
+patch positions keep their own means. This is our reading of the paper's
+"dataset-wide mean activation" (App. A.4).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import defaultdict
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+PAPER_SITES = ("norm1", "q", "k", "v", "attn_out", "norm2", "mlp_act", "mlp_out")
+EXTRA_SITES = ("heads", "resid_post")
+ALL_SITES = PAPER_SITES + EXTRA_SITES
+HEAD_SITES = ("q", "k", "v", "heads")
+_QKV_INDEX = {"q": 0, "k": 1, "v": 2}
+_NAME = re.compile(r"^blocks\.(\d+)\.([a-z_0-9]+)$")
+
+HookFn = Callable[[torch.Tensor], Optional[torch.Tensor]]
+
+
+def site_name(block: int, site: str) -> str:
+    """``site_name(7, 'mlp_act') == 'blocks.7.mlp_act'``."""
+    if site not in ALL_SITES:
+        raise KeyError(f"unknown site {site!r}; known: {', '.join(ALL_SITES)}")
+    return f"blocks.{block}.{site}"
+
+
+def parse_site(name: str) -> tuple[int, str]:
+    match = _NAME.match(name)
+    if not match or match.group(2) not in ALL_SITES:
+        raise KeyError(f"not a site name: {name!r} (expected 'blocks.<i>.<site>', site in {ALL_SITES})")
+    return int(match.group(1)), match.group(2)
+
+
+def unit_mask_view(name: str, mask: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-unit vector (or ``(..., units)``) so it broadcasts over the activation."""
+    _, site = parse_site(name)
+    return mask[..., None] if site in HEAD_SITES else mask
+
+
+class HookedViT(nn.Module):
+    """A timm ``VisionTransformer`` whose sites can be read, patched and mean-ablated by name.
+
+    The wrapped model is unchanged (same state dict); hooks exist only inside
+    :meth:`hooks` contexts, so the plain forward costs nothing extra.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.depth = len(model.blocks)
+        attn = model.blocks[0].attn
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.embed_dim = model.embed_dim
+        self.mlp_dim = model.blocks[0].mlp.fc1.out_features
+
+    # -- names and shapes ------------------------------------------------------------
+    def site_names(self, blocks: Optional[Iterable[int]] = None, sites: Iterable[str] = PAPER_SITES) -> list[str]:
+        blocks = range(self.depth) if blocks is None else blocks
+        return [site_name(b, s) for b in blocks for s in sites]
+
+    def unit_shape(self, name: str) -> tuple[int, ...]:
+        """Per-token shape of a site's activation."""
+        block, site = parse_site(name)
+        if block >= self.depth:
+            raise KeyError(f"{name}: the model has {self.depth} blocks")
+        if site in HEAD_SITES:
+            return (self.num_heads, self.head_dim)
+        return (self.mlp_dim,) if site == "mlp_act" else (self.embed_dim,)
+
+    def num_units(self, name: str) -> int:
+        return self.unit_shape(name)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # -- hooks -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def hooks(self, fns: dict[str, HookFn | list[HookFn]]):
+        """Register hook functions by site name for the duration of the context."""
+        by_site: dict[str, list[HookFn]] = defaultdict(list)
+        for name, fn in fns.items():
+            self.unit_shape(name)  # validates the name
+            by_site[name].extend(fn if isinstance(fn, (list, tuple)) else [fn])
+        handles = []
+        per_block: dict[int, dict[str, list[HookFn]]] = defaultdict(dict)
+        for name, fn_list in by_site.items():
+            block, site = parse_site(name)
+            per_block[block][site] = fn_list
+        try:
+            for block, sites in per_block.items():
+                handles.extend(self._register_block(block, sites))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _register_block(self, index: int, sites: dict[str, list[HookFn]]):
+        blk = self.model.blocks[index]
+        H, D = self.num_heads, self.head_dim
+        handles = []
+
+        def plain(fn_list):
+            def hook(_module, _inputs, output):
+                for fn in fn_list:
+                    new = fn(output)
+                    if new is not None:
+                        output = new
+                return output
+
+            return hook
+
+        modules = {"norm1": blk.norm1, "attn_out": blk.ls1, "norm2": blk.norm2,
+                   "mlp_act": blk.mlp.act, "mlp_out": blk.ls2, "resid_post": blk}
+        for site, module in modules.items():
+            if site in sites:
+                handles.append(module.register_forward_hook(plain(sites[site])))
+
+        qkv_sites = {s: sites[s] for s in ("q", "k", "v") if s in sites}
+        if qkv_sites:
+            def qkv_hook(_module, _inputs, output):
+                B, N, _ = output.shape
+                parts = list(output.view(B, N, 3, H, D).unbind(2))
+                changed = False
+                for site, fn_list in qkv_sites.items():
+                    i = _QKV_INDEX[site]
+                    for fn in fn_list:
+                        new = fn(parts[i])
+                        if new is not None:
+                            parts[i], changed = new, True
+                return torch.stack(parts, dim=2).reshape(B, N, 3 * H * D) if changed else output
+
+            handles.append(blk.attn.qkv.register_forward_hook(qkv_hook))
+
+        if "heads" in sites:
+            def heads_hook(_module, inputs):
+                (x,) = inputs
+                B, N, C = x.shape
+                z = x.view(B, N, H, D)
+                changed = False
+                for fn in sites["heads"]:
+                    new = fn(z)
+                    if new is not None:
+                        z, changed = new, True
+                return (z.reshape(B, N, C),) if changed else None
+
+            handles.append(blk.attn.proj.register_forward_pre_hook(heads_hook))
+        return handles
+
+    # -- conveniences --------------------------------------------------------------------
+    def run_with_cache(self, x: torch.Tensor, names: Iterable[str], detach: bool = True):
+        """Forward ``x``; return ``(logits, {name: activation})``."""
+        store: dict[str, torch.Tensor] = {}
+
+        def saver(name):
+            def fn(act):
+                store[name] = act.detach() if detach else act
+            return fn
+
+        with self.hooks({n: saver(n) for n in names}):
+            logits = self.model(x)
+        return logits, store
+
+    def run_with_hooks(self, x: torch.Tensor, fns: dict[str, HookFn | list[HookFn]]) -> torch.Tensor:
+        with self.hooks(fns):
+            return self.model(x)
+
+
+def mean_ablate(mean: torch.Tensor, keep: torch.Tensor, name: str) -> HookFn:
+    """Hook replacing units with ``keep == 0`` by their mean: ``a*m + mean*(1-m)`` (Eq. 11).
+
+    ``mean`` has shape ``(N, *unit_shape)``; ``keep`` is a per-unit 0/1 (or soft) vector.
+    """
+    m = unit_mask_view(name, keep)
+
+    def fn(act):
+        mu = mean.to(act.dtype)
+        return act * m + mu * (1 - m)
+
+    return fn
+
+
+@torch.no_grad()
+def compute_site_means(hooked: HookedViT, batches: Iterable, names: list[str],
+                       device: torch.device | str = "cpu", desc: str = "site means") -> dict[str, torch.Tensor]:
+    """Per-position mean of every named site over the data set, in one pass.
+
+    Accumulates float64 sums on the device; memory is ``sum_sites N * units``.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+
+    def adder(name):
+        def fn(act):
+            s = act.sum(0, dtype=torch.float64)
+            if name in sums:
+                sums[name] += s
+            else:
+                sums[name] = s
+        return fn
+
+    hooked.eval()
+    with hooked.hooks({n: adder(n) for n in names}):
+        for images, _labels in tqdm(batches, desc=desc, leave=False):
+            hooked.model(images.to(device))
+            count += images.shape[0]
+    if count == 0:
+        raise ValueError("compute_site_means: no images")
+    return {n: (s / count).float().cpu() for n, s in sums.items()}
