@@ -220,9 +220,16 @@ class SAEConfig(Section):
     normalize_input: bool = True
     train_images: Optional[int] = None
     eval_images: Optional[int] = 2000
+    top_k: int = 50  # latents per class for the four metrics (paper: top-50, as for neurons)
+    buffer_max_mb: int = 1024  # training activations up to this size are buffered, larger ones streamed
+    pool_batches: int = 32  # streaming: the shuffling pool holds this many SAE batches
 
     def validate(self, prefix: str) -> None:
         self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
+        for key in ("top_k", "buffer_max_mb", "pool_batches", "aux_k", "dead_after_steps"):
+            _positive(getattr(self, key), prefix + key)
+        if not 0.0 <= self.threshold_beta < 1.0:
+            raise ConfigError(f"{prefix}threshold_beta: must lie in [0, 1), got {self.threshold_beta!r}")
         if self.tokens not in ("cls", "patch", "all"):
             raise ConfigError(f"{prefix}tokens: must be 'cls', 'patch' or 'all', got {self.tokens!r}")
         for key in ("k", "expansion", "lr", "batch_size", "steps"):
@@ -247,12 +254,30 @@ class CircuitConfig(Section):
     init_std: float = 0.01
     train_images_per_class: int = 200  # positives per class for mask training (same number of negatives)
     eval_images_per_class: int = 200
+    batch_size: int = 32  # images per class per mask-training step (paper: not stated)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay on mask logits (paper: not stated; torch default)
+    class_chunk: int = 10  # classes trained together in one batched forward (memory knob)
 
     def validate(self, prefix: str) -> None:
         self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
-        for key in ("k_dense", "k_sparse", "lr", "tau"):
+        for key in ("k_dense", "k_sparse", "lr", "tau", "batch_size", "class_chunk", "step_size",
+                    "train_images_per_class", "eval_images_per_class"):
             _positive(getattr(self, key), prefix + key)
         _positive(self.epochs, prefix + "epochs")
+        _positive(self.weight_decay, prefix + "weight_decay", allow_zero=True)
+        for key in ("step_gamma", "init_std"):
+            _positive(getattr(self, key), prefix + key)
+        if not isinstance(self.k_sweep, (list, tuple)) or not self.k_sweep:
+            raise ConfigError(f"{prefix}k_sweep: give a non-empty list of coefficients")
+        for v in self.k_sweep:
+            _positive(v, prefix + "k_sweep")
+        if self.classes is not None:
+            if not isinstance(self.classes, (list, tuple)) or not self.classes:
+                raise ConfigError(f"{prefix}classes: give a non-empty list of class indices, or null")
+            if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.classes):
+                raise ConfigError(f"{prefix}classes: class indices must be integers >= 0, got {self.classes!r}")
+            if len(set(self.classes)) != len(self.classes):
+                raise ConfigError(f"{prefix}classes: repeated class index in {self.classes!r}")
 
 
 @dataclass
@@ -330,6 +355,8 @@ def preset_path(preset: str | os.PathLike) -> Path:
 def load_config(preset: str | os.PathLike = "default", overrides: Optional[dict] = None) -> Config:
     """Read a preset and apply dotted-key overrides; validate everything."""
     data = yaml.safe_load(preset_path(preset).read_text()) or {}
+    if os.environ.get("IMPACT_DATA_ROOT"):  # `make ... DATA_DIR=...` points the loader elsewhere
+        data.setdefault("data", {})["root"] = os.environ["IMPACT_DATA_ROOT"]
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     return Config.from_dict(data)

@@ -1,0 +1,55 @@
+# impact: `make book` builds the reproduction, `make test` runs the tests.
+# Each target does its own set-up on a fresh machine (virtual environment, kernel, data).
+PRESET ?= default
+JOBS ?= 1
+PORT ?= 8000
+OUT ?= _build
+VENV := .venv
+PY := $(VENV)/bin/python
+ifdef DATA_DIR
+export IMPACT_DATA_ROOT := $(DATA_DIR)
+endif
+DATA_DIR ?= /usr/share/datasets/fashion-mnist
+export TQDM_MININTERVAL ?= 10
+export PYTHONHASHSEED = 0
+
+.PHONY: book test bench serve setup data clean-cache clean
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m ipykernel install --sys-prefix --name impact --display-name "impact (.venv)" >/dev/null
+	touch $@
+
+data:
+	@if [ -f "$(DATA_DIR)/train-images-idx3-ubyte.gz" ] || [ -f "$(DATA_DIR)/train-images-idx3-ubyte" ]; then \
+	  echo "Fashion-MNIST found in $(DATA_DIR)"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
+	else \
+	  echo "Fashion-MNIST is missing from $(DATA_DIR). Install it with 'sudo apt-get install dataset-fashion-mnist'," >&2; \
+	  echo "or download the four IDX files and run with DATA_DIR=/path/to/folder (sets data.root)." >&2; \
+	  exit 1; \
+	fi
+
+book: setup
+	$(PY) -m impact_core book --preset $(PRESET) --jobs $(JOBS) --out $(OUT)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m impact_core bench
+
+serve:
+	@echo "serving $(OUT)/_build/html on http://127.0.0.1:$(PORT)"
+	$(PY) -m http.server --bind 127.0.0.1 --directory $(OUT)/_build/html $(PORT)
+
+clean-cache:
+	rm -rf .cache/impact
+
+clean:
+	rm -rf $(OUT) book/executed

@@ -1,0 +1,144 @@
+"""The chapter runner behind ``make book``.
+
+1. Validate the preset (unknown keys, bad values, missing data or checkpoint) before any compute.
+2. Execute every chapter listed in ``_toc.yml`` with papermill into a staging copy of the
+   book (``<out>/src``), one OS process per notebook; ``--jobs N`` runs N at once.
+3. Stop with a non-zero exit naming the chapter if any raised or stored an error output.
+4. Only then build the staged book with ``jupyter-book build -W`` (warnings are errors;
+   ``execute_notebooks: off``: papermill executed, the book only renders).
+
+HTML lands in ``<out>/html`` (default ``_build/html``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Optional
+
+import yaml
+
+from .config import REPO_ROOT, load_config
+
+KERNEL = "impact"
+
+
+class ChapterError(RuntimeError):
+    """A chapter notebook raised while being executed."""
+
+
+def toc_chapters(toc_path: Path = REPO_ROOT / "_toc.yml") -> list[str]:
+    """Chapter notebooks named in the table of contents, in order (``book/chapters/NN_x``)."""
+    toc = yaml.safe_load(toc_path.read_text())
+    found: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            f = node.get("file")
+            if f and f.startswith("book/chapters/"):
+                found.append(f)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(toc)
+    return found
+
+
+def notebook_errors(path: Path) -> Optional[str]:
+    """The first error stored in an executed notebook, or None."""
+    nb = json.loads(path.read_text())
+    if nb.get("metadata", {}).get("papermill", {}).get("exception"):
+        pass  # the error output below names it
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            if out.get("output_type") == "error":
+                return f"{out.get('ename')}: {out.get('evalue')}"
+    if nb.get("metadata", {}).get("papermill", {}).get("exception"):
+        return "papermill recorded an exception"
+    return None
+
+
+def execute_chapter(chapter: str, src: Path, preset: str, parameters: dict, log_dir: Path) -> float:
+    """Run one chapter template with papermill into the staging folder; return seconds."""
+    template = REPO_ROOT / f"{chapter}.ipynb"
+    target = src / f"{chapter}.ipynb"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "papermill", str(template), str(target), "-k", KERNEL,
+           "--cwd", str(REPO_ROOT), "-p", "preset", preset, "--log-output", "--no-progress-bar"]
+    for key, value in parameters.items():
+        cmd += ["-y", yaml.safe_dump({key: value})]
+    start = time.time()
+    log_file = log_dir / f"{Path(chapter).name}.log"
+    with open(log_file, "w") as log:
+        for attempt in range(2):  # kernel start can race when chapters run in parallel: retry once
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+            if proc.returncode == 0 or target.exists():
+                break
+    error = notebook_errors(target) if target.exists() else "no output notebook written"
+    if proc.returncode != 0 or error:
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
+        raise ChapterError(f"chapter {chapter} failed: {error or 'papermill exit ' + str(proc.returncode)}\n"
+                           f"(log: {log_file})\n{tail}")
+    return time.time() - start
+
+
+def stage_book(src: Path) -> None:
+    """Copy the book's sources (config, toc, pages; not the chapter templates) into ``src``."""
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(REPO_ROOT / name, src / name)
+    shutil.copytree(REPO_ROOT / "book", src / "book",
+                    ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints", "__pycache__"))
+
+
+def build_html(src: Path, out: Path) -> Path:
+    """``jupyter-book build -W`` of the staged sources; return the HTML folder."""
+    jb = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(src), "-W", "--keep-going",
+           "--path-output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ChapterError(f"jupyter-book build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return out / "_build" / "html"
+
+
+def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None, out: Path | str = "_build",
+               jobs: int = 1, parameters: Optional[dict] = None) -> Path:
+    """Execute the chapters on ``preset`` and build the HTML book; return the HTML folder."""
+    cfg = load_config(preset)  # validates the preset before any compute
+    from .pipeline import preflight
+
+    preflight(cfg)
+    out = Path(out)
+    out = out if out.is_absolute() else REPO_ROOT / out
+    src = out / "src"
+    stage_book(src)
+    log_dir = out / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    selected = list(chapters) if chapters else toc_chapters()
+    print(f"[impact] preset {preset}: executing {len(selected)} chapter(s) -> {src}", flush=True)
+    timings = {}
+    if jobs > 1:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job is its own OS process
+            futures = {c: pool.submit(execute_chapter, c, src, preset, parameters or {}, log_dir) for c in selected}
+            for c, f in futures.items():
+                timings[c] = f.result()
+                print(f"[impact]   {c}: {timings[c]:.0f} s", flush=True)
+    else:
+        for c in selected:
+            timings[c] = execute_chapter(c, src, preset, parameters or {}, log_dir)
+            print(f"[impact]   {c}: {timings[c]:.0f} s", flush=True)
+    print("[impact] building HTML (jupyter-book build -W)", flush=True)
+    html = build_html(src, out)
+    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    print(f"[impact] book written to {html}/index.html", flush=True)
+    return html
