@@ -216,7 +216,7 @@ class SAEConfig(Section):
     aux_coefficient: float = 1.0 / 32
     aux_k: int = 64
     dead_after_steps: int = 50
-    threshold_beta: float = 0.999
+    threshold_beta: float = 0.99  # EMA of the min kept activation (BatchTopK code: 0.999 over long runs)
     normalize_input: bool = True
     train_images: Optional[int] = None
     eval_images: Optional[int] = 2000

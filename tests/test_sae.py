@@ -1,0 +1,212 @@
+"""BatchTopK SAE: training-mode sparsity, threshold, unit decoder, aux loss, recovery, quality metrics."""
+import numpy as np
+import pytest
+import torch
+
+from impact_core import sae as S
+
+
+def _opt(sae):
+    return torch.optim.Adam(sae.parameters(), lr=1e-2)
+
+
+def _step(sae, x, opt=None, dead_after=1000, aux_k=8):
+    return S.train_step(sae, opt or _opt(sae), x, aux_coefficient=1 / 32, aux_k=aux_k,
+                        dead_after_steps=dead_after)
+
+
+def test_batch_topk_keeps_exactly_k_times_batch():
+    torch.manual_seed(0)
+    sae = S.BatchTopKSAE(8, 32, k=3).train()
+    x = torch.randn(10, 8) + 3.0
+    sae.b_enc.data.fill_(10.0)  # every pre-activation positive: exactly k*B survive
+    f = sae.encode(x)
+    assert int((f > 0).sum()) == 3 * 10
+    # per-sample counts vary (batch-level, not per-sample, top-k) but the kept ones are the largest
+    pre = sae.pre_acts(x * sae.input_scale).detach()
+    f = f.detach()
+    kept_min = f[f > 0].min()
+    assert float(pre[f == 0].max()) <= float(kept_min)
+
+
+def test_threshold_set_after_one_step_and_used_in_inference():
+    torch.manual_seed(0)
+    sae = S.BatchTopKSAE(8, 32, k=4)
+    with pytest.raises(RuntimeError, match="threshold is not set"):
+        sae.eval().encode(torch.randn(3, 8))
+    x = torch.randn(64, 8)
+    sae.init_from_batch(x, True)
+    out = _step(sae, x)
+    assert sae.threshold_is_set and torch.isfinite(sae.threshold)
+    # inference: exactly the pre-activations above the threshold survive, unchanged
+    sae.eval()
+    pre = sae.pre_acts(x * sae.input_scale)
+    f = sae.encode(x)
+    theta = float(sae.threshold)
+    assert torch.equal(f > 0, pre > theta)
+    assert torch.allclose(f[f > 0], pre[pre > theta])
+    # raising the threshold removes activations: it is really what inference uses
+    sae.threshold.fill_(theta * 2 + 1e-3)
+    assert int((sae.encode(x) > 0).sum()) < int((f > 0).sum())
+    assert out["mse"] >= 0
+
+
+def test_threshold_is_ema_of_min_kept():
+    torch.manual_seed(1)
+    sae = S.BatchTopKSAE(6, 12, k=2, threshold_beta=0.9)
+    opt = _opt(sae)
+    x1, x2 = torch.randn(32, 6), torch.randn(32, 6)
+    sae.init_from_batch(x1, True)
+    _step(sae, x1, opt)
+    t1 = float(sae.threshold)
+    # the min kept activation of the second step, computed before the step changes weights
+    with torch.no_grad():
+        f2 = S.batch_topk(sae.pre_acts(x2 * sae.input_scale), 2)
+    _step(sae, x2, opt)
+    assert float(sae.threshold) == pytest.approx(0.9 * t1 + 0.1 * float(f2[f2 > 0].min()), rel=1e-5)
+
+
+def test_decoder_rows_unit_norm_and_parallel_grad_removed():
+    torch.manual_seed(0)
+    sae = S.BatchTopKSAE(8, 24, k=3)
+    opt = _opt(sae)
+    x = torch.randn(50, 8) * 5
+    sae.init_from_batch(x, True)
+    for _ in range(5):
+        _step(sae, x, opt)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(24), atol=1e-5)
+    # the gradient that reaches the optimiser is orthogonal to each row
+    sae.train()
+    loss = (sae.decode_normalised(S.batch_topk(sae.pre_acts(x), 3)) - x).pow(2).sum()
+    sae.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        scale = sae.W_dec.grad.norm(dim=1).max()
+        assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() > 1e-2 * scale
+        sae.remove_parallel_grad()
+        assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5 * scale
+
+
+def test_aux_loss_zero_without_dead_and_positive_with_dead():
+    torch.manual_seed(0)
+    sae = S.BatchTopKSAE(8, 16, k=2)
+    x = torch.randn(20, 8)
+    xn = x * sae.input_scale
+    pre = sae.pre_acts(xn)
+    xn_hat = sae.decode_normalised(S.batch_topk(pre, 2))
+    none = torch.zeros(16, dtype=torch.bool)
+    assert float(S.aux_loss(sae, xn, xn_hat, pre, none, aux_k=4)) == 0.0
+    some = none.clone()
+    some[:8] = True
+    aux = S.aux_loss(sae, xn, xn_hat, pre, some, aux_k=4)
+    assert float(aux) > 0
+    aux.backward()  # gradients reach only the dead latents' decoder rows
+    assert sae.W_dec.grad[8:].abs().sum() == 0 and sae.W_dec.grad[:8].abs().sum() > 0
+    # in a training step with dead_after large, no latent is dead and aux is reported as 0
+    out = _step(sae, x, dead_after=10**6)
+    assert out["aux"] == 0.0 and out["dead"] == 0
+
+
+def test_sparse_decode_matches_dense():
+    torch.manual_seed(0)
+    f = S.batch_topk(torch.relu(torch.randn(7, 40)), 3).requires_grad_(True)
+    W = torch.randn(40, 5, requires_grad=True)
+    dense = f @ W
+    g = torch.randn(7, 5)
+    gf_d, gW_d = torch.autograd.grad((dense * g).sum(), (f, W))
+    sparse = S.sparse_decode(f, W)
+    gf_s, gW_s = torch.autograd.grad((sparse * g).sum(), (f, W))
+    assert torch.allclose(dense, sparse, atol=1e-5)
+    assert torch.allclose(gW_d, gW_s, atol=1e-5)
+    mask = f.detach() != 0
+    assert torch.allclose(gf_d[mask], gf_s[mask], atol=1e-5)
+
+
+def test_recovers_known_sparse_dictionary():
+    """Data = sparse nonnegative combinations of 24 unit atoms in 12-d; the SAE finds the atoms."""
+    gen = torch.Generator().manual_seed(0)
+    d, n_atoms, k = 12, 24, 2
+    atoms = torch.randn(n_atoms, d, generator=gen)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+
+    def batches():
+        while True:
+            codes = torch.zeros(256, n_atoms)
+            idx = torch.stack([torch.randperm(n_atoms, generator=gen)[:k] for _ in range(256)])
+            codes.scatter_(1, idx, torch.rand(256, k, generator=gen) + 0.5)
+            yield codes @ atoms
+
+    torch.manual_seed(0)
+    sae = S.BatchTopKSAE(d, 48, k=k, seed=0, decode_impl="sparse", threshold_beta=0.99)
+    S.fit(sae, batches(), 600, lr=3e-3, aux_coefficient=1 / 32, aux_k=8, dead_after_steps=20,
+          normalize_input=False, progress=False)
+    cos = atoms @ sae.W_dec.detach().T  # (atoms, latents)
+    best = cos.max(1).values
+    assert float(best.mean()) > 0.95, best
+    x = next(batches())
+    x_hat, _ = sae.eval()(x)
+    assert S.nmse(x, x_hat) < 0.15  # inference (threshold) mode
+
+
+def test_nmse_fve_dead_against_numpy():
+    torch.manual_seed(0)
+    x = torch.randn(300, 6).double() + 2
+    x_hat = x + 0.3 * torch.randn(300, 6).double()
+    f = torch.relu(torch.randn(300, 10))
+    f[:, 3] = 0
+    f[:, 7] = 0
+    acc = S.QualityAccumulator(10)
+    for a in range(0, 300, 70):  # streamed in uneven chunks
+        acc.add(x[a:a + 70], x_hat[a:a + 70], f[a:a + 70])
+    r = acc.result()
+    X, Xh = x.numpy(), x_hat.numpy()
+    nmse = np.mean(((X - Xh) ** 2).sum(1) / (X ** 2).sum(1))
+    fve = 1 - ((X - Xh) ** 2).sum() / ((X - X.mean(0)) ** 2).sum()
+    assert r["nmse"] == pytest.approx(nmse, rel=1e-9)
+    assert r["fve"] == pytest.approx(fve, rel=1e-9)
+    assert S.nmse(x, x_hat) == pytest.approx(nmse, rel=1e-9)
+    assert S.fve(x, x_hat) == pytest.approx(fve, rel=1e-9)
+    assert r["dead"] == 2 and r["dead_fraction"] == pytest.approx(0.2)
+    assert r["eval_tokens"] == 300
+
+
+def test_normalisation_is_invisible_in_raw_space():
+    torch.manual_seed(0)
+    sae = S.BatchTopKSAE(8, 16, k=2)
+    x = torch.randn(40, 8) * 50
+    sae.init_from_batch(x, True)
+    assert (x * sae.input_scale).pow(2).sum(-1).mean().item() == pytest.approx(8, rel=1e-4)
+    sae.train()
+    f = sae.encode(x)
+    assert torch.allclose(sae.decode(f) * sae.input_scale, f @ sae.W_dec + sae.b_dec, atol=1e-4)
+
+
+def test_token_selection_and_streaming():
+    act = torch.arange(2 * 5 * 3).float().view(2, 5, 3)
+    assert torch.equal(S.select_tokens(act, "cls"), act[:, 0])
+    assert S.select_tokens(act, "patch").shape == (8, 3)
+    assert S.select_tokens(act, "all").shape == (10, 3)
+    with pytest.raises(ValueError, match="tokens"):
+        S.select_tokens(act, "CLS ")
+    rows = torch.arange(30).float().view(30, 1)
+    stream = S.shuffled_batches(lambda e: [rows[:10], rows[10:20], rows[20:]], 4, 8, seed=0)
+    seen = torch.cat([next(stream) for _ in range(15)]).view(-1)  # 60 rows = two epochs
+    assert all(b.shape == (4, 1) for b in [next(stream)])
+    counts = torch.bincount(seen.long(), minlength=30)
+    assert counts.sum() == 60 and counts.max() <= 3  # each row at most once per epoch (+ one pool carry)
+    again = S.shuffled_batches(lambda e: [rows[:10], rows[10:20], rows[20:]], 4, 8, seed=0)
+    assert torch.equal(torch.cat([next(again) for _ in range(15)]).view(-1), seen)
+
+
+def test_bad_arguments_fail_before_compute():
+    from impact_core.config import ConfigError, load_config
+
+    cfg = load_config("smoke")
+    with pytest.raises(ValueError, match="tokens"):
+        S.train_sae(cfg, 0.0, tokens="patches")
+    with pytest.raises(ValueError, match="exceeds"):
+        S.train_sae(cfg, 0.0, k=10**6)
+    with pytest.raises(ConfigError, match="sae.tokens"):
+        load_config("smoke", {"sae.tokens": "foo"})
+    with pytest.raises(ValueError, match="k must"):
+        S.BatchTopKSAE(4, 8, k=9)
