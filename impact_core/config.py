@@ -195,10 +195,20 @@ class NeuronConfig(Section):
     top_k: int = 50
     images: Optional[int] = 2000  # evaluation images used for the metrics (None: all)
     classes: Optional[int] = None  # analyse the first N classes (None: all)
+    validation_units: int = 16  # units per block whose true single-unit ablation checks attribution patching (paper: none)
+    validation_images: Optional[int] = 500  # images of that check (None: all of `images`)
 
     def validate(self, prefix: str) -> None:
         self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
         _positive(self.top_k, prefix + "top_k")
+        _positive(self.validation_units, prefix + "validation_units", allow_zero=True)
+        for key in ("images", "classes", "validation_images"):
+            if getattr(self, key) is not None:
+                _positive(getattr(self, key), prefix + key)
+        if not isinstance(self.blocks, (list, tuple)) or not self.blocks:
+            raise ConfigError(f"{prefix}blocks: give a non-empty list of block indices")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in self.blocks):
+            raise ConfigError(f"{prefix}blocks: block indices must be integers >= 0, got {self.blocks!r}")
 
 
 @dataclass

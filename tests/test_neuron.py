@@ -1,0 +1,242 @@
+"""Neuron-level metrics (Sec. 3.2): fast paths against slow direct computations, on tiny inputs."""
+import numpy as np
+import pytest
+import torch
+
+from impact_core import neuron
+from impact_core.config import ConfigError, ModelConfig, load_config
+from impact_core.models import build_model
+from impact_core.sites import HookedViT, compute_site_means, mean_ablate
+from impact_core.unit_metrics import (StreamingClassStats, auroc_rank, auroc_reference, class_variance,
+                                      class_variance_reference, label_entropy, label_entropy_reference,
+                                      max_over_patches, paired_comparison)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# --- unit metrics -----------------------------------------------------------------------------------------------------
+
+def test_rank_auroc_equals_sklearn_with_ties():
+    g = _gen()
+    scores = torch.randn(120, 9, generator=g).round(decimals=0)  # few distinct values: many ties
+    scores[:, 0] = 1.0  # a constant unit: every score tied, AUROC 0.5
+    labels = torch.randint(0, 4, (120,), generator=g)
+    labels[labels == 3] = 2  # class 3 absent: NaN on both sides
+    fast = auroc_rank(scores, labels, 4, max_elements=250)  # small chunks: several unit chunks
+    ref = auroc_reference(scores, labels, 4)
+    assert torch.isnan(fast[:, 3]).all() and torch.isnan(ref[:, 3]).all()
+    torch.testing.assert_close(fast[:, :3], ref[:, :3], rtol=0, atol=1e-12)
+    assert torch.allclose(fast[0, :3], torch.full((3,), 0.5, dtype=torch.float64))
+
+
+def test_metrics_equal_slow_reference():
+    g = _gen(1)
+    m = torch.randn(90, 7, generator=g) + 0.5
+    m[:, 3] -= 1.8  # mostly negative: class means <= 0 give NaN, clamping matters for the entropy
+    labels = torch.randint(0, 5, (90,), generator=g)
+    labels[0] = 4
+    labels[labels == 4] = 3
+    labels[0] = 4  # class 4 has a single image: its CV is NaN
+    cv, cv_ref = class_variance(m, labels, 5), class_variance_reference(m, labels, 5)
+    assert torch.equal(cv.isnan(), cv_ref.isnan()) and cv[:, 4].isnan().all() and cv[3].isnan().any()
+    torch.testing.assert_close(cv.nan_to_num(0), cv_ref.nan_to_num(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(label_entropy(m, labels, 5), label_entropy_reference(m, labels, 5),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_perfectly_selective_unit():
+    g = _gen(2)
+    labels = torch.arange(40) % 4
+    maxact = torch.rand(40, 3, generator=g)
+    maxact[:, 0] = torch.where(labels == 2, 1 + torch.rand(40, generator=g), -0.1 * torch.rand(40, generator=g))
+    cls = maxact.clone()
+    assert auroc_rank(cls, labels, 4)[0, 2].item() == 1.0
+    assert label_entropy(maxact, labels, 4)[0].item() == 0.0
+    ent = label_entropy(maxact, labels, 4)
+    assert ent[1].item() > 0.5 * np.log(4)  # an unselective unit is far from 0
+    st = StreamingClassStats(3, 4)
+    st.update(maxact, labels, cls)
+    assert st.auroc()[0, 2].item() == 1.0 and st.label_entropy()[0].item() == 0.0
+
+
+def test_max_over_patches_skips_cls():
+    act = torch.zeros(2, 5, 3)
+    act[:, 0] = 100.0  # CLS
+    act[1, 3, 2] = 7.0
+    out = max_over_patches(act)
+    assert out.shape == (2, 3) and out[1, 2] == 7.0 and out.max() == 7.0
+    with pytest.raises(ValueError):
+        max_over_patches(torch.zeros(2, 3))
+
+
+def test_streaming_equals_full_batch():
+    g = _gen(3)
+    m, cls = torch.randn(70, 6, generator=g) + 1, torch.randn(70, 6, generator=g)
+    labels = torch.randint(0, 3, (70,), generator=g)
+    st = StreamingClassStats(6, 3)
+    for i in range(0, 70, 16):
+        st.update(m[i:i + 16], labels[i:i + 16], cls[i:i + 16])
+    assert st.n == 70
+    torch.testing.assert_close(st.class_variance(), class_variance(m, labels, 3), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(st.label_entropy(), label_entropy(m, labels, 3), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st.auroc(), auroc_rank(cls, labels, 3))
+    with pytest.raises(ValueError):
+        st.update(m[:4], labels[:4])  # the CLS activations are needed
+
+
+def test_paired_comparison():
+    rng = np.random.default_rng(0)
+    dense = rng.normal(size=20)
+    res = paired_comparison(dense, dense + 1.0, n_boot=500)
+    assert res["median_diff"] == pytest.approx(1.0) and res["ci_low"] == pytest.approx(1.0)
+    assert res["ci_high"] == pytest.approx(1.0) and res["wilcoxon_p"] < 1e-4 and res["n"] == 20
+    same = paired_comparison(dense, dense)
+    assert same["median_diff"] == 0 and same["wilcoxon_p"] == 1.0
+    noisy = paired_comparison(dense, dense + rng.normal(scale=0.1, size=20), n_boot=500)
+    assert noisy["ci_low"] <= noisy["median_diff"] <= noisy["ci_high"]
+    level = dense.copy()
+    level[:5] = np.nan
+    assert paired_comparison(dense, level)["n"] == 15
+    with pytest.raises(ValueError):
+        paired_comparison(dense, dense[:3])
+
+
+def test_bad_labels_rejected():
+    with pytest.raises(ValueError, match="labels must lie"):
+        auroc_rank(torch.zeros(4, 2), torch.tensor([0, 1, 2, 5]), 3)
+    with pytest.raises(ValueError, match="shape"):
+        class_variance(torch.zeros(4, 2), torch.tensor([0, 1]), 3)
+
+
+# --- a tiny ViT ---------------------------------------------------------------------------------------------------------
+
+def _tiny(seed=0, depth=2):
+    torch.manual_seed(seed)
+    mcfg = ModelConfig(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=depth,
+                       num_heads=2, init_values=1.0, mean=[0.0], std=[1.0])
+    model = build_model(mcfg).eval()
+    return HookedViT(model)
+
+
+def _data(n=23, batch=7, seed=0):
+    g = _gen(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = torch.arange(n) % 3
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)], x, y
+
+
+def _means(hooked, batches, blocks):
+    return compute_site_means(hooked, batches, hooked.site_names(blocks, ("mlp_act", "heads")))
+
+
+@pytest.mark.parametrize("site", ["mlp_act", "heads"])
+def test_attribution_patching_exact_on_linear_toy(site):
+    hooked = _tiny()
+    hooked.model.norm = torch.nn.Identity()  # logits now linear in the last block's MLP neurons
+    last = hooked.depth - 1
+    if site == "heads":
+        with torch.no_grad():
+            hooked.model.blocks[last].mlp.fc2.weight.zero_()  # ...and in its heads too
+    batches, _, _ = _data()
+    means = _means(hooked, batches, [last])
+    first = neuron.attribution_pass(hooked, batches, means, [last], 3, validation_images=100)
+    units = range(0, hooked.mlp_dim, 9) if site == "mlp_act" else range(hooked.mlp_dim, hooked.mlp_dim + 2)
+    for u in units:
+        keep = torch.ones(hooked.mlp_dim + hooked.num_heads)
+        keep[u] = 0
+        true = neuron.ablation_effect(hooked, batches, means, last, keep, 3)
+        assert true.abs().max() > 1e-4  # the unit matters
+        torch.testing.assert_close(first["importance"][last][:, u].float(), true.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_attribution_not_exact_in_nonlinear_block():
+    """The same comparison in block 0 (LayerNorm, GELU, attention downstream) differs: the test above has teeth."""
+    hooked = _tiny()
+    batches, _, _ = _data()
+    means = _means(hooked, batches, [0])
+    first = neuron.attribution_pass(hooked, batches, means, [0], 3)
+    keep = torch.ones(hooked.mlp_dim + hooked.num_heads)
+    keep[hooked.mlp_dim] = 0  # head 0
+    true = neuron.ablation_effect(hooked, batches, means, 0, keep, 3)
+    assert not torch.allclose(first["importance"][0][:, hooked.mlp_dim].float(), true.float(), rtol=1e-4, atol=1e-6)
+
+
+def _direct_unit_acts(hooked, x, blocks):
+    names = hooked.site_names(blocks, ("mlp_act", "heads"))
+    _, cache = hooked.run_with_cache(x, names)
+    return {b: neuron.unit_activation(cache[f"blocks.{b}.mlp_act"], cache[f"blocks.{b}.heads"]) for b in blocks}
+
+
+def _direct_importance(hooked, x, y, means, block):
+    """Per image, its own batch of one: sum_t (a - mu) . grad / ||f||, averaged per class."""
+    m_name, h_name = f"blocks.{block}.mlp_act", f"blocks.{block}.heads"
+    per_image = []
+    for i in range(len(y)):
+        store = {}
+
+        def keep(name):
+            def fn(act):
+                store[name] = act
+                return act
+            return fn
+
+        with hooked.hooks({m_name: keep(m_name), h_name: keep(h_name)}):
+            logits = hooked.model(x[i:i + 1])
+        gm, gh = torch.autograd.grad(logits[0, y[i]], [store[m_name], store[h_name]])
+        em = ((store[m_name] - means[m_name]) * gm).sum(dim=(0, 1))
+        eh = ((store[h_name] - means[h_name]) * gh).sum(dim=(0, 1, 3))
+        per_image.append(torch.cat([em, eh]).detach() / logits.detach().norm())
+    per_image = torch.stack(per_image)
+    return torch.stack([per_image[y == c].mean(0) for c in range(3)])
+
+
+def test_analyse_matches_direct_computation():
+    hooked = _tiny(seed=1, depth=3)
+    blocks = [0, 2]
+    batches, x, y = _data(n=23, batch=7)
+    means = _means(hooked, batches, blocks)
+    res = neuron.analyse(hooked, batches, means, blocks, top_k=4, num_classes=3, classes=[0, 2],
+                         n_validation_units=3, validation_images=10)
+    acts = _direct_unit_acts(hooked, x, blocks)
+    for i, b in enumerate(blocks):
+        imp = _direct_importance(hooked, x, y, means, b)
+        torch.testing.assert_close(res["importance"][i], imp.float(), rtol=1e-4, atol=1e-6)
+        top = res["topk"][i]
+        assert torch.equal(top, imp[[0, 2]].topk(4, dim=1).indices)
+        u = acts[b]
+        maxact, cls = u[:, 1:].amax(1), u[:, 0]
+        auroc, cv = auroc_reference(cls, y, 3), class_variance_reference(maxact, y, 3)
+        ent = label_entropy_reference(maxact, y, 3)
+        for j, c in enumerate([0, 2]):
+            t = top[j]
+            assert res["selectivity"][i, j].item() == pytest.approx(auroc[t, c].mean().item(), abs=1e-9)
+            assert res["class_variance"][i, j].item() == pytest.approx(np.nanmean(cv[t, c].numpy()), rel=1e-5)
+            assert res["label_entropy"][i, j].item() == pytest.approx(ent[t].mean().item(), rel=1e-5)
+            keep = torch.ones(u.shape[-1])
+            keep[t] = 0  # the top-K units of class c ablated together, with sites.mean_ablate directly
+            xc = x[y == c]
+            clean = hooked.model(xc)
+            m_name, h_name = f"blocks.{b}.mlp_act", f"blocks.{b}.heads"
+            abl = hooked.run_with_hooks(xc, {m_name: mean_ablate(means[m_name], keep[:hooked.mlp_dim], m_name),
+                                             h_name: mean_ablate(means[h_name], keep[hooked.mlp_dim:], h_name)})
+            impact = ((clean[:, c] - abl[:, c]) / clean.norm(dim=1)).mean()
+            assert res["impact"][i, j].item() == pytest.approx(impact.item(), rel=1e-4, abs=1e-7)
+    v = res["validation"]
+    assert len(v["true"]) == 2 * 3 * 2 and torch.isfinite(v["estimate"]).all() and torch.isfinite(v["true"]).all()
+    assert res["n_images"] == 23 and res["n_validation_images"] == 10
+
+
+def test_bad_setup_rejected_before_compute():
+    hooked = _tiny()
+    with pytest.raises(ValueError, match="block"):
+        neuron.check_setup(hooked, [5], 3, 3)
+    with pytest.raises(ValueError, match="top_k"):
+        neuron.check_setup(hooked, [0], 10_000, 3)
+    with pytest.raises(ValueError, match="outputs"):
+        neuron.check_setup(hooked, [0], 3, 7)
+    with pytest.raises(ConfigError, match="neuron.top_k"):
+        load_config("smoke", {"neuron.top_k": 0})
+    with pytest.raises(ConfigError, match="neuron.blocks"):
+        load_config("smoke", {"neuron.blocks": []})
