@@ -1,0 +1,515 @@
+"""Sec. 3.4 / 4.4, App. A.1, A.4, C: circuits from learnable node masks.
+
+Nodes
+    Masks sit at the paper's eight sites of every block (App. C.1): ``norm1``, ``q``, ``k``,
+    ``v`` (one node per head each, sliced from the fused qkv), ``attn_out``, ``norm2``,
+    ``mlp_act`` (one node per hidden neuron) and ``mlp_out``; the other sites have one node per
+    channel. A block has ``8C + 3H`` nodes. One scalar logit ``m`` per node, shared by all
+    tokens and images.
+
+Mask (Eq. 13 / 15)
+    forward ``m_hat = 1[m > 0]`` (Heaviside); backward ``dm_hat/dm = tau sig(tau m)(1 - sig(tau m))``.
+    Logits start at N(0.5, 0.01) (every node on) and are clamped to [-1, 1] after every step.
+
+Ablation (Eq. 11)
+    ``a~ = m_hat * a + (1 - m_hat) * a_bar``: an inactive node takes its per-position dataset
+    mean from :func:`impact_core.pipeline.site_means`, never zero.
+
+Objective (Eq. 10)
+    ``L = L_task + k * sum_i m_hat_i``; the node count goes through the same surrogate.
+    Task "class c versus rest" (our choice; the paper does not write it out): binary
+    cross-entropy with logits on the margin ``s_c = z_c - logsumexp_{j != c} z_j`` with target
+    ``1[y == c]``. Since ``sigmoid(s_c) = softmax(z)_c`` this is the BCE of the model's own
+    probability of class c. A prediction is "c" when the model's arg-max is c
+    (``z_c > max_{j != c} z_j``); accuracies on the balanced sets use that rule, so a model that
+    never says "c" scores 50 %.
+    AdamW (weight decay ``circuit.weight_decay``; the paper does not state it), StepLR(step_size
+    epochs, gamma) as App. C.2 (Sec. 3.4 says "linear decay"; we follow the appendix).
+
+Data
+    Per class, balanced one-vs-rest sets: ``n`` images of c and ``n`` drawn uniformly from the
+    other classes; training sets from the train split (``circuit.train_images_per_class``),
+    evaluation sets from the eval split (``circuit.eval_images_per_class``), seeded.
+
+Batched classes
+    The logits carry a leading class axis ``(K, units)``. One forward serves all K classes: the
+    per-class image batches are stacked to ``(K*B, ...)`` and every mask hook views the
+    activation as ``(K, B, ...)``. Classes never interact (separate parameters, per-class loss
+    summed), so this equals training class by class with the same seeds
+    (:func:`train_masks_sequential` is the plain reference; tests assert they agree).
+
+Evaluation (App. C.3, Eq. 12)
+    circuit accuracy (inactive nodes at their means), full-model accuracy on the same set,
+    ablated accuracy (circuit nodes at their means, the rest kept), node fraction
+    ``|N_circuit| / |N_total|`` and ``NCQ = acc_circuit / acc_full * (1 - node fraction)``.
+
+Edges (our definition; the paper gives none)
+    An edge is one *nonzero weight* of a block Linear whose input node and output node are both
+    active. The weight matrices and the nodes they join, per block (qkv rows are ordered
+    ``(q|k|v, head, head_dim)``, proj columns ``(head, head_dim)``, as timm):
+
+    =============  ====================================  ======================================
+    matrix         input node of column j                output node of row r
+    =============  ====================================  ======================================
+    qkv (q part)   norm1 channel j                       q head ``r // D``
+    qkv (k part)   norm1 channel j                       k head
+    qkv (v part)   norm1 channel j                       v head
+    proj           head ``j // D``: active when any of   attn_out channel r (LayerScale is a
+                   its q, k, v nodes is active           diagonal, not an edge)
+    fc1            norm2 channel j                       mlp_act neuron r (GELU is elementwise)
+    fc2            mlp_act neuron j                      mlp_out channel r
+    =============  ====================================  ======================================
+
+    Residual-stream connections (``attn_out``/``mlp_out`` -> residual -> next ``norm1``/``norm2``)
+    and LayerNorms carry no prunable weight and are not edges; q and k reach the head output
+    through the attention pattern, not through a weight, so they join ``proj`` via the head rule
+    above. The dense model's edge total is the number of weights of qkv, proj, fc1 and fc2 of all
+    blocks (the weights pruning acts on). Circuit size is reported as a fraction of that total
+    (the paper's measure) and as a fraction of the nonzero weights the pruned model still has.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import Config, ConfigError, check_sparsity
+from .data import Split, batches
+from .sites import HEAD_SITES, PAPER_SITES, HookedViT, parse_site
+
+log = logging.getLogger("impact_core")
+
+
+# ----------------------------------------------------------------------------------------
+# straight-through Heaviside mask
+# ----------------------------------------------------------------------------------------
+class HeavisideSTE(torch.autograd.Function):
+    """``1[m > 0]`` forward; ``tau * sig(tau m) * (1 - sig(tau m))`` backward (Eq. 13 / 15)."""
+
+    @staticmethod
+    def forward(ctx, m: torch.Tensor, tau: float) -> torch.Tensor:
+        ctx.save_for_backward(m)
+        ctx.tau = float(tau)
+        return (m > 0).to(m.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (m,) = ctx.saved_tensors
+        s = torch.sigmoid(ctx.tau * m)
+        return grad * ctx.tau * s * (1 - s), None
+
+
+def heaviside(m: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    return HeavisideSTE.apply(m, tau)
+
+
+# ----------------------------------------------------------------------------------------
+# masks as hooks
+# ----------------------------------------------------------------------------------------
+def node_sites(hooked: HookedViT) -> list[str]:
+    """The masked site names of every block, in a fixed order (block-major, PAPER_SITES order)."""
+    return hooked.site_names(sites=PAPER_SITES)
+
+
+def num_nodes(hooked: HookedViT) -> int:
+    return sum(hooked.num_units(n) for n in node_sites(hooked))
+
+
+def init_logits(hooked: HookedViT, classes: Sequence[int], seed: int, mean: float = 0.5,
+                std: float = 0.01, device="cpu") -> dict[str, torch.Tensor]:
+    """Logits ``(K, units)`` per site, drawn from N(mean, std); class c's rows come from a generator
+    seeded by ``(seed, c)`` so a class gets the same start whatever other classes share its batch."""
+    names = node_sites(hooked)
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for c in classes:
+        g = torch.Generator().manual_seed(int(seed) * 100_003 + int(c))
+        for n in names:
+            rows[n].append(mean + std * torch.randn(hooked.num_units(n), generator=g))
+    return {n: torch.stack(r).to(device) for n, r in rows.items()}
+
+
+def _mask_view(name: str, mask: torch.Tensor) -> torch.Tensor:
+    """``(K, units)`` -> broadcastable over ``(K, B, N, *unit_shape)``."""
+    _, site = parse_site(name)
+    K, U = mask.shape
+    return mask.view(K, 1, 1, U, 1) if site in HEAD_SITES else mask.view(K, 1, 1, U)
+
+
+def mask_hook(name: str, mask: torch.Tensor, mean: torch.Tensor):
+    """Eq. 11 with a class axis: the activation ``(K*B, N, ...)`` is viewed as ``(K, B, N, ...)``
+    and class k's rows get ``a * m_k + mean * (1 - m_k)``."""
+    mv = _mask_view(name, mask)
+    K = mask.shape[0]
+
+    def fn(act):
+        a = act.reshape(K, act.shape[0] // K, *act.shape[1:])
+        mu = mean.to(act.dtype)
+        return (a * mv + mu * (1 - mv)).reshape(act.shape)
+
+    return fn
+
+
+def mask_hooks(masks: dict[str, torch.Tensor], means: dict[str, torch.Tensor]) -> dict:
+    return {n: mask_hook(n, m, means[n]) for n, m in masks.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# task
+# ----------------------------------------------------------------------------------------
+def class_margin(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``s_c = z_c - logsumexp_{j != c} z_j`` for logits ``(K, B, C)`` and classes ``(K,)``."""
+    onehot = F.one_hot(classes, logits.shape[-1]).bool()[:, None, :]
+    zc = logits.gather(-1, classes.view(-1, 1, 1).expand(-1, logits.shape[1], 1)).squeeze(-1)
+    return zc - logits.masked_fill(onehot, float("-inf")).logsumexp(-1)
+
+
+def task_loss(logits: torch.Tensor, classes: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Per-class BCE on the margin, mean over the batch: ``(K,)``."""
+    margin = class_margin(logits, classes)
+    return F.binary_cross_entropy_with_logits(margin, positive.float(), reduction="none").mean(1)
+
+
+def says_class(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``(K, B)`` bool: the model's arg-max is the class of row k."""
+    return logits.argmax(-1) == classes[:, None]
+
+
+# ----------------------------------------------------------------------------------------
+# balanced one-vs-rest sets
+# ----------------------------------------------------------------------------------------
+def balanced_indices(labels: np.ndarray, c: int, n: int, seed: int, what: str = "split") -> tuple[np.ndarray, np.ndarray]:
+    """``n`` positions of class c and ``n`` drawn uniformly from the rest, shuffled together.
+
+    Returns (indices into ``labels``, 0/1 targets)."""
+    rng = np.random.default_rng([int(seed), int(c)])
+    pos = np.flatnonzero(labels == c)
+    neg = np.flatnonzero(labels != c)
+    if len(pos) < n or len(neg) < n:
+        raise ValueError(f"{what}: class {c} has {len(pos)} images and the rest {len(neg)}; "
+                         f"{n} of each are needed (lower circuit.*_images_per_class or raise data.*_images)")
+    idx = np.concatenate([rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)])
+    y = np.concatenate([np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64)])
+    order = rng.permutation(2 * n)
+    return idx[order], y[order]
+
+
+class ClassSets:
+    """Per-class balanced sets of one split; ``batch(step_idx)`` stacks class k's images at rows k."""
+
+    def __init__(self, split: Split, classes: Sequence[int], n: int, seed: int, what: str):
+        self.split, self.classes = split, list(classes)
+        labels = split.labels
+        made = [balanced_indices(labels, c, n, seed, what) for c in self.classes]
+        self.idx = np.stack([m[0] for m in made])  # (K, 2n) positions in the split
+        self.y = torch.from_numpy(np.stack([m[1] for m in made]))  # (K, 2n)
+
+    def __len__(self) -> int:
+        return self.idx.shape[1]
+
+    def select(self, rows: Sequence[int]) -> "ClassSets":
+        out = object.__new__(ClassSets)
+        out.split, out.classes = self.split, [self.classes[r] for r in rows]
+        out.idx, out.y = self.idx[list(rows)], self.y[list(rows)]
+        return out
+
+    def images(self, cols: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cols``: ``(K, B)`` positions into each class's set -> images ``(K*B, ...)``, targets ``(K, B)``."""
+        K, B = cols.shape
+        pos = np.take_along_axis(self.idx, cols, axis=1).reshape(-1)
+        x, _ = next(batches(self.split.subset(pos), batch_size=len(pos)))
+        return x, torch.gather(self.y, 1, torch.from_numpy(cols))
+
+
+# ----------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------
+def _frozen(model: torch.nn.Module):
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return flags
+
+
+def train_masks(hooked: HookedViT, means: dict[str, torch.Tensor], data: ClassSets, *, k: float,
+                epochs: int, lr: float, step_size: int, gamma: float, batch_size: int, tau: float = 1.0,
+                weight_decay: float = 0.01, init_mean: float = 0.5, init_std: float = 0.01, seed: int = 0,
+                device="cpu", progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Learn node masks for all classes of ``data`` at once (fast path).
+
+    Returns (logits ``{site: (K, units)}`` after training, per-step losses ``(steps, K)``).
+    Class k's batch order comes from a generator seeded by ``(seed, class, epoch)``.
+    """
+    hooked.eval()
+    flags = _frozen(hooked)
+    classes = torch.tensor(data.classes, device=device)
+    K, n = len(data.classes), len(data)
+    logits = {nm: t.clone().requires_grad_(True)
+              for nm, t in init_logits(hooked, data.classes, seed, init_mean, init_std, device).items()}
+    means = {nm: means[nm].to(device) for nm in logits}
+    opt = torch.optim.AdamW(list(logits.values()), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
+    steps_per_epoch = -(-n // batch_size)
+    losses = []
+    bar = tqdm(total=epochs * steps_per_epoch, desc=f"circuit masks ({K} classes)", leave=False,
+               disable=not progress)
+    try:
+        for epoch in range(epochs):
+            perm = np.stack([np.random.default_rng([int(seed), int(c), epoch]).permutation(n) for c in data.classes])
+            for start in range(0, n, batch_size):
+                x, y = data.images(perm[:, start:start + batch_size])
+                x, y = x.to(device), y.to(device)
+                masks = {nm: heaviside(t, tau) for nm, t in logits.items()}
+                with hooked.hooks(mask_hooks(masks, means)):
+                    z = hooked.model(x)
+                z = z.view(K, -1, z.shape[-1])
+                count = torch.stack([m.sum(-1) for m in masks.values()]).sum(0)  # (K,)
+                loss = task_loss(z, classes, y) + k * count
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()
+                opt.step()
+                with torch.no_grad():
+                    for t in logits.values():
+                        t.clamp_(-1.0, 1.0)
+                losses.append(loss.detach().cpu())
+                bar.update(1)
+            sched.step()
+    finally:
+        bar.close()
+        for p, f in zip(hooked.parameters(), flags):
+            p.requires_grad_(f)
+    return {nm: t.detach() for nm, t in logits.items()}, torch.stack(losses)
+
+
+def train_masks_sequential(hooked: HookedViT, means, data: ClassSets, **kwargs):
+    """Plain reference: :func:`train_masks` class by class (K = 1 each), results stacked."""
+    outs = [train_masks(hooked, means, data.select([i]), **kwargs) for i in range(len(data.classes))]
+    logits = {nm: torch.cat([o[0][nm] for o in outs]) for nm in outs[0][0]}
+    return logits, torch.cat([o[1] for o in outs], dim=1)
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_masks(hooked: HookedViT, means, data: ClassSets, active: dict[str, torch.Tensor],
+                   batch_size: int, device="cpu") -> dict[str, torch.Tensor]:
+    """Accuracy ``(K,)`` of the full model, the circuit and the ablated model on balanced sets.
+
+    ``active``: ``{site: (K, units)}`` 0/1 (the circuit's nodes)."""
+    hooked.eval()
+    K, n = len(data.classes), len(data)
+    classes = torch.tensor(data.classes, device=device)
+    on = {nm: a.to(device).float() for nm, a in active.items()}
+    off = {nm: 1 - a for nm, a in on.items()}
+    means = {nm: means[nm].to(device) for nm in on}
+    correct = {key: torch.zeros(K, device=device) for key in ("full", "circuit", "ablated")}
+    cols_all = np.tile(np.arange(n), (K, 1))
+    for start in range(0, n, batch_size):
+        x, y = data.images(cols_all[:, start:start + batch_size])
+        x, y = x.to(device), y.to(device).bool()
+        for key, masks in (("full", None), ("circuit", on), ("ablated", off)):
+            if masks is None:
+                z = hooked.model(x)
+            else:
+                with hooked.hooks(mask_hooks(masks, means)):
+                    z = hooked.model(x)
+            correct[key] += (says_class(z.view(K, -1, z.shape[-1]), classes) == y).float().sum(1)
+    return {key: (v / n).cpu() for key, v in correct.items()}
+
+
+def node_fraction(hooked: HookedViT, active: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(K,)`` fraction of all nodes that are active."""
+    total = sum(a.float().sum(-1) for a in active.values())
+    return total / num_nodes(hooked)
+
+
+def ncq(acc_circuit, acc_full, node_frac):
+    """Eq. 12: ``acc_circuit / acc_full * (1 - |N_circuit| / |N_total|)``."""
+    return acc_circuit / acc_full * (1 - node_frac)
+
+
+def site_fractions(hooked: HookedViT, active: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(K, depth, 8)`` fraction of active nodes per block and site (PAPER_SITES order)."""
+    K = next(iter(active.values())).shape[0]
+    out = torch.zeros(K, hooked.depth, len(PAPER_SITES))
+    for nm, a in active.items():
+        b, s = parse_site(nm)
+        out[:, b, PAPER_SITES.index(s)] = a.float().mean(-1).cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# edges
+# ----------------------------------------------------------------------------------------
+def _head_active(active, b: int) -> torch.Tensor:
+    """A head feeds proj when any of its q, k, v nodes is active: ``(K, H)``."""
+    return torch.stack([active[f"blocks.{b}.{s}"].bool() for s in ("q", "k", "v")]).any(0).float()
+
+
+@torch.no_grad()
+def edge_counts(hooked: HookedViT, active: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Edges of the circuits ``(K,)`` and the model's totals (see the module docstring).
+
+    Returns ``{"edges": (K,), "dense_total": scalar, "remaining_total": scalar}`` (float64)."""
+    D, C = hooked.head_dim, hooked.embed_dim
+    act = {nm: a.double().cpu() for nm, a in active.items()}
+    K = next(iter(act.values())).shape[0]
+    edges = torch.zeros(K, dtype=torch.float64)
+    dense = remaining = 0.0
+
+    def count(weight, a_out, a_in):
+        nz = (weight.detach().cpu() != 0).double()
+        return torch.einsum("ko,oi,ki->k", a_out, nz, a_in)
+
+    for b, blk in enumerate(hooked.model.blocks):
+        g = lambda s: act[f"blocks.{b}.{s}"]  # noqa: E731
+        W = blk.attn.qkv.weight
+        for i, s in enumerate(("q", "k", "v")):
+            edges += count(W[i * C:(i + 1) * C], g(s).repeat_interleave(D, dim=1), g("norm1"))
+        heads = _head_active(act, b).double().repeat_interleave(D, dim=1)
+        edges += count(blk.attn.proj.weight, g("attn_out"), heads)
+        edges += count(blk.mlp.fc1.weight, g("mlp_act"), g("norm2"))
+        edges += count(blk.mlp.fc2.weight, g("mlp_out"), g("mlp_act"))
+        for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
+            dense += lin.weight.numel()
+            remaining += float((lin.weight != 0).sum())
+    return {"edges": edges, "dense_total": torch.tensor(dense, dtype=torch.float64),
+            "remaining_total": torch.tensor(remaining, dtype=torch.float64)}
+
+
+# ----------------------------------------------------------------------------------------
+# the cached artefact
+# ----------------------------------------------------------------------------------------
+def resolve_classes(cfg: Config) -> list[int]:
+    """``circuit.classes``, or all classes (at most 100; above that 100 evenly spaced ones:
+    the paper's 100-category list is not published)."""
+    n = cfg.model.num_classes
+    if cfg.circuit.classes is None:
+        return list(range(n)) if n <= 100 else [int(i) for i in np.linspace(0, n - 1, 100).round()]
+    bad = [c for c in cfg.circuit.classes if not 0 <= c < n]
+    if bad:
+        raise ConfigError(f"circuit.classes: {bad} out of range for a model with {n} classes")
+    return [int(c) for c in cfg.circuit.classes]
+
+
+def default_k(cfg: Config, sparsity: float) -> float:
+    """App. C.2: k = 8e-5 for the dense model, 4e-5 for the pruned ones (config values)."""
+    return cfg.circuit.k_dense if sparsity == 0 else cfg.circuit.k_sparse
+
+
+def circuit_inputs(cfg: Config, sparsity: float, k: float, method: str = "wanda") -> dict:
+    from . import pipeline
+
+    c = cfg.circuit.to_dict()
+    for key in ("sparsities", "k_sweep", "k_dense", "k_sparse", "classes"):
+        c.pop(key)
+    return {"model": pipeline.model_inputs(cfg, sparsity, method), "k": float(k), "classes": resolve_classes(cfg),
+            "circuit": c, "seed": cfg.seed, "calib_images": cfg.data.calib_images,
+            "train_images": cfg.data.train_images, "eval_images": cfg.data.eval_images}
+
+
+def compute_circuits(hooked: HookedViT, means, train: ClassSets, evals: ClassSets, cfg_circuit, *, k: float,
+                     seed: int, device="cpu") -> dict:
+    """Train in chunks of ``class_chunk`` classes, evaluate, count edges: one result dict."""
+    cc = cfg_circuit
+    K = len(train.classes)
+    logits, losses = {}, []
+    for start in range(0, K, cc.class_chunk):
+        rows = list(range(start, min(K, start + cc.class_chunk)))
+        lg, ls = train_masks(hooked, means, train.select(rows), k=k, epochs=cc.epochs, lr=cc.lr,
+                             step_size=cc.step_size, gamma=cc.step_gamma, batch_size=cc.batch_size, tau=cc.tau,
+                             weight_decay=cc.weight_decay, init_mean=cc.init_mean, init_std=cc.init_std,
+                             seed=seed, device=device)
+        for nm, t in lg.items():
+            logits.setdefault(nm, []).append(t.cpu())
+        losses.append(ls)
+    logits = {nm: torch.cat(ts) for nm, ts in logits.items()}
+    active = {nm: t > 0 for nm, t in logits.items()}
+    acc = {key: [] for key in ("full", "circuit", "ablated")}
+    for start in range(0, K, cc.class_chunk):
+        rows = list(range(start, min(K, start + cc.class_chunk)))
+        part = evaluate_masks(hooked, means, evals.select(rows), {nm: a[rows] for nm, a in active.items()},
+                              cc.batch_size, device)
+        for key in acc:
+            acc[key].append(part[key])
+    acc = {key: torch.cat(v) for key, v in acc.items()}
+    frac = node_fraction(hooked, active)
+    e = edge_counts(hooked, active)
+    return {
+        "classes": list(train.classes), "k": float(k),
+        "acc_full": acc["full"], "acc_circuit": acc["circuit"], "acc_ablated": acc["ablated"],
+        "node_fraction": frac, "ncq": ncq(acc["circuit"], acc["full"], frac),
+        "edges": e["edges"], "edges_dense_total": e["dense_total"], "edges_remaining_total": e["remaining_total"],
+        "size_dense": e["edges"] / e["dense_total"], "size_remaining": e["edges"] / e["remaining_total"],
+        "site_fraction": site_fractions(hooked, active), "sites": list(PAPER_SITES),
+        "nodes_total": num_nodes(hooked), "active": active, "losses": torch.cat(losses, dim=1),
+    }
+
+
+def circuit_results(cfg: Config, sparsity: float, k: Optional[float] = None, method: str = "wanda") -> dict:
+    """Circuits of ``resolve_classes(cfg)`` in the model at ``sparsity`` (cached).
+
+    ``k=None``: the paper's coefficient for the level (:func:`default_k`)."""
+    from . import pipeline
+
+    sparsity = check_sparsity(sparsity, "sparsity")
+    k = default_k(cfg, sparsity) if k is None else float(k)
+    if k <= 0:
+        raise ValueError(f"k must be > 0, got {k}")
+    classes = resolve_classes(cfg)
+    cc = cfg.circuit
+    inputs = circuit_inputs(cfg, sparsity, k, method)
+
+    def compute():
+        data = pipeline.splits(cfg)
+        train = ClassSets(data["train"], classes, cc.train_images_per_class, cfg.seed, "circuit train set")
+        evals = ClassSets(data["eval"], classes, cc.eval_images_per_class, cfg.seed + 1, "circuit eval set")
+        hooked = pipeline.hooked_model(cfg, sparsity, method)
+        means = pipeline.site_means(cfg, sparsity, method)
+        log.info("circuits: %d classes at %s, k=%g", len(classes), pipeline.level_label(sparsity), k)
+        out = compute_circuits(hooked, means, train, evals, cc, k=k, seed=cfg.seed,
+                               device=pipeline.resolve_device(cfg))
+        out["sparsity"] = float(sparsity)
+        return out
+
+    return pipeline.cache_for(cfg).get_or_compute("circuits", inputs, compute)
+
+
+def check_sets(cfg: Config) -> None:
+    """Fail before compute when a class lacks the images its balanced sets need."""
+    from . import pipeline
+
+    data = pipeline.splits(cfg)
+    for c in resolve_classes(cfg):
+        balanced_indices(data["train"].labels, c, cfg.circuit.train_images_per_class, cfg.seed, "circuit train set")
+        balanced_indices(data["eval"].labels, c, cfg.circuit.eval_images_per_class, cfg.seed + 1, "circuit eval set")
+
+
+def k_sweep(cfg: Config, sparsity: float, ks: Optional[Sequence[float]] = None) -> list[dict]:
+    """Table 7: circuits at ``sparsity`` for every k of ``circuit.k_sweep`` (each cached)."""
+    return [circuit_results(cfg, sparsity, k) for k in (ks or cfg.circuit.k_sweep)]
+
+
+# ----------------------------------------------------------------------------------------
+# tables
+# ----------------------------------------------------------------------------------------
+def _ms(values: torch.Tensor, scale: float = 1.0) -> tuple[float, float]:
+    v = values.double() * scale
+    return float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0
+
+
+def summary(res: dict) -> dict[str, tuple[float, float]]:
+    """Mean and std over classes (std with Bessel's correction) of the Table 3 columns."""
+    return {
+        "Node (%)": _ms(res["node_fraction"], 100),
+        "Size (% dense edges)": _ms(res["size_dense"], 100),
+        "Size (% remaining edges)": _ms(res["size_remaining"], 100),
+        "Acc. (%)": _ms(res["acc_circuit"], 100),
+        "Full acc. (%)": _ms(res["acc_full"], 100),
+        "Ablated acc. (%)": _ms(res["acc_ablated"], 100),
+        "NCQ": _ms(res["ncq"]),
+    }

@@ -1,0 +1,196 @@
+"""Circuit discovery (Sec. 3.4, App. A.1 / C): STE, mean-ablation masks, edges, batched classes."""
+import numpy as np
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from impact_core import circuits as C
+from impact_core.data import InMemoryImages, Split
+from impact_core.sites import PAPER_SITES, HookedViT, compute_site_means
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids spin-waiting on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_vit(depth=2, dim=8, heads=2, classes=3, seed=0, **kw):
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=classes, embed_dim=dim, depth=depth,
+                             num_heads=heads, mlp_ratio=4.0, qkv_bias=True, class_token=True, no_embed_class=True,
+                             init_values=0.5, global_pool=kw.pop("global_pool", "token"), **kw).eval()
+
+
+def random_split(n=60, classes=3, seed=0, img=8):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    images = rng.integers(0, 256, size=(n, img, img), dtype=np.uint8)
+    images[labels == 0, :img // 2] = 255  # give class 0 something to see
+    return Split("train", InMemoryImages(images, labels, [0.5], [0.25]), np.arange(n), list(range(classes)))
+
+
+def means_for(hooked, split):
+    x = split.dataset.images[torch.from_numpy(split.indices)]
+    return compute_site_means(hooked, [(x, None)], hooked.site_names(sites=PAPER_SITES))
+
+
+def test_ste_forward_binary_and_surrogate_gradient():
+    m = torch.tensor([-1.0, -0.3, 0.0, 1e-6, 0.4, 1.0], requires_grad=True)
+    tau = 2.0
+    out = C.heaviside(m, tau)
+    assert torch.equal(out, torch.tensor([0.0, 0, 0, 1, 1, 1]))
+    g = torch.randn(6)
+    out.backward(g)
+    s = torch.sigmoid(tau * m.detach())
+    assert torch.allclose(m.grad, g * tau * s * (1 - s))
+
+
+def test_all_on_is_the_model_bit_for_bit_and_all_off_gives_means():
+    model = tiny_vit()
+    hooked = HookedViT(model)
+    split = random_split()
+    means = means_for(hooked, split)
+    x = split.dataset.images[:10]
+    with torch.no_grad():
+        names = C.node_sites(hooked)
+        for K in (1, 2):  # K classes: the batch is K stacked copies
+            xs = torch.cat([x] * K)
+            ref = model(xs)
+            ones = {n: torch.ones(K, hooked.num_units(n)) for n in names}
+            with hooked.hooks(C.mask_hooks(ones, means)):
+                assert torch.equal(model(xs), ref)
+
+        zeros = {n: torch.zeros(1, hooked.num_units(n)) for n in names}
+        seen = {}
+        fns = {n: [C.mask_hook(n, zeros[n], means[n]), (lambda n: lambda a: seen.__setitem__(n, a.clone()))(n)]
+               for n in names}
+        with hooked.hooks(fns):
+            out = model(x)
+    for n in names:
+        assert torch.equal(seen[n], means[n].expand_as(seen[n])), n
+    assert torch.allclose(out, out[:1].expand_as(out))  # the input no longer matters
+
+
+def test_edge_counting_matches_brute_force():
+    model = tiny_vit(depth=2, dim=8, heads=2)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for blk in model.blocks:
+            for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
+                lin.weight.mul_((torch.rand(lin.weight.shape, generator=g) > 0.5).float())
+    hooked = HookedViT(model)
+    K = 3
+    active = {n: torch.rand(K, hooked.num_units(n), generator=g) > 0.4 for n in C.node_sites(hooked)}
+    got = C.edge_counts(hooked, active)
+
+    H, D, Cd = hooked.num_heads, hooked.head_dim, hooked.embed_dim
+    want = [0] * K
+    dense = remaining = 0
+    for b, blk in enumerate(model.blocks):
+        a = lambda s: active[f"blocks.{b}.{s}"]  # noqa: E731
+        mats = [(blk.attn.qkv.weight, lambda r: (("q", "k", "v")[r // Cd], (r % Cd) // D), lambda j: ("norm1", j)),
+                (blk.attn.proj.weight, lambda r: ("attn_out", r), lambda j: ("head", j // D)),
+                (blk.mlp.fc1.weight, lambda r: ("mlp_act", r), lambda j: ("norm2", j)),
+                (blk.mlp.fc2.weight, lambda r: ("mlp_out", r), lambda j: ("mlp_act", j))]
+        for W, out_node, in_node in mats:
+            for r in range(W.shape[0]):
+                for j in range(W.shape[1]):
+                    dense += 1
+                    if W[r, j] == 0:
+                        continue
+                    remaining += 1
+                    for k in range(K):
+                        so, io = out_node(r)
+                        si, ii = in_node(j)
+                        on_in = any(a(s)[k, ii] for s in "qkv") if si == "head" else a(si)[k, ii]
+                        if a(so)[k, io] and on_in:
+                            want[k] += 1
+    assert got["edges"].tolist() == want
+    assert got["dense_total"].item() == dense and got["remaining_total"].item() == remaining
+    all_on = {n: torch.ones_like(t) for n, t in active.items()}
+    assert C.edge_counts(hooked, all_on)["edges"][0].item() == remaining
+
+
+def planted_model():
+    """Class 0 ("bright") is readable only through norm2[0] -> mlp_act[5] -> mlp_out[2] -> head."""
+    model = tiny_vit(depth=1, dim=4, heads=2, classes=2, global_pool="avg")
+    model.norm, model.fc_norm = torch.nn.Identity(), torch.nn.Identity()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        blk = model.blocks[0]
+        for ln in (blk.norm1, blk.norm2):
+            ln.weight.fill_(1.0)
+        blk.ls1.gamma.fill_(1.0)
+        blk.ls2.gamma.fill_(1.0)
+        pe = model.patch_embed.proj
+        pe.weight[0] = 1.0  # channel 0: patch sum - 8 (16 pixels in [0, 1] each)
+        pe.weight[1] = -1.0
+        pe.bias[0], pe.bias[1] = -8.0, 8.0
+        blk.mlp.fc1.weight[5, 0] = 2.0
+        blk.mlp.fc2.weight[2, 5] = 1.0
+        model.head.weight[0, 2] = 3.0
+        model.head.bias[0] = -4.0
+    return model
+
+
+def planted_split(n=80, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    bright = rng.uniform(0.6, 1.0, size=(n, 8, 8))
+    dark = rng.uniform(0.0, 0.4, size=(n, 8, 8))
+    images = np.where(labels[:, None, None] == 0, bright, dark)
+    ds = InMemoryImages((images * 255).astype(np.uint8), labels, [0.0], [1.0])
+    ds.images = torch.from_numpy(images).float().unsqueeze(1)  # exact pixels
+    return Split("toy", ds, np.arange(n), [0, 1])
+
+
+def test_mask_training_finds_the_planted_path():
+    torch.manual_seed(0)
+    model = planted_model()
+    hooked = HookedViT(model)
+    split = planted_split()
+    assert (model(split.dataset.images).argmax(1).numpy() == split.labels).all()
+    means = means_for(hooked, split)
+    data = C.ClassSets(split, [0], 20, seed=0, what="toy")
+    logits, losses = C.train_masks(hooked, means, data, k=1e-2, epochs=10, lr=0.1, step_size=10, gamma=0.5,
+                                   batch_size=10, progress=False)
+    active = {n: t > 0 for n, t in logits.items()}
+    on = sorted((n, i) for n, a in active.items() for i in torch.nonzero(a[0]).flatten().tolist())
+    assert on == [("blocks.0.mlp_act", 5), ("blocks.0.mlp_out", 2), ("blocks.0.norm2", 0)]
+    acc = C.evaluate_masks(hooked, means, data, active, batch_size=16)
+    assert acc["full"].item() == 1.0 and acc["circuit"].item() == 1.0
+    assert acc["ablated"].item() == 0.5  # the circuit removed: never says "bright", chance on a balanced set
+    frac = C.node_fraction(hooked, active)
+    assert frac.item() == pytest.approx(3 / C.num_nodes(hooked))
+
+
+def test_batched_classes_equal_sequential_training():
+    model = tiny_vit(depth=2, dim=8, heads=2, classes=3)
+    hooked = HookedViT(model)
+    split = random_split(n=90)
+    means = means_for(hooked, split)
+    data = C.ClassSets(split, [0, 1, 2], 10, seed=3, what="toy")
+    kw = dict(k=1e-3, epochs=3, lr=0.2, step_size=2, gamma=0.5, batch_size=8, seed=5, progress=False)
+    fast, fast_loss = C.train_masks(hooked, means, data, **kw)
+    ref, ref_loss = C.train_masks_sequential(hooked, means, data, **kw)
+    assert fast_loss.shape == ref_loss.shape == (9, 3)
+    assert torch.allclose(fast_loss, ref_loss, atol=1e-5)
+    for n in fast:
+        assert torch.allclose(fast[n], ref[n], atol=1e-5), n
+        assert torch.equal(fast[n] > 0, ref[n] > 0), n
+    assert any((t <= 0).any() for t in fast.values())  # training did switch nodes off
+    assert all(p.requires_grad for p in model.parameters())  # model left as found
+
+
+def test_balanced_sets_and_bad_input():
+    split = random_split(n=30)
+    idx, y = C.balanced_indices(split.labels, 1, 5, seed=0)
+    assert y.sum() == 5 and len(idx) == 10 and len(set(idx.tolist())) == 10
+    assert (split.labels[idx] == 1).tolist() == y.astype(bool).tolist()
+    with pytest.raises(ValueError, match="class 1 has 10 images"):
+        C.balanced_indices(split.labels, 1, 11, seed=0)
