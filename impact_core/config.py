@@ -299,13 +299,20 @@ class AttributionConfig(Section):
     steps: int = 16
     baseline: str = "black"  # "black": 0 in [0,1] pixel space; "mean": 0 in normalised space
     batch_size: int = 32
+    layerscale_rule: str = "z"  # "z": R_in = R_out (conserving); "inverse": the paper's Eq. 14 R_out/(gamma+eps)
+    figure_classes: int = 4  # Fig. 4 analogue: this many classes ...
+    figure_per_class: int = 2  # ... and this many images of each
 
     def validate(self, prefix: str) -> None:
         self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
         if self.baseline not in ("black", "mean"):
             raise ConfigError(f"{prefix}baseline: must be 'black' or 'mean', got {self.baseline!r}")
-        for key in ("images", "steps", "batch_size"):
+        if self.layerscale_rule not in ("z", "inverse"):
+            raise ConfigError(f"{prefix}layerscale_rule: must be 'z' or 'inverse', got {self.layerscale_rule!r}")
+        for key in ("images", "steps", "batch_size", "figure_classes", "figure_per_class"):
             _positive(getattr(self, key), prefix + key)
+            if not isinstance(getattr(self, key), int):
+                raise ConfigError(f"{prefix}{key}: must be an integer, got {getattr(self, key)!r}")
 
 
 @dataclass

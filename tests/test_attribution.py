@@ -1,0 +1,238 @@
+"""Transformer attribution (Chefer, LayerScale-aware) and insertion / deletion: tiny, seconds."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from impact_core import attribution as attr
+from impact_core import perturbation as pert
+
+
+def tiny_vit(seed=0, img=8, patch=2, dim=16, depth=2, heads=2, init_values=0.3, classes=3):
+    torch.manual_seed(seed)
+    m = VisionTransformer(img_size=img, patch_size=patch, in_chans=1, num_classes=classes, embed_dim=dim,
+                          depth=depth, num_heads=heads, mlp_ratio=2.0, qkv_bias=True, class_token=True,
+                          no_embed_class=True, init_values=init_values, global_pool="token")
+    with torch.no_grad():  # varied LayerScale so that the two rules really differ
+        for b in m.blocks:
+            b.ls1.gamma.uniform_(0.05, 0.5)
+            b.ls2.gamma.uniform_(0.05, 0.5)
+    return m.eval()
+
+
+# ----------------------------------------------------------------------------- rules conserve
+
+
+def test_linear_rule_conserves():
+    g = torch.Generator().manual_seed(0)
+    x, W = torch.randn(5, 7, 12, generator=g), torch.randn(9, 12, generator=g)
+    R = torch.rand(5, 7, 9, generator=g)
+    Rin = attr.lrp_linear(x, W, R)
+    assert torch.allclose(Rin.sum((1, 2)), R.sum((1, 2)), rtol=1e-4)
+    # bias ignored: relevance does not depend on it, and a one-hot on a unit with z+ > 0 stays there
+    assert Rin.shape == x.shape
+
+
+def test_add_and_matmul_rules_conserve():
+    g = torch.Generator().manual_seed(1)
+    a, b, R = torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+    Ra, Rb = attr.lrp_add(a, b, R)
+    assert torch.allclose((Ra + Rb).sum((1, 2)), R.sum((1, 2)), rtol=1e-4, atol=1e-5)
+    A = torch.rand(3, 2, 5, 5, generator=g).softmax(-1)
+    V, Rm = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    RA, RV = attr.lrp_matmul(A, V, Rm)
+    assert torch.allclose(RA.sum((1, 2, 3)), Rm.sum((1, 2, 3)) / 2, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(RV.sum((1, 2, 3)), Rm.sum((1, 2, 3)) / 2, rtol=1e-4, atol=1e-5)
+
+
+def test_layerscale_z_rule_conserves_eq14_does_not():
+    gamma = torch.tensor([0.1, 0.5, 2.0])
+    R = torch.rand(4, 6, 3) + 0.1
+    assert torch.allclose(attr.lrp_layerscale(gamma, R, "z").sum(), R.sum())
+    inv = attr.lrp_layerscale(gamma, R, "inverse")
+    assert not torch.allclose(inv.sum(), R.sum(), rtol=1e-2)
+    assert torch.allclose(inv, R / (gamma + attr.LAYERSCALE_EPS))
+
+
+def test_whole_model_conservation_per_layer():
+    m = tiny_vit(depth=3)
+    x = torch.randn(4, 1, 8, 8)
+    z = attr.relevance_conservation(m, x, "z")
+    assert all(abs(r["at_input"] - r["at_output"]) < 1e-3 * max(1.0, abs(r["at_output"])) for r in z), z
+    inv = attr.relevance_conservation(m, x, "inverse")
+    blocks = [r for r in inv if r["layer"].count(".") == 1]
+    assert any(abs(r["ratio"] - 1) > 0.05 for r in blocks)
+
+
+# ----------------------------------------------------------------------------- implementation checks
+
+
+def test_trace_matches_model_and_qkv_decoupling_equals_fused():
+    m = tiny_vit()
+    x = torch.randn(3, 1, 8, 8)
+    logits, trace = attr.forward_trace(m, x)
+    assert torch.allclose(logits, m(x), atol=1e-5)
+    t = logits.argmax(1)
+    dec = attr.relprop(m, trace, t)
+    fused = attr.relprop(m, trace, t, fused_qkv=True)
+    for a, b in zip(dec, fused):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", attr.LAYERSCALE_RULES)
+def test_fast_equals_plain_reference(rule):
+    m = tiny_vit(seed=3)
+    x = torch.randn(3, 1, 8, 8)
+    fast = attr.attribute(m, x, "chefer", layerscale_rule=rule)["patch"]
+    ref = torch.stack([attr.chefer_reference(m, x[i], layerscale_rule=rule) for i in range(3)])
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-6 * ref.abs().max())
+
+
+@pytest.mark.parametrize("method", ["chefer", "rollout", "generic"])
+def test_batched_equals_one_by_one(method):
+    m = tiny_vit(seed=4)
+    x = torch.randn(5, 1, 8, 8)
+    target = torch.tensor([0, 1, 2, 1, 0])
+    batched = attr.attribute(m, x, method, target=target, batch_size=5)
+    single = [attr.attribute(m, x[i:i + 1], method, target=int(target[i])) for i in range(5)]
+    assert torch.allclose(batched["maps"], torch.cat([s["maps"] for s in single]), atol=1e-5)
+    assert torch.equal(batched["target"], target)
+
+
+def test_bad_input_is_rejected_before_compute():
+    m = tiny_vit()
+    with pytest.raises(attr.AttributionError, match="unknown attribution method"):
+        attr.attribute(m, torch.zeros(1, 1, 8, 8), "gradcam")
+    with pytest.raises(attr.AttributionError, match="do not fit"):
+        attr.attribute(m, torch.zeros(1, 3, 8, 8))
+    with pytest.raises(attr.AttributionError, match="LayerScale rule"):
+        attr.attribute(m, torch.zeros(1, 1, 8, 8), layerscale_rule="eq14")
+
+
+# ----------------------------------------------------------------------------- planted toy
+
+
+def planted_batch(n, g):
+    """8x8 images, 16 patches of 2x2, faint noise; one patch at a random place carries a marker
+    (its top-left pixel = 1) and the class (its bottom-right pixel = +1 for class 1, -1 for class 0)."""
+    x = 0.02 * torch.randn(n, 1, 8, 8, generator=g)
+    where = torch.randint(0, 16, (n,), generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    for i in range(n):
+        r, c = divmod(int(where[i]), 4)
+        x[i, 0, 2 * r, 2 * c] = 1.0
+        x[i, 0, 2 * r + 1, 2 * c + 1] = 1.0 if y[i] else -1.0
+    return x, y, where
+
+
+@pytest.fixture(scope="module")
+def planted_model():
+    """A one-block ViT wired by hand: the class token attends to the marked patch and reads its sign.
+
+    Token features come in (+a, -a) pairs so LayerNorm keeps their signs and each class has
+    positive evidence (the alpha=1, beta=0 rule ignores negative contributions): dims 0/1 the sign pixel,
+    2/3 a class-token flag, 4/5 the marker pixel, 6/7 a constant (a floor for LayerNorm's std).
+    """
+    m = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=2, embed_dim=8, depth=1,
+                          num_heads=1, mlp_ratio=2.0, qkv_bias=True, class_token=True, no_embed_class=True,
+                          init_values=1.0, global_pool="token")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        for n in m.modules():
+            if isinstance(n, nn.LayerNorm):
+                n.weight.fill_(1.0)
+        m.blocks[0].ls1.gamma.fill_(1.0)
+        m.blocks[0].ls2.gamma.fill_(1.0)
+        w = m.patch_embed.proj.weight  # (8, 1, 2, 2)
+        w[0, 0, 1, 1], w[1, 0, 1, 1] = 1.0, -1.0
+        w[4, 0, 0, 0], w[5, 0, 0, 0] = 3.0, -3.0
+        m.patch_embed.proj.bias[6], m.patch_embed.proj.bias[7] = 1.0, -1.0
+        m.cls_token[0, 0, 2], m.cls_token[0, 0, 3] = 1.0, -1.0
+        qkv = m.blocks[0].attn.qkv.weight  # rows: q (8), k (8), v (8)
+        qkv[0, 2] = 10.0  # q: "I am the class token"
+        qkv[8, 4] = 10.0  # k: "I carry the marker"
+        qkv[16, 0], qkv[17, 1] = 1.0, 1.0  # v: the sign pixel, as (+s, -s)
+        m.blocks[0].attn.proj.weight.copy_(torch.eye(8))
+        m.head.weight[1, 0], m.head.weight[0, 1] = 5.0, 5.0  # positive evidence for either class
+    return m.eval()
+
+
+def test_planted_patch_gets_the_maximum(planted_model):
+    g = torch.Generator().manual_seed(123)
+    x, y, where = planted_batch(24, g)
+    assert (planted_model(x).argmax(1) == y).float().mean() > 0.9  # the toy was learnt
+    patch = attr.attribute(planted_model, x, "chefer")["patch"].flatten(1)
+    hits = (patch.argmax(1) == where).float().mean()
+    assert hits >= 0.9, hits
+
+
+def test_randomised_model_gives_different_maps(planted_model):
+    g = torch.Generator().manual_seed(7)
+    x, _, _ = planted_batch(8, g)
+    trained = attr.attribute(planted_model, x, "chefer")
+    rand = attr.attribute(attr.randomized_model(planted_model, seed=1), x, "chefer", target=trained["target"])
+    rho = attr.spearman_per_image(trained["maps"], rand["maps"])
+    assert rho.mean() < 0.5, rho
+    same = attr.spearman_per_image(trained["maps"], trained["maps"])
+    assert same.min() > 0.999
+
+
+# ----------------------------------------------------------------------------- insertion / deletion
+
+
+class OnePixelModel(nn.Module):
+    """p(class 0) = value of pixel (0, 0) in [0, 1]: the perfect ordering puts that pixel first."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        p = x[:, 0, 0, 0].clamp(1e-6, 1 - 1e-6)
+        return torch.stack([p.log(), (1 - p).log()], 1)
+
+
+def test_insertion_deletion_known_aucs():
+    model = OnePixelModel()
+    x = torch.ones(2, 1, 4, 4)
+    good = torch.zeros(2, 4, 4)
+    good[:, 0, 0] = 1.0  # pixel (0, 0) first
+    bad = torch.ones(2, 4, 4)
+    bad[:, 0, 0] = 0.0  # pixel (0, 0) last
+    ref = pert.reference_value([0.0], [1.0], "mean")  # reference pixel 0
+    target = torch.zeros(2, dtype=torch.long)
+    s = 16  # one pixel per step
+    perfect = pert.insertion_deletion(model, x, good, target, s, ref)
+    worst = pert.insertion_deletion(model, x, bad, target, s, ref)
+    assert torch.allclose(perfect["insertion"], torch.tensor(15.5 / 16), atol=1e-4)
+    assert torch.allclose(perfect["deletion"], torch.tensor(0.5 / 16), atol=1e-4)
+    assert torch.allclose(worst["insertion"], torch.tensor(0.5 / 16), atol=1e-4)
+    assert torch.allclose(worst["deletion"], torch.tensor(15.5 / 16), atol=1e-4)
+    # 4 steps of 4 pixels: the first step already holds the pixel
+    coarse = pert.insertion_deletion(model, x, good, target, 4, ref)
+    assert torch.allclose(coarse["insertion"], torch.tensor(3.5 / 4), atol=1e-4)
+    # the curves are built batch by batch: a small batch gives the same numbers
+    small = pert.insertion_deletion(model, x, good, target, s, ref, batch_size=5)
+    assert torch.allclose(small["insertion_curve"], perfect["insertion_curve"])
+
+
+def test_reference_values():
+    mean, std = [0.5, 0.25], [0.5, 0.25]
+    black = pert.reference_value(mean, std, "black")
+    assert torch.allclose(black * torch.tensor(std) + torch.tensor(mean), torch.zeros(2))  # 0 in pixel space
+    assert torch.equal(pert.reference_value(mean, std, "mean"), torch.zeros(2))
+    with pytest.raises(ValueError):
+        pert.reference_value(mean, std, "blur")
+
+
+def test_auc_is_normalised_and_bootstrap_covers_mean():
+    assert torch.allclose(pert.auc(torch.ones(1, 9)), torch.tensor([1.0]))
+    assert torch.allclose(pert.auc(torch.linspace(0, 1, 11)[None]), torch.tensor([0.5]))
+    v = torch.rand(200, generator=torch.Generator().manual_seed(0)).numpy()
+    lo, hi = pert.bootstrap_ci(v)
+    assert lo < v.mean() < hi and hi - lo < 0.2
+    assert math.isclose(pert.pixel_ranks(torch.tensor([[[0.1, 0.9], [0.5, 0.5]]]))[0, 1].item(), 0)
