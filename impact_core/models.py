@@ -62,10 +62,14 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> torch.nn.Module
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {list(missing)[:5]}, "
-                              f"unexpected {list(unexpected)[:5]}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+    model.load_state_dict(state)
     return model
 
 

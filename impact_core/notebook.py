@@ -100,3 +100,18 @@ def quiet_logs() -> None:
     setup_logging()
     for name in ("matplotlib", "PIL", "fontTools"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def read_glued(path) -> dict[str, str]:
+    """The glued values of an executed notebook, as their ``text/plain`` representations."""
+    import json
+    from pathlib import Path
+
+    values = {}
+    for cell in json.loads(Path(path).read_text())["cells"]:
+        for out in cell.get("outputs", []):
+            meta = out.get("metadata", {}).get("scrapbook", {})
+            if "name" in meta:
+                text = out.get("data", {}).get(meta.get("mime_prefix", "") + "text/plain", "")
+                values[meta["name"]] = "".join(text) if isinstance(text, list) else text
+    return values

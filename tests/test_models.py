@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from impact_core import pipeline
+from impact_core.config import load_config
+from impact_core.data import DataError
+from impact_core.models import CheckpointError, build_model, check_checkpoint, load_checkpoint
+from tests.conftest import tiny_config
+
+
+def test_small_model_is_deit3_style(tiny_model):
+    assert len(tiny_model.blocks) == 12
+    assert tiny_model.no_embed_class and tiny_model.cls_token is not None
+    blk = tiny_model.blocks[0]
+    assert hasattr(blk.ls1, "gamma") and blk.attn.qkv.out_features == 3 * tiny_model.embed_dim
+
+
+def test_deit3_base_from_a_local_checkpoint(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    cfg_model = load_config("paper").model
+    reference = build_model(cfg_model)
+    assert type(reference).__name__ == "VisionTransformer" and reference.no_embed_class
+    path = tmp_path / "deit3_base.pth"
+    torch.save({"model": reference.state_dict()}, path)  # the DeiT release layout
+    monkeypatch.setenv("IMPACT_DEIT3_CHECKPOINT", str(path))
+    monkeypatch.setenv("IMPACT_IMAGENET", str(tmp_path))
+    cfg = load_config("paper", {"device": "cpu"})
+    check_checkpoint(cfg.model)
+    model = load_checkpoint(build_model(cfg.model), cfg.model.checkpoint)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), reference.eval()(x))
+
+
+def test_missing_or_wrong_checkpoint(tmp_path):
+    cfg = load_config("paper", {"model.checkpoint": str(tmp_path / "absent.pth")})
+    with pytest.raises(CheckpointError, match="file not found.*absent.pth"):
+        check_checkpoint(cfg.model)
+    bad = tmp_path / "bad.pth"
+    torch.save({"head.weight": torch.zeros(3, 3)}, bad)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(build_model(tiny_config().model), bad)
+
+
+def test_preflight_fails_before_compute(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="data folder not found"):
+        pipeline.preflight(tiny_config(tmp_path / "missing"))
+    monkeypatch.delenv("IMPACT_DEIT3_CHECKPOINT", raising=False)
+    monkeypatch.setenv("IMPACT_IMAGENET", str(tmp_path))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    with pytest.raises(CheckpointError, match="model.checkpoint"):
+        pipeline.preflight(load_config("paper", {"device": "cpu"}))
+
+
+def test_pipeline_caches_and_is_deterministic(tiny_fmnist, tmp_path, caplog):
+    import logging
+
+    pipeline.setup_logging()
+    caplog.set_level(logging.INFO, logger="impact_core")
+    cfg = tiny_config(tiny_fmnist, pruning={"finetune_images": 32, "finetune_batch_size": 16})
+    cfg.cache_dir = str(tmp_path / "cache")
+    acc = pipeline.accuracy(cfg, 0.5, "wanda")
+    assert 0 <= acc["top1"] <= 1 and acc["images"] == 20
+    assert any("computing pruned_model" in r.message for r in caplog.records)
+    caplog.clear()
+    again = pipeline.pruned_model(cfg, 0.5, "wanda")
+    assert any("reusing pruned_model" in r.message for r in caplog.records)
+    # same seed, same numbers: a fresh cache reproduces the weights bit for bit
+    cfg2 = tiny_config(tiny_fmnist, pruning={"finetune_images": 32, "finetune_batch_size": 16})
+    cfg2.cache_dir = str(tmp_path / "cache2")
+    fresh = pipeline.pruned_model(cfg2, 0.5, "wanda")
+    for (n, a), (_, b) in zip(again.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), n
+    with pytest.raises(Exception, match="sparsity must lie in"):
+        pipeline.pruned_model(cfg, 1.0)
