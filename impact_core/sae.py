@@ -419,6 +419,14 @@ def sae_settings(cfg, tokens: str, k: int, expansion: int, block: int) -> dict:
             "eval_images": s.eval_images, "seed": cfg.seed}
 
 
+def sae_inputs(cfg, sparsity: float, tokens: str, k: int, expansion: int, method: str = "wanda") -> dict:
+    """The cache inputs of one SAE: the model's identity and :func:`sae_settings`."""
+    from . import pipeline
+
+    return {"model": pipeline.model_inputs(cfg, sparsity, method),
+            "sae": sae_settings(cfg, tokens, k, expansion, resolve_block(cfg))}
+
+
 def check_sae_args(cfg, tokens: str, k: int, expansion: int) -> None:
     check_tokens(tokens)
     for name, v in (("k", k), ("expansion", expansion)):
@@ -457,8 +465,7 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
     expansion = cfg.sae.expansion if expansion is None else expansion
     check_sae_args(cfg, tokens, k, expansion)
     block = resolve_block(cfg)
-    settings = sae_settings(cfg, tokens, k, expansion, block)
-    inputs = {"model": pipeline.model_inputs(cfg, sparsity, method), "sae": settings}
+    inputs = sae_inputs(cfg, sparsity, tokens, k, expansion, method)
 
     def compute():
         s = cfg.sae

@@ -210,3 +210,99 @@ def test_bad_arguments_fail_before_compute():
         load_config("smoke", {"sae.tokens": "foo"})
     with pytest.raises(ValueError, match="k must"):
         S.BatchTopKSAE(4, 8, k=9)
+
+
+# --- SAE feature metrics: splicing, zero ablation, attribution ------------------------------------------------------
+
+def _tiny_vit_and_sae(tokens="cls"):
+    from impact_core.config import ModelConfig
+    from impact_core.models import build_model
+    from impact_core.sites import HookedViT
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig(img_size=8, patch_size=4, embed_dim=8, depth=2, num_heads=2, num_classes=3)
+    hooked = HookedViT(build_model(mcfg).eval())
+    hooked.model.cls_token.data.normal_()  # an untrained CLS token is ~0: give the CLS residual a scale
+    with torch.no_grad():
+        _, cache = hooked.run_with_cache(torch.randn(16, 1, 8, 8), ["blocks.1.resid_post"])
+    acts = cache["blocks.1.resid_post"].reshape(-1, 8)  # real residuals, all tokens
+    sae = S.BatchTopKSAE(8, 16, k=3)
+    sae.init_from_batch(acts, True)
+    opt = _opt(sae)
+    for _ in range(3):
+        _step(sae, acts, opt)
+    sae.eval()
+    cls = cache["blocks.1.resid_post"][:, 0]
+    assert (sae.encode(cls) > 0).any(1).float().mean() > 0.5  # latents fire on the CLS residuals
+    return hooked, sae
+
+
+def test_splice_is_exact_and_zero_ablation_removes_decoder_directions():
+    from impact_core import sae_features as SF
+
+    hooked, sae = _tiny_vit_and_sae()
+    act = torch.randn(4, 5, 8)
+    store = {}
+    same = SF.splice_hook(sae, "cls", store)(act)
+    assert torch.allclose(same, act, atol=1e-5)
+    keep = torch.ones(4, 16)
+    keep[:, [2, 5, 7]] = 0
+    new = SF.splice_hook(sae, "patch", store, keep=keep)(act)
+    f = sae.encode(act[:, 1:])
+    expected = act[:, 1:] - (f * (1 - keep[:, None, :])) @ sae.W_dec / sae.input_scale
+    assert torch.allclose(new[:, 1:], expected, atol=1e-5)
+    assert torch.equal(new[:, 0], act[:, 0])  # CLS untouched by a patch-token SAE
+    x = torch.randn(6, 1, 8, 8)
+    clean = hooked.model(x)
+    spliced = hooked.run_with_hooks(x, {"blocks.1.resid_post": SF.splice_hook(sae, "all", {})})
+    assert torch.allclose(clean, spliced, atol=1e-5)
+
+
+def test_attribution_equals_chain_rule_through_the_decoder():
+    from impact_core import sae_features as SF
+
+    hooked, sae = _tiny_vit_and_sae()
+    x = torch.randn(6, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    out = SF.feature_pass(hooked, sae, [(x, y)], 0, "cls", 3)
+    # direct: gradient of each image's own logit w.r.t. the CLS residual, projected on decoder rows
+    for p in hooked.parameters():
+        p.requires_grad_(False)
+    logits, cache = hooked.run_with_cache(x, ["blocks.0.resid_post"], detach=False)
+    resid = cache["blocks.0.resid_post"]
+    # run again with the residual as a leaf to get d logit / d resid
+    leaf = resid.detach().requires_grad_(True)
+    logits = hooked.run_with_hooks(x, {"blocks.0.resid_post": lambda a: leaf})
+    (g,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), leaf)
+    f = sae.encode(resid[:, 0].detach())
+    est = f * (g[:, 0] @ sae.W_dec.T) / sae.input_scale / logits.detach().norm(dim=1, keepdim=True)
+    for c in range(3):
+        assert torch.allclose(out["importance"][c].float(), est[y == c].mean(0), atol=1e-5)
+
+
+def test_zero_ablation_effect_matches_direct_computation():
+    from impact_core import sae_features as SF
+
+    hooked, sae = _tiny_vit_and_sae()
+    x = torch.randn(6, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    keep = torch.ones(3, 16)
+    keep[0, :8] = 0
+    keep[2, 8:] = 0
+    eff = SF.ablation_effect(hooked, sae, [(x, y)], 1, "cls", keep, 3)
+    with torch.no_grad():
+        clean = hooked.model(x)
+    expected = []
+    for i in range(6):
+        def patch(a, i=i):
+            f = sae.encode(a[:, 0])
+            a = a.clone()
+            a[:, 0] = a[:, 0] - (f * (1 - keep[y[i]])) @ sae.W_dec / sae.input_scale
+            return a
+        abl = hooked.run_with_hooks(x[i:i + 1], {"blocks.1.resid_post": patch})
+        expected.append(((clean[i, y[i]] - abl[0, y[i]]) / clean[i].norm()).item())
+    expected = torch.tensor(expected)
+    for c in range(3):
+        assert float(eff[c]) == pytest.approx(float(expected[y == c].mean()), abs=1e-4)
+    assert abs(float(eff[0])) + abs(float(eff[2])) > 1e-3  # the ablation really changed something
+    assert float(eff[1]) == pytest.approx(0.0, abs=1e-4)  # nothing ablated for class 1
