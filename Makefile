@@ -3,7 +3,7 @@
 PRESET ?= default
 JOBS ?= 1
 PORT ?= 8000
-OUT ?= _build
+OUT ?= .
 VENV := .venv
 PY := $(VENV)/bin/python
 ifdef DATA_DIR
@@ -52,4 +52,4 @@ clean-cache:
 	rm -rf .cache/impact
 
 clean:
-	rm -rf $(OUT) book/executed
+	rm -rf $(OUT)/_build

@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     book = sub.add_parser("book", help="execute the chapters with papermill and build the HTML book")
     book.add_argument("--preset", default="default", help="params/<preset>.yaml or a YAML path")
     book.add_argument("--chapters", nargs="*", help="chapter paths as in _toc.yml (default: all)")
-    book.add_argument("--out", default="_build", help="output folder (HTML in <out>/_build/html)")
+    book.add_argument("--out", default=".", help="folder that receives _build/ (HTML in <out>/_build/html)")
     book.add_argument("--jobs", type=int, default=1, help="chapters executed in parallel processes")
 
     bench = sub.add_parser("bench", help="fast paths against their references; writes benchmarks/latest.json")

@@ -7,7 +7,8 @@
 4. Only then build the staged book with ``jupyter-book build -W`` (warnings are errors;
    ``execute_notebooks: off``: papermill executed, the book only renders).
 
-HTML lands in ``<out>/html`` (default ``_build/html``).
+Everything lands in ``<out>/_build/`` (default: the repository root): ``src/`` the executed
+chapters, ``logs/`` papermill's logs, ``html/`` the book.
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def stage_book(src: Path) -> None:
 
 
 def build_html(src: Path, out: Path) -> Path:
-    """``jupyter-book build -W`` of the staged sources; return the HTML folder."""
+    """``jupyter-book build -W`` of the staged sources into ``<out>/_build/html``."""
     jb = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(src), "-W", "--keep-going",
            "--path-output", str(out)]
@@ -111,7 +112,7 @@ def build_html(src: Path, out: Path) -> Path:
     return out / "_build" / "html"
 
 
-def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None, out: Path | str = "_build",
+def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None, out: Path | str = ".",
                jobs: int = 1, parameters: Optional[dict] = None) -> Path:
     """Execute the chapters on ``preset`` and build the HTML book; return the HTML folder."""
     cfg = load_config(preset)  # validates the preset before any compute
@@ -120,9 +121,9 @@ def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None
     preflight(cfg)
     out = Path(out)
     out = out if out.is_absolute() else REPO_ROOT / out
-    src = out / "src"
+    src = out / "_build" / "src"
     stage_book(src)
-    log_dir = out / "logs"
+    log_dir = out / "_build" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     selected = list(chapters) if chapters else toc_chapters()
     print(f"[impact] preset {preset}: executing {len(selected)} chapter(s) -> {src}", flush=True)
@@ -139,6 +140,6 @@ def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None
             print(f"[impact]   {c}: {timings[c]:.0f} s", flush=True)
     print("[impact] building HTML (jupyter-book build -W)", flush=True)
     html = build_html(src, out)
-    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    (out / "_build" / "timings.json").write_text(json.dumps(timings, indent=1))
     print(f"[impact] book written to {html}/index.html", flush=True)
     return html

@@ -38,7 +38,7 @@ def test_book_builds_with_every_chapter(smoke_book):
 
 def test_glued_numbers_reach_the_html(smoke_book):
     out, html = smoke_book
-    values = read_glued(out / "src" / "book" / "chapters" / "01_pruning.ipynb")
+    values = read_glued(out / "_build" / "src" / "book" / "chapters" / "01_pruning.ipynb")
     text = page_text(html / "book" / "chapters" / "01_pruning.html")
     top1 = float(values["dense_top1"])
     assert f"{top1:.4f}" in text

@@ -51,3 +51,27 @@ def test_missing_folder_and_file(tmp_path, tiny_fmnist):
     (tiny_fmnist / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
         check_data(tiny_config(tiny_fmnist))
+
+
+def test_imagefolder_loader(tmp_path):
+    """The paper preset's ImageNet-style folders: class sub-folders of JPEG/PNG images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("n01440764", "n01443537"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    from impact_core.config import Config
+
+    cfg = Config.from_dict({"data": {"kind": "imagefolder", "root": str(tmp_path), "calib_images": 4},
+                            "model": {"img_size": 32, "in_chans": 3, "num_classes": 2, "patch_size": 8,
+                                      "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}})
+    s = load_splits(cfg)
+    assert s["train"].classes == ["n01440764", "n01443537"] and len(s["eval"]) == 6 and len(s["calib"]) == 4
+    x, y = next(batches(s["eval"], 4))
+    assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 0, 1]
+    (tmp_path / "val").rename(tmp_path / "validation")
+    with pytest.raises(DataError, match="no 'val/' folder"):
+        check_data(cfg)
