@@ -13,7 +13,7 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 export TQDM_MININTERVAL ?= 10
 export PYTHONHASHSEED = 0
 
-.PHONY: book test bench serve setup data clean-cache clean
+.PHONY: book test bench serve setup data browser clean-cache clean
 
 setup: $(VENV)/.installed data
 
@@ -38,7 +38,17 @@ data:
 book: setup
 	$(PY) -m impact_core book --preset $(PRESET) --jobs $(JOBS) --out $(OUT)
 
-test: setup
+# Debian's Chromium and its driver, for the browser test of the built book.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	  echo "chromium and chromedriver found"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -qq chromium chromium-driver || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)); \
+	else \
+	  echo "chromium / chromium-driver missing: the browser test will be skipped (sudo apt-get install chromium chromium-driver)" >&2; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -56,3 +56,13 @@ def tiny_config(data_root: Path | str = "/usr/share/datasets/fashion-mnist", **s
 def tiny_model():
     torch.manual_seed(0)
     return build_model(tiny_config().model).eval()
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory):
+    """Every chapter of _toc.yml executed on the smoke preset and the HTML built with -W (once)."""
+    from impact_core.runner import build_book
+
+    out = tmp_path_factory.mktemp("book")
+    html = build_book("smoke", out=out)
+    return out, html

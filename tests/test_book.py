@@ -9,20 +9,13 @@ import papermill as pm
 import pytest
 
 from impact_core.notebook import read_glued
-from impact_core.runner import REPO_ROOT, build_book, toc_chapters
+from impact_core.runner import REPO_ROOT, toc_chapters
 
 CHAPTER = REPO_ROOT / "book" / "chapters" / "01_pruning.ipynb"
 
 
 def page_text(path: Path) -> str:
     return unescape(re.sub(r"<[^>]+>", " ", path.read_text()))
-
-
-@pytest.fixture(scope="module")
-def smoke_book(tmp_path_factory):
-    out = tmp_path_factory.mktemp("book")
-    html = build_book("smoke", out=out)
-    return out, html
 
 
 def test_book_builds_with_every_chapter(smoke_book):
