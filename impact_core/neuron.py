@@ -190,11 +190,14 @@ def attribution_pass(hooked: HookedViT, batches: Iterable, means: dict[str, Tens
 
 @torch.no_grad()
 def ablation_effect(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], block: int, keep: Tensor,
-                    num_classes: int, device="cpu", limit: Optional[int] = None, desc: str = "ablation") -> Tensor:
+                    num_classes: int, device="cpu", limit: Optional[int] = None, clean: Optional[tuple] = None,
+                    desc: str = "ablation") -> Tensor:
     """Eq. 2 averaged per class: ``mean_{x in D_c} (f_c(x) - f_c^abl(x)) / ||f(x)||``, shape ``(C,)``.
 
     ``keep`` is ``(U,)`` (the same units ablated for every image) or ``(C, U)`` (the units
     of each image's own class); 0 marks a unit replaced by its per-position dataset mean.
+    ``clean`` optionally gives ``(f_y, ||f||)`` per image in batch order (from
+    :func:`attribution_pass`), saving the clean forward.
     """
     device = torch.device(device)
     hooked.eval()
@@ -204,13 +207,19 @@ def ablation_effect(hooked: HookedViT, batches: Iterable, means: dict[str, Tenso
     keep = keep.to(device, torch.float32)
     sums = torch.zeros(num_classes, dtype=torch.float64, device=device)
     count = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    seen = 0
     for images, labels in tqdm(_take(batches, limit), desc=desc, leave=False):
         x, y = images.to(device), labels.to(device).long()
         k = keep[y] if keep.ndim == 2 else keep.expand(len(y), -1)
-        clean = hooked.model(x)
+        if clean is None:
+            logits = hooked.model(x)
+            f_y, norm = logits.gather(1, y[:, None]).squeeze(1), logits.norm(dim=1)
+        else:
+            f_y, norm = (t[seen:seen + len(y)].to(device) for t in clean)
+        seen += len(y)
         abl = hooked.run_with_hooks(x, {m_name: mean_ablate(m_mean, k[:, None, :n_mlp], m_name),
                                         h_name: mean_ablate(h_mean, k[:, None, n_mlp:], h_name)})
-        effect = (clean.gather(1, y[:, None]) - abl.gather(1, y[:, None])).squeeze(1) / clean.norm(dim=1)
+        effect = (f_y - abl.gather(1, y[:, None]).squeeze(1)) / norm
         sums.index_add_(0, y, effect.double())
         count.index_add_(0, y, torch.ones_like(effect, dtype=torch.float64))
     return _class_mean(sums, count).cpu()
@@ -258,7 +267,9 @@ def analyse(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], bloc
         topk_all.append(top)
         keep = torch.ones(num_classes, units)
         keep[cls_idx[:, None], top] = 0
-        effect = ablation_effect(hooked, batches, means, b, keep, num_classes, device, desc=f"ablate top-K block {b}")
+        clean = (first["own_logit"], first["logit_norm"])
+        effect = ablation_effect(hooked, batches, means, b, keep, num_classes, device, clean=clean,
+                                 desc=f"ablate top-K block {b}")
         out["impact"][i] = effect[cls_idx]
         st = first["stats"][b]
         auroc, cv, ent = st.auroc().cpu(), st.class_variance().cpu(), st.label_entropy().cpu()
@@ -273,7 +284,7 @@ def analyse(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], bloc
                 keep_u = torch.ones(units)
                 keep_u[u] = 0
                 true = ablation_effect(hooked, batches, means, b, keep_u, num_classes, device,
-                                       limit=validation_images, desc=f"unit {u}")
+                                       limit=validation_images, clean=clean, desc=f"unit {u}")
                 est = first["importance_val"][b][:, u].cpu()
                 for c in classes:
                     val_rows.append((b, u, c, float(est[c]), float(true[c])))
