@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .config import config_hash
+from .distributed import barrier, is_main
 
 log = logging.getLogger("impact_core")
 
@@ -116,6 +117,8 @@ class ResultCache:
         log.info("cache: computing %s/%s", kind, key)
         start = time.time()
         value = compute()
-        self.save(kind, key, value, inputs)
+        if is_main():  # under torchrun every process computes its share; one writes
+            self.save(kind, key, value, inputs)
+        barrier()
         log.info("cache: stored %s/%s (%.1f s)", kind, key, time.time() - start)
         return value

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, ModelConfig, ConfigError
 from .data import Batches, Split
+from .distributed import all_reduce_sum, local_rows, world_size
 
 log = logging.getLogger("impact_core")
 
@@ -78,15 +79,17 @@ def evaluate(model: torch.nn.Module, split: Split, batch_size: int = 256,
              device: torch.device | str = "cpu", desc: str = "evaluate") -> dict[str, float]:
     """Top-1 and top-5 accuracy on a split."""
     model.eval()
-    correct1 = correct5 = total = 0
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5, images
     for images, labels in tqdm(Batches(split, batch_size), desc=desc, leave=False):
+        images, labels = local_rows(images), local_rows(labels)  # under torchrun: this process's rows
         logits = model(images.to(device))
         labels = labels.to(device)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == labels).sum().item()
-        correct5 += (top == labels[:, None]).any(1).sum().item()
-        total += labels.numel()
-    return {"top1": correct1 / total, "top5": correct5 / total, "images": total}
+        counts[0] += (top[:, 0] == labels).sum()
+        counts[1] += (top == labels[:, None]).any(1).sum()
+        counts[2] += labels.numel()
+    correct1, correct5, total = all_reduce_sum(counts).tolist()
+    return {"top1": correct1 / total, "top5": correct5 / total, "images": int(total)}
 
 
 def train_classifier(model: torch.nn.Module, split: Split, *, images: int, batch_size: int, lr: float,
@@ -96,10 +99,15 @@ def train_classifier(model: torch.nn.Module, split: Split, *, images: int, batch
     """AdamW with linear warm-up and cosine decay over ``images`` training images.
 
     ``after_step(model)`` runs after every optimiser step (pruning uses it to re-apply masks).
-    Returns the loss of every step. Deterministic on CPU for a given seed.
+    Returns the loss of every step. Deterministic on CPU for a given seed. Under torchrun
+    each process takes its rows of every global batch and DistributedDataParallel averages
+    the gradients (equal to the full-batch gradient when the batch divides evenly).
     """
     torch.manual_seed(seed)
     model.train().to(device)
+    forward = model
+    if world_size() > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(model)
     steps = max(1, math.ceil(images / batch_size))
     params_decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
     params_other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
@@ -115,7 +123,8 @@ def train_classifier(model: torch.nn.Module, split: Split, *, images: int, batch
         for x, y in Batches(split, batch_size, shuffle=True, seed=seed * 1000 + epoch):
             if len(x) < batch_size:
                 continue
-            loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=label_smoothing)
+            x, y = local_rows(x), local_rows(y)
+            loss = F.cross_entropy(forward(x.to(device)), y.to(device), label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum, local_rows
+
 METHODS = ("wanda", "magnitude")
 
 
@@ -43,11 +45,11 @@ def input_norms(model: nn.Module, batches, device="cpu") -> dict[str, torch.Tens
     model.eval()
     try:
         for images, _ in tqdm(batches, desc="calibration", leave=False):
-            model(images.to(device))
+            model(local_rows(images).to(device))  # under torchrun: this process's rows
     finally:
         for h in handles:
             h.remove()
-    return {n: s.sqrt().float() for n, s in sq.items()}
+    return {n: all_reduce_sum(s).sqrt().float() for n, s in sq.items()}
 
 
 def scores(weight: torch.Tensor, method: str, norm: torch.Tensor | None = None) -> torch.Tensor:

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum, local_rows
+
 PAPER_SITES = ("norm1", "q", "k", "v", "attn_out", "norm2", "mlp_act", "mlp_out")
 EXTRA_SITES = ("heads", "resid_post")
 ALL_SITES = PAPER_SITES + EXTRA_SITES
@@ -213,6 +215,7 @@ def compute_site_means(hooked: HookedViT, batches: Iterable, names: list[str],
     """Per-position mean of every named site over the data set, in one pass.
 
     Accumulates float64 sums on the device; memory is ``sum_sites N * units``.
+    Under torchrun each process takes its rows of every batch and the sums are all-reduced.
     """
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -229,8 +232,10 @@ def compute_site_means(hooked: HookedViT, batches: Iterable, names: list[str],
     hooked.eval()
     with hooked.hooks({n: adder(n) for n in names}):
         for images, _labels in tqdm(batches, desc=desc, leave=False):
+            images = local_rows(images)
             hooked.model(images.to(device))
             count += images.shape[0]
+    count = int(all_reduce_sum(torch.tensor(float(count), dtype=torch.float64, device=device)).item())
     if count == 0:
         raise ValueError("compute_site_means: no images")
-    return {n: (s / count).float().cpu() for n, s in sums.items()}
+    return {n: (all_reduce_sum(s) / count).float().cpu() for n, s in sums.items()}
