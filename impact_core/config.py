@@ -321,6 +321,7 @@ class Config(Section):
 
     name: str = "custom"
     seed: int = 0
+    seeds: Optional[list] = None  # several training seeds: the discussion judges claims across them
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
     cache_dir: str = ".cache/impact"
     data: DataConfig = field(default_factory=DataConfig)
@@ -336,6 +337,10 @@ class Config(Section):
         if not (self.device in ("cpu", "cuda", "auto") or str(self.device).startswith("cuda:")):
             raise ConfigError(f"{prefix}device: must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
         self.cache_dir = os.path.expandvars(str(self.cache_dir))
+        if self.seeds is not None:
+            if not isinstance(self.seeds, list) or not self.seeds or not all(isinstance(x, int) for x in self.seeds):
+                raise ConfigError(f"{prefix}seeds: must be a non-empty list of integers, got {self.seeds!r}")
+            self.seed = self.seeds[0]
         if self.model.arch == "small_deit3" and self.data.kind != "fashion_mnist":
             pass  # allowed: a small model on an image folder, if shapes are set to match
 
@@ -369,9 +374,30 @@ def preset_path(preset: str | os.PathLike) -> Path:
     return path
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_preset(preset: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """A preset's raw dict; ``extends: <preset>`` starts from another preset and overrides it."""
+    path = preset_path(preset)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path} is not a mapping")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        if str(parent) in _seen:
+            raise ConfigError(f"preset {path}: circular 'extends: {parent}'")
+        data = _deep_merge(read_preset(parent, _seen + (str(parent),)), data)
+    return data
+
+
 def load_config(preset: str | os.PathLike = "default", overrides: Optional[dict] = None) -> Config:
     """Read a preset and apply dotted-key overrides; validate everything."""
-    data = yaml.safe_load(preset_path(preset).read_text()) or {}
+    data = read_preset(preset)
     if os.environ.get("IMPACT_DATA_ROOT"):  # `make ... DATA_DIR=...` points the loader elsewhere
         data.setdefault("data", {})["root"] = os.environ["IMPACT_DATA_ROOT"]
     for key, value in (overrides or {}).items():

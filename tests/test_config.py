@@ -47,3 +47,12 @@ def test_env_paths(monkeypatch):
     assert cfg.data.root == "/data/imagenet" and cfg.model.checkpoint == "/w/deit3.pth"
     monkeypatch.setenv("IMPACT_DATA_ROOT", "/elsewhere")
     assert load_config("smoke").data.root == "/elsewhere"
+
+
+def test_seeds_preset_extends_default():
+    cfg = load_config("seeds")
+    base = load_config("default")
+    assert cfg.seeds == [0, 1, 2] and cfg.seed == 0 and cfg.name == "seeds"
+    assert cfg.model == base.model and cfg.pruning == base.pruning
+    with pytest.raises(ConfigError, match="seeds"):
+        load_config("default", {"seeds": []})
