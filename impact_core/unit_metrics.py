@@ -62,7 +62,7 @@ def _check_matrix(x: Tensor, name: str) -> Tensor:
 
 # --- Eq. 3: selectivity = AUROC of the CLS activation ----------------------------------------------------------
 
-def _positive_rank_sums(cols: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+def _positive_rank_sums(cols: Tensor, labels: Tensor, num_classes: int, numpy_sort: Optional[bool] = None) -> Tensor:
     """Per row of ``cols`` (units x images), ``labels`` ``(n,)``: the sum of the 1-based, tie-averaged ranks
     of each class, ``(u, C)``.
 
@@ -73,8 +73,10 @@ def _positive_rank_sums(cols: Tensor, labels: Tensor, num_classes: int) -> Tenso
     """
     u, n = cols.shape
     dev = cols.device
-    if dev.type == "cpu":  # numpy's sort is several times faster than torch's on the CPU
-        order = torch.from_numpy(np.argsort(cols.numpy(), axis=1))
+    if numpy_sort is None:
+        numpy_sort = dev.type == "cpu"
+    if numpy_sort:  # numpy's sort is several times faster than torch's on the CPU
+        order = torch.from_numpy(np.argsort(cols.cpu().numpy(), axis=1)).to(dev)
         values = cols.gather(1, order)
     else:
         values, order = cols.sort(dim=1)
@@ -89,13 +91,15 @@ def _positive_rank_sums(cols: Tensor, labels: Tensor, num_classes: int) -> Tenso
     return sums.index_add_(0, keys.reshape(-1), ranks).view(u, num_classes)
 
 
-def auroc_rank(scores: Tensor, labels: Tensor, num_classes: int, max_elements: int = 1 << 25) -> Tensor:
+def auroc_rank(scores: Tensor, labels: Tensor, num_classes: int, max_elements: int = 1 << 25,
+               numpy_sort: Optional[bool] = None) -> Tensor:
     """One-vs-rest AUROC of every unit (column of ``scores``) for every class, shape ``(U, C)``.
 
     Mann-Whitney: ``AUC = (R_c - n_c (n_c + 1) / 2) / (n_c (n - n_c))`` with ``R_c`` the
     sum of the (tie-averaged) ranks of the class-``c`` images. One sort per unit
     serves all classes. Runs on the device of ``scores``, in chunks of units holding at
     most ``max_elements`` ranks. A class without positives or negatives gives NaN.
+    ``numpy_sort`` (default: on CPU tensors only) sorts with numpy instead of torch.
     """
     scores = _check_matrix(scores, "scores")
     n, units = scores.shape
@@ -106,7 +110,7 @@ def auroc_rank(scores: Tensor, labels: Tensor, num_classes: int, max_elements: i
     step = max(1, max_elements // max(n, 1))
     for start in range(0, units, step):
         chunk = scores[:, start:start + step].T.contiguous()  # (u, n)
-        out[start:start + step] = _positive_rank_sums(chunk, labels, num_classes)
+        out[start:start + step] = _positive_rank_sums(chunk, labels, num_classes, numpy_sort)
     auc = (out - pos * (pos + 1) / 2) / (pos * neg)
     auc[:, (pos == 0) | (neg == 0)] = float("nan")
     return auc

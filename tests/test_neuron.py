@@ -24,11 +24,32 @@ def test_rank_auroc_equals_sklearn_with_ties():
     scores[:, 0] = 1.0  # a constant unit: every score tied, AUROC 0.5
     labels = torch.randint(0, 4, (120,), generator=g)
     labels[labels == 3] = 2  # class 3 absent: NaN on both sides
-    fast = auroc_rank(scores, labels, 4, max_elements=250)  # small chunks: several unit chunks
     ref = auroc_reference(scores, labels, 4)
-    assert torch.isnan(fast[:, 3]).all() and torch.isnan(ref[:, 3]).all()
-    torch.testing.assert_close(fast[:, :3], ref[:, :3], rtol=0, atol=1e-12)
-    assert torch.allclose(fast[0, :3], torch.full((3,), 0.5, dtype=torch.float64))
+    assert torch.isnan(ref[:, 3]).all()
+    for numpy_sort in (True, False):  # the CPU (numpy) and accelerator (torch.sort) sorting paths
+        fast = auroc_rank(scores, labels, 4, max_elements=250, numpy_sort=numpy_sort)  # several unit chunks
+        assert torch.isnan(fast[:, 3]).all()
+        torch.testing.assert_close(fast[:, :3], ref[:, :3], rtol=0, atol=1e-12)
+        assert torch.allclose(fast[0, :3], torch.full((3,), 0.5, dtype=torch.float64))
+
+
+def test_rank_auroc_at_1000_classes():
+    """ImageNet-sized label space: pairwise Mann-Whitney (P(s+ > s-) + P(s+ = s-) / 2) as the direct reference."""
+    g = _gen(5)
+    n, classes = 1500, 1000
+    labels = torch.randint(0, classes, (n,), generator=g)
+    scores = torch.randn(n, 3, generator=g).round(decimals=1) + (labels[:, None] % 7 == 0)
+    fast = auroc_rank(scores, labels, classes)
+    absent = torch.bincount(labels, minlength=classes) == 0
+    assert absent.any() and fast[:, absent].isnan().all() and not fast[:, ~absent].isnan().any()
+    for u in range(3):
+        s = scores[:, u].double()
+        gt = (s[:, None] > s[None, :]).double() + 0.5 * (s[:, None] == s[None, :]).double()  # (pos, neg) pairs
+        onehot = torch.nn.functional.one_hot(labels, classes).double()
+        npos = onehot.sum(0)
+        wins = torch.einsum("ic,ij,jc->c", onehot, gt, 1 - onehot)
+        direct = wins / (npos * (n - npos))
+        torch.testing.assert_close(fast[u, ~absent], direct[~absent], rtol=0, atol=1e-12)
 
 
 def test_metrics_equal_slow_reference():
@@ -226,6 +247,24 @@ def test_analyse_matches_direct_computation():
     v = res["validation"]
     assert len(v["true"]) == 2 * 3 * 2 and torch.isfinite(v["estimate"]).all() and torch.isfinite(v["true"]).all()
     assert res["n_images"] == 17 and res["n_validation_images"] == 10
+
+
+def test_analyse_with_many_classes_some_absent():
+    """More classes than images: absent classes give NaN metrics, the others stay finite."""
+    torch.manual_seed(0)
+    mcfg = ModelConfig(img_size=8, patch_size=4, in_chans=1, num_classes=40, embed_dim=16, depth=1,
+                       num_heads=2, mean=[0.0], std=[1.0])
+    hooked = HookedViT(build_model(mcfg).eval())
+    g = _gen(6)
+    x, y = torch.randn(30, 1, 8, 8, generator=g), torch.randint(0, 40, (30,), generator=g)
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 30, 16)]
+    res = neuron.analyse(hooked, batches, _means(hooked, batches, [0]), [0], top_k=3, num_classes=40,
+                         n_validation_units=2, validation_images=30)
+    present = torch.bincount(y, minlength=40) > 0
+    assert res["impact"].shape == (1, 40)
+    assert res["impact"][0, ~present].isnan().all() and torch.isfinite(res["impact"][0, present]).all()
+    assert torch.isfinite(res["label_entropy"][0, present]).all()
+    assert torch.isfinite(res["selectivity"][0, present]).all() and res["selectivity"][0, ~present].isnan().all()
 
 
 def test_bad_setup_rejected_before_compute():
