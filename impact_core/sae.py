@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -170,6 +171,15 @@ class BatchTopKSAE(nn.Module):
             self.threshold.copy_(m)
         else:
             self.threshold.mul_(self.threshold_beta).add_((1 - self.threshold_beta) * m)
+
+
+def choose_decode_impl(n_latents: int, k: int) -> str:
+    """``"sparse"`` when the dictionary is much wider than ``k`` (``n_latents >= 64 k``), else ``"dense"``.
+
+    From ``benchmarks/bench_sae.py`` on the 2-core CPU: the dense decoder is faster at the
+    default preset's shape (512 latents, k=16), the sparse one at the paper's (24,576, k=128).
+    """
+    return "sparse" if n_latents >= 64 * k else "dense"
 
 
 def sparse_decode(f: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -343,11 +353,11 @@ def select_tokens(act: torch.Tensor, tokens: str) -> torch.Tensor:
 def activation_chunks(hooked, images: Iterable, name: str, tokens: str, device) -> Iterator[torch.Tensor]:
     """One ``(n, d)`` chunk of ``name``'s token activations per image batch (model forward only)."""
     hooked.eval()
-    with torch.no_grad():
-        for batch in images:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    for batch in images:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        with torch.no_grad():  # not around the yield: grad mode would leak into the consumer
             _, cache = hooked.run_with_cache(x.to(device), [name])
-            yield select_tokens(cache[name], tokens)
+        yield select_tokens(cache[name], tokens)
 
 
 def shuffled_batches(epoch_chunks: Callable[[int], Iterable[torch.Tensor]], batch_size: int, pool_size: int,
@@ -445,7 +455,23 @@ def _split_images(split, limit: Optional[int], seed: int):
     return split.subset(idx)
 
 
-_ACT_BUFFERS: dict[str, torch.Tensor] = {}
+_ACT_BUFFERS: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+
+
+def _buffered(key: str, max_mb: float, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """In-process LRU of activation sets (training and evaluation), at most ``max_mb`` in all.
+
+    A chapter trains many SAEs on the same model and token set (the sweep); each set is
+    computed once per process instead of once per SAE.
+    """
+    if key in _ACT_BUFFERS:
+        _ACT_BUFFERS.move_to_end(key)
+        return _ACT_BUFFERS[key]
+    value = make()
+    _ACT_BUFFERS[key] = value
+    while len(_ACT_BUFFERS) > 1 and sum(v.numel() * v.element_size() for v in _ACT_BUFFERS.values()) > max_mb * 2**20:
+        _ACT_BUFFERS.popitem(last=False)
+    return value
 
 
 def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[int] = None,
@@ -481,6 +507,10 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
         total_mb = len(train_split) * per_image * d * 4 / 2**20
         bs_img = cfg.data.batch_size
         streamed = total_mb > s.buffer_max_mb
+
+        def acts_key(split_name, n_images):
+            return pipeline.cache_for(cfg).key("sae_acts", {"model": inputs["model"], "block": block, "tokens": tokens,
+                                                            "split": split_name, "images": n_images, "seed": cfg.seed})
         label = f"{pipeline.level_label(sparsity)} {tokens} k={k} x{expansion}"
         if streamed:
             log.info("SAE %s: streaming activations (%.0f MB > buffer_max_mb=%d)", label, total_mb, s.buffer_max_mb)
@@ -492,25 +522,28 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
             stream = shuffled_batches(epoch_chunks, s.batch_size, max(s.pool_batches * s.batch_size, s.batch_size),
                                       seed=cfg.seed)
         else:
-            key = pipeline.cache_for(cfg).key("sae_acts", {"model": inputs["model"], "block": block,
-                                                           "tokens": tokens, "train_images": s.train_images,
-                                                           "seed": cfg.seed})
-            if key not in _ACT_BUFFERS:
+            def make_train():
                 log.info("SAE %s: buffering %.1f MB of training activations in memory", label, total_mb)
                 chunks = activation_chunks(hooked, tqdm(Batches(train_split, bs_img), desc="SAE activations",
                                                         leave=False), name, tokens, device)
-                _ACT_BUFFERS.clear()
-                _ACT_BUFFERS[key] = torch.cat(list(chunks))
-            stream = buffered_batches(_ACT_BUFFERS[key], s.batch_size, seed=cfg.seed)
+                return torch.cat(list(chunks))
+
+            rows = _buffered(acts_key("train", s.train_images), s.buffer_max_mb, make_train)
+            stream = buffered_batches(rows, s.batch_size, seed=cfg.seed)
         torch.manual_seed(cfg.seed)
         sae = BatchTopKSAE(d, d * expansion, k, threshold_beta=s.threshold_beta, seed=cfg.seed,
-                           decode_impl="sparse").to(device)
+                           decode_impl=choose_decode_impl(d * expansion, k)).to(device)
         start = time.time()
         history = fit(sae, stream, s.steps, lr=s.lr, aux_coefficient=s.aux_coefficient, aux_k=s.aux_k,
                       dead_after_steps=s.dead_after_steps, normalize_input=s.normalize_input,
                       desc=f"SAE {label}")
         seconds = time.time() - start
-        metrics = evaluate(sae, activation_chunks(hooked, Batches(eval_split, bs_img), name, tokens, device))
+        eval_chunks = activation_chunks(hooked, Batches(eval_split, bs_img), name, tokens, device)
+        eval_mb = len(eval_split) * per_image * d * 4 / 2**20
+        if eval_mb <= s.buffer_max_mb:
+            eval_chunks = [_buffered(acts_key("eval", s.eval_images), s.buffer_max_mb,
+                                     lambda: torch.cat(list(eval_chunks)))]
+        metrics = evaluate(sae, eval_chunks)
         metrics["eval_images"] = len(eval_split)
         log.info("SAE %s: nmse %.4f fve %.4f dead %d/%d", label, metrics["nmse"], metrics["fve"],
                  metrics["dead"], metrics["n_latents"])
@@ -528,3 +561,36 @@ def load_sae(entry: dict, device="cpu") -> BatchTopKSAE:
     sae = BatchTopKSAE(entry["d"], entry["n_latents"], entry["k"])
     sae.load_state_dict(entry["state"])
     return sae.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables 5 / 6: the sweep, scaled to the configured probe
+# ---------------------------------------------------------------------------------------------
+PAPER_PROBE = {"tokens": "cls", "k": 128, "expansion": 32}
+
+
+def sweep_rows(tokens: str, k: int, expansion: int, dense: bool = True) -> list[dict]:
+    """The rows of Table 5 (``dense``) or Table 6, relative to the configured probe ``(tokens, k, expansion)``.
+
+    The paper's probe is CLS, k=128, x32; its rows vary the expansion (x16, x32, x64 = e/2, e, 2e),
+    k (32, 64, 256 = k/4, k/2, 2k) and the token set. Each row keeps the paper's row it mirrors
+    (``paper``: tokens, k, expansion) so the paper's numbers can be shown beside ours.
+    """
+    check_tokens(tokens)
+    others = [t for t in ("all", "patch", "cls") if t != tokens]
+    rows = [("cls", 128, 16, tokens, k, max(1, expansion // 2)), ("cls", 128, 32, tokens, k, expansion)]
+    if dense:
+        rows += [("cls", 128, 64, tokens, k, 2 * expansion), ("cls", 32, 32, tokens, max(1, k // 4), expansion),
+                 ("cls", 64, 32, tokens, max(1, k // 2), expansion)]
+    rows += [("cls", 256, 32, tokens, 2 * k, expansion)]
+    if dense:
+        rows += [(t, 128, 32, t, k, expansion) for t in others[:2]]
+    return [{"tokens": t, "k": kk, "expansion": e, "paper": (pt, pk, pe)} for pt, pk, pe, t, kk, e in rows]
+
+
+def quality_row(entry: dict) -> dict:
+    """One table row of a :func:`train_sae` entry: probe, NMSE, FVE, dead latents, L0."""
+    m = entry["metrics"]
+    return {"tokens": entry["tokens"], "k": entry["k"], "expansion": entry["expansion"],
+            "latents": entry["n_latents"], "NMSE": m["nmse"], "FVE": m["fve"], "dead": m["dead"],
+            "dead %": 100 * m["dead_fraction"], "L0": m["l0"], "eval tokens": m["eval_tokens"]}

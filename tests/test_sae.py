@@ -306,3 +306,19 @@ def test_zero_ablation_effect_matches_direct_computation():
         assert float(eff[c]) == pytest.approx(float(expected[y == c].mean()), abs=1e-4)
     assert abs(float(eff[0])) + abs(float(eff[2])) > 1e-3  # the ablation really changed something
     assert float(eff[1]) == pytest.approx(0.0, abs=1e-4)  # nothing ablated for class 1
+
+
+def test_sweep_rows_mirror_the_papers_tables():
+    rows = S.sweep_rows("cls", 16, 8)
+    assert [r["paper"] for r in rows] == [r[:3] for r in __import__("impact_core.paper_values").paper_values.PAPER_TABLE_5]
+    assert [(r["k"], r["expansion"]) for r in rows[:6]] == [(16, 4), (16, 8), (16, 16), (4, 8), (8, 8), (32, 8)]
+    assert {r["tokens"] for r in rows[6:]} == {"all", "patch"}
+    assert [(r["k"], r["expansion"]) for r in S.sweep_rows("cls", 16, 8, dense=False)] == [(16, 4), (16, 8), (32, 8)]
+
+
+def test_activation_stream_keeps_grad_mode_and_token_shapes():
+    hooked, _ = _tiny_vit_and_sae()
+    gen = S.activation_chunks(hooked, [(torch.randn(2, 1, 8, 8), torch.zeros(2))], "blocks.1.resid_post", "patch", "cpu")
+    chunk = next(gen)
+    assert torch.is_grad_enabled()  # the generator's no_grad must not leak into the trainer
+    assert chunk.shape == (2 * 4, 8) and not chunk.requires_grad
