@@ -141,14 +141,14 @@ def _mask_view(name: str, mask: torch.Tensor) -> torch.Tensor:
 
 def mask_hook(name: str, mask: torch.Tensor, mean: torch.Tensor):
     """Eq. 11 with a class axis: the activation ``(K*B, N, ...)`` is viewed as ``(K, B, N, ...)``
-    and class k's rows get ``a * m_k + mean * (1 - m_k)``."""
+    and class k's rows get ``m_k * a + (1 - m_k) * mean``."""
     mv = _mask_view(name, mask)
     K = mask.shape[0]
 
     def fn(act):
         a = act.reshape(K, act.shape[0] // K, *act.shape[1:])
-        mu = mean.to(act.dtype)
-        return (a * mv + mu * (1 - mv)).reshape(act.shape)
+        # lerp(mu, a, m) = mu + m (a - mu): one fused kernel; exact for m in {0, 1}
+        return torch.lerp(mean.to(act.dtype), a, mv).reshape(act.shape)
 
     return fn
 

@@ -1,0 +1,55 @@
+"""Circuit masks: 10 classes trained in one batched forward vs the class-by-class loop.
+
+Same model (the default preset's architecture, seeded random weights), same per-class
+image sets, same hyper-parameters; ``reference`` = :func:`train_masks_sequential`,
+``fast`` = :func:`train_masks`. Target: at least 3x (issue 5).
+"""
+import numpy as np
+import torch
+
+from impact_core import bench
+from impact_core import circuits as C
+from impact_core.config import load_config
+from impact_core.data import InMemoryImages, Split
+from impact_core.models import build_model
+from impact_core.sites import PAPER_SITES, HookedViT, compute_site_means
+
+CLASSES = 10
+PER_CLASS = 32  # positives per class (same number of negatives): 64 images, 4 steps of 16
+
+
+def setup(device: str):
+    cfg = load_config("default")
+    torch.manual_seed(0)
+    hooked = HookedViT(build_model(cfg.model).to(device).eval())
+    rng = np.random.default_rng(0)
+    n = CLASSES * PER_CLASS * 2
+    labels = np.arange(n) % CLASSES
+    images = rng.integers(0, 256, size=(n, cfg.model.img_size, cfg.model.img_size), dtype=np.uint8)
+    split = Split("bench", InMemoryImages(images, labels, cfg.model.mean, cfg.model.std), np.arange(n),
+                  list(range(CLASSES)))
+    x = split.dataset.images[:256].to(device)
+    means = compute_site_means(hooked, [(x, None)], hooked.site_names(sites=PAPER_SITES), device=device,
+                               desc="bench means")
+    data = C.ClassSets(split, list(range(CLASSES)), PER_CLASS, seed=0, what="bench")
+    kwargs = dict(k=cfg.circuit.k_dense, epochs=1, lr=cfg.circuit.lr, step_size=cfg.circuit.step_size,
+                  gamma=cfg.circuit.step_gamma, batch_size=16, tau=cfg.circuit.tau, seed=0, device=device,
+                  progress=False)
+    return cfg, hooked, means, data, kwargs
+
+
+def benchmarks(device: str) -> list[dict]:
+    cfg, hooked, means, data, kwargs = setup(device)
+    fast = bench.best_time(lambda: C.train_masks(hooked, means, data, **kwargs), repeat=3)
+    ref = bench.best_time(lambda: C.train_masks_sequential(hooked, means, data, **kwargs), repeat=3)
+    config = {"classes": CLASSES, "images_per_class": 2 * PER_CLASS, "batch_per_class": kwargs["batch_size"],
+              "steps": -(-2 * PER_CLASS // kwargs["batch_size"]), "model": "default preset architecture",
+              "embed_dim": cfg.model.embed_dim, "depth": cfg.model.depth, "threads": torch.get_num_threads()}
+    return [bench.entry("circuit masks: 10 classes batched vs sequential", ref, fast, device, config, target=3.0)]
+
+
+if __name__ == "__main__":
+    import sys
+
+    for row in benchmarks(sys.argv[1] if len(sys.argv) > 1 else "cpu"):
+        print(bench.format_row(row), row["config"])
