@@ -51,7 +51,7 @@ log = logging.getLogger("impact_core")
 
 UNIT_SITES = ("mlp_act", "heads")
 NEURON_METRICS = ("impact", "selectivity", "class_variance", "label_entropy")
-VERSION = 1  # bump when the computation changes (part of the cache key)
+VERSION = 2  # bump when the computation changes (part of the cache key)
 
 
 # --- units ----------------------------------------------------------------------------------------------------------
@@ -189,40 +189,69 @@ def attribution_pass(hooked: HookedViT, batches: Iterable, means: dict[str, Tens
 # --- pass 2: mean ablation -------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def ablation_effect(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], block: int, keep: Tensor,
-                    num_classes: int, device="cpu", limit: Optional[int] = None, clean: Optional[tuple] = None,
-                    desc: str = "ablation") -> Tensor:
-    """Eq. 2 averaged per class: ``mean_{x in D_c} (f_c(x) - f_c^abl(x)) / ||f(x)||``, shape ``(C,)``.
+def ablation_jobs(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], jobs: list[tuple[int, Tensor]],
+                  num_classes: int, device="cpu", limit: Optional[int] = None, clean: Optional[tuple] = None,
+                  max_batch: int = 1024, desc: str = "ablation") -> Tensor:
+    """Eq. 2 averaged per class for several ablations, shape ``(jobs, C)``:
+    ``mean_{x in D_c} (f_c(x) - f_c^abl(x)) / ||f(x)||``.
 
-    ``keep`` is ``(U,)`` (the same units ablated for every image) or ``(C, U)`` (the units
-    of each image's own class); 0 marks a unit replaced by its per-position dataset mean.
-    ``clean`` optionally gives ``(f_y, ||f||)`` per image in batch order (from
-    :func:`attribution_pass`), saving the clean forward.
+    A job is ``(block, keep)``: ``keep`` is ``(U,)`` (the same units ablated for every
+    image) or ``(C, U)`` (the units of each image's own class); 0 marks a unit replaced by
+    its per-position dataset mean (``sites.mean_ablate``). Jobs share forward passes: a
+    batch is repeated once per job (up to ``max_batch`` images per forward) and each copy
+    gets its own per-image mask; a unit with keep 1 passes through exactly. ``clean``
+    optionally gives ``(f_y, ||f||)`` per image in batch order (from :func:`attribution_pass`),
+    saving the clean forward. ``limit``: only the first images of ``batches``.
     """
     device = torch.device(device)
     hooked.eval()
-    m_name, h_name = site_name(block, "mlp_act"), site_name(block, "heads")
-    m_mean, h_mean = means[m_name].to(device), means[h_name].to(device)
     n_mlp, _ = block_unit_counts(hooked)
-    keep = keep.to(device, torch.float32)
-    sums = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    units = sum(block_unit_counts(hooked))
+    jobs = [(b, k.to(device, torch.float32)) for b, k in jobs]
+    mu = {}
+    for b, _ in jobs:
+        for site in UNIT_SITES:
+            mu[site_name(b, site)] = means[site_name(b, site)].to(device)
+    sums = torch.zeros(len(jobs) * num_classes, dtype=torch.float64, device=device)
     count = torch.zeros(num_classes, dtype=torch.float64, device=device)
     seen = 0
     for images, labels in tqdm(_take(batches, limit), desc=desc, leave=False):
         x, y = images.to(device), labels.to(device).long()
-        k = keep[y] if keep.ndim == 2 else keep.expand(len(y), -1)
+        B = len(y)
         if clean is None:
             logits = hooked.model(x)
             f_y, norm = logits.gather(1, y[:, None]).squeeze(1), logits.norm(dim=1)
         else:
-            f_y, norm = (t[seen:seen + len(y)].to(device) for t in clean)
-        seen += len(y)
-        abl = hooked.run_with_hooks(x, {m_name: mean_ablate(m_mean, k[:, None, :n_mlp], m_name),
-                                        h_name: mean_ablate(h_mean, k[:, None, n_mlp:], h_name)})
-        effect = (f_y - abl.gather(1, y[:, None]).squeeze(1)) / norm
-        sums.index_add_(0, y, effect.double())
-        count.index_add_(0, y, torch.ones_like(effect, dtype=torch.float64))
-    return _class_mean(sums, count).cpu()
+            f_y, norm = (t[seen:seen + B].to(device) for t in clean)
+        seen += B
+        count.index_add_(0, y, torch.ones(B, dtype=torch.float64, device=device))
+        per = max(1, max_batch // B)
+        for start in range(0, len(jobs), per):
+            chunk = list(range(start, min(start + per, len(jobs))))
+            keeps: dict[int, Tensor] = {}
+            for i, j in enumerate(chunk):
+                b, keep = jobs[j]
+                if b not in keeps:
+                    keeps[b] = torch.ones(len(chunk) * B, units, device=device)
+                keeps[b][i * B:(i + 1) * B] = keep[y] if keep.ndim == 2 else keep
+            fns = {}
+            for b, k in keeps.items():
+                m_name, h_name = site_name(b, "mlp_act"), site_name(b, "heads")
+                fns[m_name] = mean_ablate(mu[m_name], k[:, None, :n_mlp], m_name)
+                fns[h_name] = mean_ablate(mu[h_name], k[:, None, n_mlp:], h_name)
+            abl = hooked.run_with_hooks(x.repeat(len(chunk), *([1] * (x.ndim - 1))), fns)
+            abl_y = abl.gather(1, y.repeat(len(chunk))[:, None]).view(len(chunk), B)
+            effect = (f_y[None] - abl_y) / norm[None]
+            index = (torch.tensor(chunk, device=device)[:, None] * num_classes + y[None]).reshape(-1)
+            sums.index_add_(0, index, effect.reshape(-1).double())
+    return _class_mean(sums.view(len(jobs), num_classes).T, count).T.cpu()
+
+
+def ablation_effect(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], block: int, keep: Tensor,
+                    num_classes: int, device="cpu", limit: Optional[int] = None, clean: Optional[tuple] = None,
+                    desc: str = "ablation") -> Tensor:
+    """Eq. 2 averaged per class for one ablation ``(block, keep)``, shape ``(C,)`` (see :func:`ablation_jobs`)."""
+    return ablation_jobs(hooked, batches, means, [(block, keep)], num_classes, device, limit, clean, desc=desc)[0]
 
 
 def validation_units(top: Tensor, num_units: int, n: int, seed: int) -> list[int]:
@@ -241,11 +270,12 @@ def validation_units(top: Tensor, num_units: int, n: int, seed: int) -> list[int
 
 def analyse(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], blocks: Iterable[int], top_k: int,
             num_classes: int, classes: Optional[list[int]] = None, n_validation_units: int = 8,
-            validation_images: int = 0, device="cpu", seed: int = 0, desc: str = "") -> dict:
+            validation_images: int = 0, device="cpu", seed: int = 0, max_batch: int = 1024, desc: str = "") -> dict:
     """Top-K units per class and block and their four metrics (see the module docstring).
 
     ``batches`` must be re-iterable in a fixed order (three passes). ``classes`` are the
     analysed classes (default: all); AUROC, entropy and importance always use all classes.
+    ``max_batch``: images per forward of the ablation passes (a batch repeated per ablation).
     Returns torch-serialisable values: metric arrays of shape ``(blocks, classes)``.
     """
     blocks = check_setup(hooked, blocks, top_k, num_classes)
@@ -259,7 +289,8 @@ def analyse(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], bloc
                              validation_images=validation_images, desc=f"attribution {desc}".strip())
     out = {m: torch.full((len(blocks), len(classes)), float("nan"), dtype=torch.float64)
            for m in NEURON_METRICS + ("head_fraction",)}
-    topk_all, importance, val_rows = [], [], []
+    topk_all, importance, jobs, val_units = [], [], [], []
+    clean = (first["own_logit"], first["logit_norm"])
     for i, b in enumerate(blocks):
         imp = first["importance"][b].cpu()
         importance.append(imp.float())
@@ -267,10 +298,7 @@ def analyse(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], bloc
         topk_all.append(top)
         keep = torch.ones(num_classes, units)
         keep[cls_idx[:, None], top] = 0
-        clean = (first["own_logit"], first["logit_norm"])
-        effect = ablation_effect(hooked, batches, means, b, keep, num_classes, device, clean=clean,
-                                 desc=f"ablate top-K block {b}")
-        out["impact"][i] = effect[cls_idx]
+        jobs.append((b, keep))
         st = first["stats"][b]
         auroc, cv, ent = st.auroc().cpu(), st.class_variance().cpu(), st.label_entropy().cpu()
         cols = cls_idx[:, None].expand_as(top)
@@ -279,15 +307,22 @@ def analyse(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], bloc
         out["label_entropy"][i] = ent[top].nanmean(1)
         out["head_fraction"][i] = (top >= n_mlp).double().mean(1)
         if n_validation_units > 0 and validation_images > 0:
-            sample = validation_units(top, units, n_validation_units, seed + 101 * b)
-            for u in tqdm(sample, desc=f"validate block {b}", leave=False):
-                keep_u = torch.ones(units)
-                keep_u[u] = 0
-                true = ablation_effect(hooked, batches, means, b, keep_u, num_classes, device,
-                                       limit=validation_images, clean=clean, desc=f"unit {u}")
-                est = first["importance_val"][b][:, u].cpu()
-                for c in classes:
-                    val_rows.append((b, u, c, float(est[c]), float(true[c])))
+            val_units += [(b, u) for u in validation_units(top, units, n_validation_units, seed + 101 * b)]
+    effect = ablation_jobs(hooked, batches, means, jobs, num_classes, device, clean=clean, max_batch=max_batch,
+                           desc=f"ablate top-K {desc}".strip())
+    out["impact"] = effect[:, cls_idx]
+    val_rows = []
+    if val_units:
+        single = []
+        for b, u in val_units:
+            keep_u = torch.ones(units)
+            keep_u[u] = 0
+            single.append((b, keep_u))
+        true = ablation_jobs(hooked, batches, means, single, num_classes, device, limit=validation_images,
+                             clean=clean, max_batch=max_batch, desc=f"validate {desc}".strip())
+        for j, (b, u) in enumerate(val_units):
+            est = first["importance_val"][b][:, u].cpu()
+            val_rows += [(b, u, c, float(est[c]), float(true[j, c])) for c in classes]
     val = torch.tensor([r[3:] for r in val_rows], dtype=torch.float64).reshape(-1, 2)
     out.update(
         blocks=blocks, classes=classes, top_k=top_k, num_mlp=n_mlp, num_heads=n_heads,
@@ -324,12 +359,27 @@ def neuron_inputs(cfg, sparsity: float, method: str = "wanda") -> dict:
             "version": VERSION}
 
 
+def check_config(cfg) -> None:
+    """The neuron settings against the model config (blocks exist, K fits), before anything is loaded."""
+    from .config import ConfigError
+
+    m, nc = cfg.model, cfg.neuron
+    for b in nc.blocks:
+        if b >= m.depth:
+            raise ConfigError(f"neuron.blocks: block {b} is not in [0, {m.depth}) for model.depth={m.depth}")
+    units = int(m.embed_dim * m.mlp_ratio) + m.num_heads
+    if isinstance(nc.top_k, bool) or not isinstance(nc.top_k, int) or nc.top_k > units:
+        raise ConfigError(f"neuron.top_k: must be an integer <= {units} (MLP neurons + heads per block), "
+                          f"got {nc.top_k!r}")
+
+
 def neuron_metrics(cfg, sparsity: float, method: str = "wanda") -> dict:
     """:func:`analyse` on the model at ``sparsity`` (0: dense), cached by model and neuron settings."""
     from . import pipeline
     from .config import check_sparsity, resolve_device
 
     sparsity = check_sparsity(sparsity, "sparsity")
+    check_config(cfg)
     nc = cfg.neuron
     num_classes = cfg.model.num_classes
     classes = None if nc.classes is None else list(range(min(nc.classes, num_classes)))
@@ -345,7 +395,8 @@ def neuron_metrics(cfg, sparsity: float, method: str = "wanda") -> dict:
         return analyse(hooked, batches, means, nc.blocks, nc.top_k, num_classes, classes=classes,
                        n_validation_units=nc.validation_units,
                        validation_images=len(split) if nc.validation_images is None else nc.validation_images,
-                       device=resolve_device(cfg), seed=cfg.seed, desc=pipeline.level_label(sparsity))
+                       device=resolve_device(cfg), seed=cfg.seed, max_batch=4 * cfg.data.batch_size,
+                       desc=pipeline.level_label(sparsity))
 
     return pipeline.cache_for(cfg).get_or_compute("neuron_metrics", neuron_inputs(cfg, sparsity, method), compute)
 

@@ -246,6 +246,18 @@ def test_analyse_matches_direct_computation():
             assert res["impact"][i, j].item() == pytest.approx(impact.item(), rel=1e-4, abs=1e-7)
     v = res["validation"]
     assert len(v["true"]) == 2 * 3 * 2 and torch.isfinite(v["estimate"]).all() and torch.isfinite(v["true"]).all()
+    first10 = [(x[:10], y[:10])]
+    for row in (0, len(v["true"]) - 1):  # batched single-unit ablations == one at a time, on the first 10 images
+        b, u, c = int(v["block"][row]), int(v["unit"][row]), int(v["class"][row])
+        keep = torch.ones(hooked.mlp_dim + hooked.num_heads)
+        keep[u] = 0
+        one = neuron.ablation_effect(hooked, first10, means, b, keep, 3)
+        assert v["true"][row].item() == pytest.approx(one[c].item(), rel=1e-4, abs=1e-7)
+    small = neuron.analyse(hooked, batches, means, blocks, top_k=4, num_classes=3, classes=[0, 2],
+                           n_validation_units=3, validation_images=10, max_batch=7)  # one ablation per forward
+    for key in ("impact", "selectivity"):
+        torch.testing.assert_close(small[key], res[key], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(small["validation"]["true"], v["true"], rtol=1e-5, atol=1e-8)
     assert res["n_images"] == 17 and res["n_validation_images"] == 10
 
 
@@ -279,3 +291,8 @@ def test_bad_setup_rejected_before_compute():
         load_config("smoke", {"neuron.top_k": 0})
     with pytest.raises(ConfigError, match="neuron.blocks"):
         load_config("smoke", {"neuron.blocks": []})
+    with pytest.raises(ConfigError, match="block 40"):
+        neuron.check_config(load_config("smoke", {"neuron.blocks": [2, 40]}))
+    with pytest.raises(ConfigError, match="neuron.top_k"):
+        neuron.check_config(load_config("smoke", {"neuron.top_k": 131}))
+    neuron.check_config(load_config("smoke", {"neuron.top_k": 130}))  # 128 neurons + 2 heads
