@@ -166,7 +166,11 @@ def test_mask_training_finds_the_planted_path():
     assert acc["full"].item() == 1.0 and acc["circuit"].item() == 1.0
     assert acc["ablated"].item() == 0.5  # the circuit removed: never says "bright", chance on a balanced set
     frac = C.node_fraction(hooked, active)
+    assert C.num_nodes(hooked) == 4 * 4 + 16 + 3 * 2  # four C-sized sites, 4C neurons, q/k/v per head
     assert frac.item() == pytest.approx(3 / C.num_nodes(hooked))
+    assert C.ncq(acc["circuit"], acc["full"], frac).item() == pytest.approx(1 - 3 / 38)
+    e = C.edge_counts(hooked, active)
+    assert e["edges"].item() == 2  # fc1[5, 0] and fc2[2, 5]: the planted path's two weights
 
 
 def test_batched_classes_equal_sequential_training():
@@ -194,3 +198,19 @@ def test_balanced_sets_and_bad_input():
     assert (split.labels[idx] == 1).tolist() == y.astype(bool).tolist()
     with pytest.raises(ValueError, match="class 1 has 10 images"):
         C.balanced_indices(split.labels, 1, 11, seed=0)
+
+
+def test_bad_settings_fail_before_compute():
+    from impact_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="repeated class"):
+        load_config("smoke", {"circuit.classes": [1, 1]})
+    with pytest.raises(ConfigError, match="k_sweep"):
+        load_config("smoke", {"circuit.k_sweep": []})
+    cfg = load_config("smoke", {"circuit.classes": [0, 10]})
+    with pytest.raises(ConfigError, match="out of range"):
+        C.resolve_classes(cfg)
+    assert C.resolve_classes(load_config("smoke", {"circuit.classes": None})) == list(range(10))
+    assert C.default_k(cfg, 0.0) == cfg.circuit.k_dense and C.default_k(cfg, 0.7) == cfg.circuit.k_sparse
+    with pytest.raises(ValueError, match="k must be"):
+        C.circuit_results(cfg, 0.7, k=-1.0)
