@@ -3,6 +3,10 @@
 Same model (the default preset's architecture, seeded random weights), same per-class
 image sets, same hyper-parameters; ``reference`` = :func:`train_masks_sequential`,
 ``fast`` = :func:`train_masks`. Target: at least 3x (issue 5).
+
+Both paths do the same floating-point work; the batched one saves only per-step costs
+(dispatch, hooks, optimiser, many small kernels), so the ratio depends on how small the
+per-class step is and on how busy the CPU's threads are.
 """
 import numpy as np
 import torch
@@ -40,8 +44,8 @@ def setup(device: str):
 
 def benchmarks(device: str) -> list[dict]:
     cfg, hooked, means, data, kwargs = setup(device)
-    fast = bench.best_time(lambda: C.train_masks(hooked, means, data, **kwargs), repeat=3)
-    ref = bench.best_time(lambda: C.train_masks_sequential(hooked, means, data, **kwargs), repeat=3)
+    fast = bench.best_time(lambda: C.train_masks(hooked, means, data, **kwargs), repeat=2)
+    ref = bench.best_time(lambda: C.train_masks_sequential(hooked, means, data, **kwargs), repeat=2)
     config = {"classes": CLASSES, "images_per_class": 2 * PER_CLASS, "batch_per_class": kwargs["batch_size"],
               "steps": -(-2 * PER_CLASS // kwargs["batch_size"]), "model": "default preset architecture",
               "embed_dim": cfg.model.embed_dim, "depth": cfg.model.depth, "threads": torch.get_num_threads()}
