@@ -25,7 +25,8 @@ Per class and block, over its top-K units:
 
 * impact (Eq. 2): the top-K units mean-ablated together (``sites.mean_ablate``),
   ``(f_c(x) - f_c^abl(x)) / ||f(x)||`` averaged over the images of class ``c``
-  (one forward per batch and block for all classes: each image gets its class's mask);
+  (all classes at once: each image gets its own class's mask; the blocks' ablations share
+  forward passes, the batch being repeated once per block);
 * selectivity (Eq. 3): mean AUROC of the units' CLS activation for class ``c``;
 * class variance (Eq. 4-5) and label entropy (Eq. 6-7): means over the units (NaN
   entries, see :mod:`impact_core.unit_metrics`, are skipped).
@@ -392,6 +393,9 @@ def neuron_metrics(cfg, sparsity: float, method: str = "wanda") -> dict:
         from .data import Batches
 
         batches = Batches(split, cfg.data.batch_size, num_workers=cfg.data.num_workers)
+        log.info("neuron metrics %s: %d images, blocks %s, top-%d of %d units per block, %d classes",
+                 pipeline.level_label(sparsity), len(split), list(nc.blocks), nc.top_k,
+                 sum(block_unit_counts(hooked)), num_classes if classes is None else len(classes))
         return analyse(hooked, batches, means, nc.blocks, nc.top_k, num_classes, classes=classes,
                        n_validation_units=nc.validation_units,
                        validation_images=len(split) if nc.validation_images is None else nc.validation_images,
