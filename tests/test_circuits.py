@@ -214,3 +214,14 @@ def test_bad_settings_fail_before_compute():
     assert C.default_k(cfg, 0.0) == cfg.circuit.k_dense and C.default_k(cfg, 0.7) == cfg.circuit.k_sparse
     with pytest.raises(ValueError, match="k must be"):
         C.circuit_results(cfg, 0.7, k=-1.0)
+
+
+def test_paper_tables_follow_the_edge_form_of_ncq():
+    """Our reading of Tables 3 / 7: printed NCQ = Acc * (1 - Size), not Eq. 12's node form."""
+    from impact_core.paper_values import PAPER_TABLE_3, PAPER_TABLE_7
+
+    for table in (PAPER_TABLE_3, PAPER_TABLE_7):
+        for acc, size, ncq in zip(table["acc_pct"], table["size_pct"], table["ncq"]):
+            assert C.ncq_edges(acc[0] / 100, size[0] / 100) == pytest.approx(ncq[0], abs=1.5e-3)
+        node_form = [(1 - n[0] / 100) for n in table["node_pct"]]
+        assert any(abs(f - q[0]) > 0.05 for f, q in zip(node_form, table["ncq"]))  # bounded by 1 - node fraction
