@@ -274,6 +274,10 @@ class CircuitConfig(Section):
                     "train_images_per_class", "eval_images_per_class"):
             _positive(getattr(self, key), prefix + key)
         _positive(self.epochs, prefix + "epochs")
+        for key in ("epochs", "step_size", "batch_size", "class_chunk", "train_images_per_class",
+                    "eval_images_per_class"):
+            if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), int):
+                raise ConfigError(f"{prefix}{key}: must be an integer, got {getattr(self, key)!r}")
         _positive(self.weight_decay, prefix + "weight_decay", allow_zero=True)
         for key in ("step_gamma", "init_std"):
             _positive(getattr(self, key), prefix + key)

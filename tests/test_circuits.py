@@ -205,6 +205,8 @@ def test_bad_settings_fail_before_compute():
 
     with pytest.raises(ConfigError, match="repeated class"):
         load_config("smoke", {"circuit.classes": [1, 1]})
+    with pytest.raises(ConfigError, match="epochs: must be an integer"):
+        load_config("smoke", {"circuit.epochs": 1.5})
     with pytest.raises(ConfigError, match="k_sweep"):
         load_config("smoke", {"circuit.k_sweep": []})
     cfg = load_config("smoke", {"circuit.classes": [0, 10]})
