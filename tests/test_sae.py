@@ -132,20 +132,21 @@ def test_recovers_known_sparse_dictionary():
     def batches():
         while True:
             codes = torch.zeros(256, n_atoms)
-            idx = torch.stack([torch.randperm(n_atoms, generator=gen)[:k] for _ in range(256)])
+            idx = torch.rand(256, n_atoms, generator=gen).argsort(1)[:, :k]  # k distinct atoms per sample
             codes.scatter_(1, idx, torch.rand(256, k, generator=gen) + 0.5)
             yield codes @ atoms
 
     torch.manual_seed(0)
-    sae = S.BatchTopKSAE(d, 48, k=k, seed=0, decode_impl="sparse", threshold_beta=0.99)
-    S.fit(sae, batches(), 600, lr=3e-3, aux_coefficient=1 / 32, aux_k=8, dead_after_steps=20,
+    sae = S.BatchTopKSAE(d, 48, k=k, seed=123, decode_impl="sparse", threshold_beta=0.98)  # init unrelated to atoms
+    best_init = (atoms @ sae.W_dec.detach().T).max(1).values  # random directions: a poor match
+    S.fit(sae, batches(), 400, lr=1e-2, aux_coefficient=1 / 32, aux_k=8, dead_after_steps=20,
           normalize_input=False, progress=False)
-    cos = atoms @ sae.W_dec.detach().T  # (atoms, latents)
-    best = cos.max(1).values
-    assert float(best.mean()) > 0.95, best
+    best = (atoms @ sae.W_dec.detach().T).max(1).values  # best cosine of each true atom
+    assert float(best_init.mean()) < 0.85
+    assert float(best.mean()) > 0.95 and float(best.min()) > 0.9, best
     x = next(batches())
     x_hat, _ = sae.eval()(x)
-    assert S.nmse(x, x_hat) < 0.15  # inference (threshold) mode
+    assert S.nmse(x, x_hat.detach()) < 0.2  # inference (threshold) mode
 
 
 def test_nmse_fve_dead_against_numpy():
