@@ -323,3 +323,17 @@ def test_activation_stream_keeps_grad_mode_and_token_shapes():
     chunk = next(gen)
     assert torch.is_grad_enabled()  # the generator's no_grad must not leak into the trainer
     assert chunk.shape == (2 * 4, 8) and not chunk.requires_grad
+
+
+def test_training_is_deterministic_for_a_seed():
+    rows = torch.randn(200, 6, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        torch.manual_seed(0)
+        sae = S.BatchTopKSAE(6, 24, k=2, seed=5)
+        S.fit(sae, S.buffered_batches(rows, 32, seed=1), 15, lr=1e-2, aux_coefficient=1 / 32, aux_k=4,
+              dead_after_steps=3, progress=False)
+        return sae.state_dict()
+
+    a, b = run(), run()
+    assert all(torch.equal(a[key], b[key]) for key in a)
