@@ -79,7 +79,8 @@ class BatchTopKSAE(nn.Module):
 
     ``module.train()``: BatchTopK; ``module.eval()``: threshold. ``decode_impl`` picks how
     ``f -> x_hat`` is computed in training: ``"dense"`` (plain ``f @ W_dec``, the reference) or
-    ``"sparse"`` (``embedding_bag`` over the ``k*B`` kept entries only; same result).
+    ``"sparse"`` (``embedding_bag`` over the ``k*B`` kept entries only; same result). The
+    auxiliary loss follows the same switch (:func:`aux_loss`).
     """
 
     def __init__(self, d: int, n_latents: int, k: int, threshold_beta: float = 0.999, seed: int = 0,
@@ -204,10 +205,16 @@ def aux_loss(sae: BatchTopKSAE, xn: torch.Tensor, xn_hat: torch.Tensor, pre: tor
     if n_dead == 0:
         return pre.new_zeros(())
     e = (xn - xn_hat).detach()
-    dead_pre = pre[:, dead]
-    vals, idx = dead_pre.topk(min(aux_k, n_dead), dim=1)
-    f_aux = torch.zeros_like(dead_pre).scatter(1, idx, vals)
-    e_hat = f_aux @ sae.W_dec[dead]
+    if sae.decode_impl == "sparse":
+        # fast path: top-k over all latents with the live ones pushed below any ReLU output,
+        # then an embedding_bag over the chosen rows of W_dec (no (B, n_dead) or (n_dead, d) copies)
+        vals, idx = pre.masked_fill(~dead, -1.0).topk(min(aux_k, n_dead), dim=1)
+        e_hat = F.embedding_bag(idx, sae.W_dec, mode="sum", per_sample_weights=vals)
+    else:  # reference: gather the dead latents, dense product
+        dead_pre = pre[:, dead]
+        vals, idx = dead_pre.topk(min(aux_k, n_dead), dim=1)
+        f_aux = torch.zeros_like(dead_pre).scatter(1, idx, vals)
+        e_hat = f_aux @ sae.W_dec[dead]
     return (e_hat - e).pow(2).sum(-1).mean()
 
 

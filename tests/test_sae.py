@@ -107,6 +107,24 @@ def test_aux_loss_zero_without_dead_and_positive_with_dead():
     assert out["aux"] == 0.0 and out["dead"] == 0
 
 
+def test_aux_loss_fast_path_matches_reference():
+    torch.manual_seed(0)
+    dense = S.BatchTopKSAE(8, 40, k=3, decode_impl="dense")
+    fast = S.BatchTopKSAE(8, 40, k=3, decode_impl="sparse")
+    fast.load_state_dict(dense.state_dict())
+    x = torch.randn(12, 8)
+    dead = torch.rand(40) < 0.5
+    grads = []
+    for sae in (dense, fast):
+        pre = sae.pre_acts(x)
+        xn_hat = sae.decode_normalised(S.batch_topk(pre, 3)).detach()
+        loss = S.aux_loss(sae, x, xn_hat, pre, dead, aux_k=5)
+        grads.append((loss.detach(), *torch.autograd.grad(loss, (sae.W_dec, sae.W_enc))))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert grads[0][1].abs().sum() > 0
+
+
 def test_sparse_decode_matches_dense():
     torch.manual_seed(0)
     f = S.batch_topk(torch.relu(torch.randn(7, 40)), 3).requires_grad_(True)
