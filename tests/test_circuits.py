@@ -171,6 +171,9 @@ def test_mask_training_finds_the_planted_path():
     assert C.ncq(acc["circuit"], acc["full"], frac).item() == pytest.approx(1 - 3 / 38)
     e = C.edge_counts(hooked, active)
     assert e["edges"].item() == 2  # fc1[5, 0] and fc2[2, 5]: the planted path's two weights
+    sf = C.site_fractions(hooked, active)[0, 0]
+    want = {"norm2": 1 / 4, "mlp_act": 1 / 16, "mlp_out": 1 / 4}
+    assert sf.tolist() == pytest.approx([want.get(s, 0.0) for s in PAPER_SITES])
 
 
 def test_batched_classes_equal_sequential_training():
@@ -188,6 +191,12 @@ def test_batched_classes_equal_sequential_training():
         assert torch.allclose(fast[n], ref[n], atol=1e-5), n
         assert torch.equal(fast[n] > 0, ref[n] > 0), n
     assert any((t <= 0).any() for t in fast.values())  # training did switch nodes off
+    active = {n: t > 0 for n, t in fast.items()}
+    together = C.evaluate_masks(hooked, means, data, active, batch_size=7)
+    for i in range(3):
+        alone = C.evaluate_masks(hooked, means, data.select([i]), {n: a[i:i + 1] for n, a in active.items()}, 7)
+        for key in ("full", "circuit", "ablated"):
+            assert alone[key].item() == pytest.approx(together[key][i].item()), key
     assert all(p.requires_grad for p in model.parameters())  # model left as found
 
 
