@@ -21,6 +21,7 @@ $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps foolbox==3.3.4  # only for its 20 ImageNet photos (paper-shaped test)
 	$(PY) -m ipykernel install --sys-prefix --name impact --display-name "impact (.venv)" >/dev/null
 	touch $@
 
