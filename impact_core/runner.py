@@ -135,17 +135,21 @@ def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None
     selected = list(chapters) if chapters else toc_chapters()
     print(f"[impact] preset {preset}: executing {len(selected)} chapter(s) -> {src}", flush=True)
     timings = {}
-    if jobs > 1 and len(selected) > 1:
+    if jobs > 1 and len(selected) > 2:
         # The first chapter (pruning) runs alone: it builds the dense and pruned models that
-        # every other chapter takes from the cache. The others then run side by side.
-        timings[selected[0]] = execute_chapter(selected[0], src, preset, parameters or {}, log_dir)
-        print(f"[impact]   {selected[0]}: {timings[selected[0]]:.0f} s", flush=True)
+        # every other chapter takes from the cache; the last (discussion) reads every other
+        # chapter's results. The chapters between run side by side.
+        first, middle, last = selected[0], selected[1:-1], selected[-1]
+        timings[first] = execute_chapter(first, src, preset, parameters or {}, log_dir)
+        print(f"[impact]   {first}: {timings[first]:.0f} s", flush=True)
         with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job is its own OS process
             futures = {c: pool.submit(execute_chapter, c, src, preset, parameters or {}, log_dir, jobs)
-                       for c in selected[1:]}
+                       for c in middle}
             for c, f in futures.items():
                 timings[c] = f.result()
                 print(f"[impact]   {c}: {timings[c]:.0f} s", flush=True)
+        timings[last] = execute_chapter(last, src, preset, parameters or {}, log_dir)
+        print(f"[impact]   {last}: {timings[last]:.0f} s", flush=True)
     else:
         for c in selected:
             timings[c] = execute_chapter(c, src, preset, parameters or {}, log_dir)
