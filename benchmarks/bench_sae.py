@@ -5,8 +5,9 @@ gathering the dead latents). Fast: the same step with the sparse decoder (``embe
 the ``k * B`` kept latents only) and the aux-k loss as an ``embedding_bag`` over the chosen rows. Same seeded inputs and initial weights for both. Shapes: the default
 preset's SAE (64-d residual, x8, k=16, batch 256) and the paper's (768-d CLS residual,
 x32 = 24,576 latents, k=128; batch 4096 on a GPU, 256 and 2 steps on the CPU to keep the
-run short). Measured on the 2-core CPU: dense wins at the default shape (512 latents, k=16),
-sparse wins at the paper's (24,576 latents, k=128); ``sae.choose_decode_impl`` follows that.
+run short). On the shared 2-core CPU (noisy): dense wins at the default shape (512 latents,
+k=16), sparse mostly wins at the paper's (24,576 latents, k=128); ``sae.choose_decode_impl``
+follows that. No target is set: the entry reports throughput.
 """
 import torch
 
