@@ -13,7 +13,7 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 export TQDM_MININTERVAL ?= 10
 export PYTHONHASHSEED = 0
 
-.PHONY: book test bench serve setup data browser clean-cache clean
+.PHONY: book test test-all bench serve setup data browser clean-cache clean
 
 setup: $(VENV)/.installed data
 
@@ -50,6 +50,10 @@ browser:
 	fi
 
 test: setup browser
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Everything, the paper-shaped run of every chapter on DeiT-III B/16 included (about 10 more minutes).
+test-all: setup browser
 	$(PY) -m pytest -q tests
 
 bench: setup
