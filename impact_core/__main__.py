@@ -13,7 +13,8 @@ def main(argv=None) -> int:
 
     book = sub.add_parser("book", help="execute the chapters with papermill and build the HTML book")
     book.add_argument("--preset", default="default", help="params/<preset>.yaml or a YAML path")
-    book.add_argument("--chapters", nargs="*", help="chapter paths as in _toc.yml (default: all)")
+    book.add_argument("--chapters", nargs="*", help="chapter paths as in _toc.yml (default: all); "
+                      "the others keep their last executed version")
     book.add_argument("--out", default=".", help="folder that receives _build/ (HTML in <out>/_build/html)")
     book.add_argument("--jobs", type=int, default=1, help="chapters executed in parallel processes")
 

@@ -97,14 +97,16 @@ def execute_chapter(chapter: str, src: Path, preset: str, parameters: dict, log_
     return time.time() - start
 
 
-def stage_book(src: Path) -> None:
-    """Copy the book's sources (config, toc, pages; not the chapter templates) into ``src``."""
-    if src.exists():
+def stage_book(src: Path, keep_executed: bool = False) -> None:
+    """Copy the book's sources (config, toc, pages; not the chapter templates) into ``src``.
+
+    ``keep_executed``: keep chapters executed by an earlier run (``--chapters`` re-runs a few)."""
+    if src.exists() and not keep_executed:
         shutil.rmtree(src)
-    src.mkdir(parents=True)
+    src.mkdir(parents=True, exist_ok=True)
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(REPO_ROOT / name, src / name)
-    shutil.copytree(REPO_ROOT / "book", src / "book",
+    shutil.copytree(REPO_ROOT / "book", src / "book", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints", "__pycache__"))
 
 
@@ -129,7 +131,7 @@ def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None
     out = Path(out)
     out = out if out.is_absolute() else REPO_ROOT / out
     src = out / "_build" / "src"
-    stage_book(src)
+    stage_book(src, keep_executed=bool(chapters))
     log_dir = out / "_build" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     selected = list(chapters) if chapters else toc_chapters()
