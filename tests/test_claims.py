@@ -25,7 +25,8 @@ def test_bootstrap_interval_covers_a_known_mean():
 
 def circuits(node, size, ncq, ablated):
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    return {"node_fraction": t(node), "size_dense": t(size), "ncq": t(ncq), "acc_ablated": t(ablated)}
+    return {"node_fraction": t(node), "size_dense": t(size), "ncq": t(ncq), "acc_ablated": t(ablated),
+            "acc_circuit": t([0.9] * len(node))}
 
 
 def test_circuit_claims_follow_the_numbers():
@@ -38,6 +39,8 @@ def test_circuit_claims_follow_the_numbers():
     out = {c.claim.split(" from")[0]: c for c in claims.circuit_claims({0.0: dense, 0.7: sparse})}
     assert out["circuit edges fall"].verdict == claims.REPRODUCED
     assert out["node fraction rises"].verdict == claims.REPRODUCED
+    edge_form = [c for c in claims.circuit_claims({0.0: dense, 0.7: sparse}) if "tables print" in c.claim][0]
+    assert edge_form.verdict == claims.REPRODUCED  # 0.9 x (1 - size) rises as the edge size falls
     reverse = {c.claim.split(" from")[0]: c for c in claims.circuit_claims({0.0: sparse, 0.7: dense})}
     assert reverse["circuit edges fall"].verdict == claims.NOT_REPRODUCED
     assert reverse["node fraction rises"].verdict == claims.NOT_REPRODUCED
