@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import pruning
-from .cache import ResultCache
+from .cache import CacheError, ResultCache
 from .config import Config, check_sparsity, config_hash, resolve_device
 from .data import Batches, check_data, load_splits
 from .models import (build_model, check_checkpoint, evaluate, load_checkpoint, train_classifier,
@@ -109,9 +109,14 @@ def dense_model(cfg: Config) -> torch.nn.Module:
 
 
 def dense_training_losses(cfg: Config) -> list[float]:
-    """Loss per step of the dense training run (small preset only)."""
-    entry = cache_for(cfg).get_or_compute("dense_model", dense_inputs(cfg), lambda: None)
-    return entry["losses"] if entry else []
+    """Loss per step of the dense training run; empty when the model was loaded, not trained here."""
+    if cfg.model.arch != "small_deit3":
+        return []
+    cache = cache_for(cfg)
+    try:
+        return cache.load("dense_model", cache.key("dense_model", dense_inputs(cfg)))["losses"]
+    except (KeyError, CacheError):
+        return []
 
 
 def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.nn.Module:

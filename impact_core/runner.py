@@ -56,8 +56,6 @@ def toc_chapters(toc_path: Path = REPO_ROOT / "_toc.yml") -> list[str]:
 def notebook_errors(path: Path) -> Optional[str]:
     """The first error stored in an executed notebook, or None."""
     nb = json.loads(path.read_text())
-    if nb.get("metadata", {}).get("papermill", {}).get("exception"):
-        pass  # the error output below names it
     for cell in nb.get("cells", []):
         for out in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
             if out.get("output_type") == "error":
