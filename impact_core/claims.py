@@ -115,10 +115,13 @@ def pruning_claims(acc: dict[tuple[str, float], dict]) -> list[Claim]:
     out = []
     levels = sorted({s for _, s in acc})
     dense = acc[("wanda", 0.0)]["top1"]
-    if ("wanda", 0.7) in acc:
+    if ("wanda", 0.7) in acc and dense > 0:
         kept = acc[("wanda", 0.7)]["top1"] / dense
         out.append(Claim("pruning", "Wanda at 70% keeps more than 96% of dense top-1", "96.1%", f"{kept:.1%}", "n/a",
                          REPRODUCED if kept > 0.96 else NOT_REPRODUCED, "retained fraction > 0.96"))
+    elif ("wanda", 0.7) in acc:
+        out.append(Claim("pruning", "Wanda at 70% keeps more than 96% of dense top-1", "96.1%",
+                         "dense top-1 is 0: no fraction", "n/a", INCONCLUSIVE, "retained fraction > 0.96"))
     else:
         out.append(Claim("pruning", "Wanda at 70% keeps more than 96% of dense top-1", "96.1%",
                          "70% not in this preset", "n/a", INCONCLUSIVE, "not measured"))

@@ -61,3 +61,11 @@ def test_seed_combination():
     row = claims.combine_seeds([a, b])[0]
     assert row["verdict"] == claims.INCONCLUSIVE and row["seeds"] == "1/2 reproduced"
     assert claims.combine_seeds([a, a])[0]["verdict"] == claims.REPRODUCED
+
+
+def test_pruning_claims_with_an_untrained_model():
+    acc = {("wanda", 0.0): {"top1": 0.0}, ("wanda", 0.7): {"top1": 0.0}}
+    rows = claims.pruning_claims(acc)
+    assert rows[0].verdict == claims.INCONCLUSIVE  # a random model: no retained fraction, no crash
+    acc = {("wanda", 0.0): {"top1": 0.8}, ("wanda", 0.7): {"top1": 0.79}}
+    assert claims.pruning_claims(acc)[0].verdict == claims.REPRODUCED
