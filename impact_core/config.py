@@ -345,8 +345,6 @@ class Config(Section):
             if not isinstance(self.seeds, list) or not self.seeds or not all(isinstance(x, int) for x in self.seeds):
                 raise ConfigError(f"{prefix}seeds: must be a non-empty list of integers, got {self.seeds!r}")
             self.seed = self.seeds[0]
-        if self.model.arch == "small_deit3" and self.data.kind != "fashion_mnist":
-            pass  # allowed: a small model on an image folder, if shapes are set to match
 
     @property
     def cache_path(self) -> Path:
