@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -56,11 +56,12 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
 class ResultCache:
     """``cache.get_or_compute(kind, inputs, compute)``: load if present and intact, else compute and store."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, salt: Optional[dict] = None):
         self.root = Path(root)
+        self.salt = salt or {}  # settings every key records (e.g. bf16 precision); none by default
 
     def key(self, kind: str, inputs: dict) -> str:
-        return config_hash({"kind": kind, "inputs": inputs})
+        return config_hash({"kind": kind, "inputs": {**inputs, **self.salt}})
 
     def paths(self, kind: str, key: str) -> tuple[Path, Path]:
         base = self.root / kind

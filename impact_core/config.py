@@ -327,6 +327,7 @@ class Config(Section):
     seed: int = 0
     seeds: Optional[list] = None  # several training seeds: the discussion judges claims across them
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
+    precision: str = "fp32"  # "fp32" or "bf16": autocast of the forward-only passes (impact_core.precision)
     cache_dir: str = ".cache/impact"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -340,6 +341,8 @@ class Config(Section):
     def validate(self, prefix: str) -> None:
         if not (self.device in ("cpu", "cuda", "auto") or str(self.device).startswith("cuda:")):
             raise ConfigError(f"{prefix}device: must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"{prefix}precision: must be 'fp32' or 'bf16', got {self.precision!r}")
         self.cache_dir = os.path.expandvars(str(self.cache_dir))
         if self.seeds is not None:
             if not isinstance(self.seeds, list) or not self.seeds or not all(isinstance(x, int) for x in self.seeds):

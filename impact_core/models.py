@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, ModelConfig, ConfigError
 from .data import Batches, Split
+from .precision import autocast
 from .distributed import all_reduce_sum, local_rows, world_size
 
 log = logging.getLogger("impact_core")
@@ -76,13 +77,14 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> torch.nn.Module
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, batch_size: int = 256,
-             device: torch.device | str = "cpu", desc: str = "evaluate") -> dict[str, float]:
-    """Top-1 and top-5 accuracy on a split."""
+             device: torch.device | str = "cpu", desc: str = "evaluate", precision: str = "fp32") -> dict[str, float]:
+    """Top-1 and top-5 accuracy on a split (``precision``: see :mod:`impact_core.precision`)."""
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5, images
     for images, labels in tqdm(Batches(split, batch_size), desc=desc, leave=False):
         images, labels = local_rows(images), local_rows(labels)  # under torchrun: this process's rows
-        logits = model(images.to(device))
+        with autocast(device, precision):
+            logits = model(images.to(device))
         labels = labels.to(device)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         counts[0] += (top[:, 0] == labels).sum()

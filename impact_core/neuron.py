@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum, gather_rows, local_rows
 from .sites import HookedViT, mean_ablate, site_name
 from .unit_metrics import StreamingClassStats, max_over_patches
 
@@ -151,14 +152,18 @@ def attribution_pass(hooked: HookedViT, batches: Iterable, means: dict[str, Tens
     seen = 0
     with hooked.hooks({n: keep(n) for pair in names.values() for n in pair}):
         for images, labels in tqdm(batches, desc=desc, leave=False):
-            x = images.to(device).requires_grad_(True)
-            y = labels.to(device).long()
+            total = len(labels)  # under torchrun this process takes its rows; gather_rows puts them back
+            x = local_rows(images).to(device).requires_grad_(True)
+            y_local = local_rows(labels).to(device).long()
             with torch.enable_grad():
                 logits = hooked.model(x)
-                f_y = logits.gather(1, y[:, None]).squeeze(1)
+                f_y = logits.gather(1, y_local[:, None]).squeeze(1)
                 acts = [store[n] for b in blocks for n in names[b]]
                 grads = torch.autograd.grad(f_y.sum(), acts)
-            norm = logits.detach().norm(dim=1)
+            norm_local = logits.detach().norm(dim=1)
+            y = gather_rows(y_local, total)
+            norm = gather_rows(norm_local, total)
+            f_y = gather_rows(f_y.detach(), total)
             ones = torch.ones_like(y, dtype=torch.float64)
             count.index_add_(0, y, ones)
             n_val = max(0, min(len(y), validation_images - seen))
@@ -169,11 +174,11 @@ def attribution_pass(hooked: HookedViT, batches: Iterable, means: dict[str, Tens
                     g_mlp, g_heads = grads[2 * i], grads[2 * i + 1]
                     est = torch.cat([attribution_estimate(a_mlp, mu[names[b][0]], g_mlp),
                                      attribution_estimate(a_heads, mu[names[b][1]], g_heads)], dim=1)
-                    est = est.double() / norm.double()[:, None]
+                    est = gather_rows(est.double() / norm_local.double()[:, None], total)
                     imp[b].index_add_(0, y, est)
                     imp_val[b].index_add_(0, y[:n_val], est[:n_val])
                     u = unit_activation(a_mlp, a_heads)
-                    stats[b].update(max_over_patches(u), y, u[:, 0])
+                    stats[b].update(gather_rows(max_over_patches(u), total), y, gather_rows(u[:, 0], total))
             own.append(f_y.detach().cpu())
             norms.append(norm.cpu())
             all_labels.append(y.cpu())
@@ -217,14 +222,17 @@ def ablation_jobs(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor]
     count = torch.zeros(num_classes, dtype=torch.float64, device=device)
     seen = 0
     for images, labels in tqdm(_take(batches, limit), desc=desc, leave=False):
-        x, y = images.to(device), labels.to(device).long()
+        total = len(labels)  # under torchrun: this process's rows; the sums are all-reduced below
+        x, y = local_rows(images).to(device), local_rows(labels).to(device).long()
         B = len(y)
         if clean is None:
             logits = hooked.model(x)
             f_y, norm = logits.gather(1, y[:, None]).squeeze(1), logits.norm(dim=1)
         else:
-            f_y, norm = (t[seen:seen + B].to(device) for t in clean)
-        seen += B
+            f_y, norm = (local_rows(t[seen:seen + total]).to(device) for t in clean)
+        seen += total
+        if B == 0:
+            continue
         count.index_add_(0, y, torch.ones(B, dtype=torch.float64, device=device))
         per = max(1, max_batch // B)
         for start in range(0, len(jobs), per):
@@ -245,6 +253,8 @@ def ablation_jobs(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor]
             effect = (f_y[None] - abl_y) / norm[None]
             index = (torch.tensor(chunk, device=device)[:, None] * num_classes + y[None]).reshape(-1)
             sums.index_add_(0, index, effect.reshape(-1).double())
+    all_reduce_sum(sums)
+    all_reduce_sum(count)
     return _class_mean(sums.view(len(jobs), num_classes).T, count).T.cpu()
 
 

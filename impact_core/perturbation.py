@@ -29,6 +29,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import attribution as attr
+from . import distributed
 from .config import Config, resolve_device
 
 log = logging.getLogger("impact_core")
@@ -113,18 +114,30 @@ def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0)
 # ----------------------------------------------------------------------------- the chapter's artefact
 
 
-def evaluation_images(cfg: Config) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """The ``attribution.images`` evaluation images (a seeded sample of the eval split),
-    the same for every sparsity level: ``(positions in the eval split, images, labels)``."""
+def evaluation_positions(cfg: Config) -> np.ndarray:
+    """Positions in the eval split of the ``attribution.images`` evaluation images (a seeded
+    sample, sorted), the same for every sparsity level."""
     from . import pipeline
-    from .data import batches
 
     split = pipeline.splits(cfg)["eval"]
     n = min(cfg.attribution.images, len(split))
-    pos = np.sort(np.random.default_rng(cfg.seed + 5).permutation(len(split))[:n])
-    sub = split.subset(pos)
-    xs, ys = zip(*batches(sub, cfg.data.batch_size))
-    return pos, torch.cat(xs), torch.cat(ys)
+    return np.sort(np.random.default_rng(cfg.seed + 5).permutation(len(split))[:n])
+
+
+def load_images(split, positions: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from .data import batches
+
+    xs, ys = zip(*batches(split.subset(positions), batch_size))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def evaluation_images(cfg: Config) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """``(positions in the eval split, images, labels)`` of all evaluation images at once
+    (small presets and figures; :func:`attribution_results` streams them in chunks)."""
+    from . import pipeline
+
+    pos = evaluation_positions(cfg)
+    return (pos, *load_images(pipeline.splits(cfg)["eval"], pos, cfg.data.batch_size))
 
 
 def figure_positions(labels: torch.Tensor, classes: int, per_class: int) -> list[int]:
@@ -135,42 +148,88 @@ def figure_positions(labels: torch.Tensor, classes: int, per_class: int) -> list
     return pos
 
 
+def chunk_images(batch_size: int) -> int:
+    """Images per chunk of the attribution pass: the unit of streaming and of sharding."""
+    return 4 * batch_size
+
+
+def score_chunk(model: nn.Module, rand_model: nn.Module, images: torch.Tensor, a, reference: torch.Tensor,
+                seed: int, figure_rows: list[int]) -> dict:
+    """Every attribution method on one chunk of images: per-image insertion / deletion AUC and
+    curves, the randomisation test's rank correlation, and the maps of ``figure_rows``."""
+    out = {}
+    for m in attr.METHODS:
+        maps = attr.attribute(model, images, m, layerscale_rule=a.layerscale_rule, batch_size=a.batch_size, seed=seed)
+        scores = insertion_deletion(model, images, maps["maps"], maps["target"], a.steps, reference,
+                                    batch_size=4 * a.batch_size)
+        row = {key: scores[key] for key in ("insertion", "deletion", "insertion_curve", "deletion_curve")}
+        row["figure_maps"] = maps["maps"][figure_rows]
+        if m != "random":
+            rnd = attr.attribute(rand_model, images, m, target=maps["target"], layerscale_rule=a.layerscale_rule,
+                                 batch_size=a.batch_size)
+            row["randomisation"] = torch.as_tensor(attr.spearman_per_image(maps["maps"], rnd["maps"]))
+        out[m] = row
+    out["target"] = maps["target"]
+    return out
+
+
 def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
     """Insertion / deletion per image for every attribution method at one sparsity level,
     maps of a few images for figures, the per-layer conservation report (both
-    LayerScale rules) and the parameter-randomisation test (cached)."""
+    LayerScale rules) and the parameter-randomisation test (cached).
+
+    The evaluation images are streamed in chunks of :func:`chunk_images` (at most one
+    chunk's images and maps in memory); under torchrun each process scores every
+    world_size-th chunk and the per-image results are gathered, equal to one process's
+    (a chunk's random-baseline noise is seeded by the chunk's first position)."""
     from . import pipeline
 
     a = cfg.attribution
     inputs = {"model": pipeline.model_inputs(cfg, sparsity, method), "images": a.images, "steps": a.steps,
               "baseline": a.baseline, "layerscale_rule": a.layerscale_rule, "seed": cfg.seed,
               "eval_images": cfg.data.eval_images, "data_kind": cfg.data.kind,
-              "figure": [a.figure_classes, a.figure_per_class], "methods": list(attr.METHODS), "version": 1}
+              "figure": [a.figure_classes, a.figure_per_class], "methods": list(attr.METHODS), "version": 2}
 
     def compute():
         model = pipeline.pruned_model(cfg, sparsity, method)
         device = resolve_device(cfg)
-        pos, images, labels = evaluation_images(cfg)
+        split = pipeline.splits(cfg)["eval"]
+        pos = evaluation_positions(cfg)
+        labels = torch.as_tensor(split.labels[pos])
         ref = reference_value(cfg.model.mean, cfg.model.std, a.baseline)
         fig = figure_positions(labels, a.figure_classes, a.figure_per_class)
         rand_model = attr.randomized_model(model, seed=cfg.seed + 11).to(device)
+        chunk = chunk_images(a.batch_size)
+        starts = list(range(0, len(pos), chunk))
+        mine = distributed.shard(np.arange(len(starts)))  # under torchrun: every world_size-th chunk
+        local = {}
+        for c in tqdm(mine, desc=f"attribution {pipeline.level_label(sparsity)}", leave=False):
+            sl = slice(starts[c], starts[c] + chunk)
+            images, _ = load_images(split, pos[sl], cfg.data.batch_size)
+            local[int(c)] = score_chunk(model, rand_model, images, a, ref, seed=cfg.seed * 1_000_003 + starts[c],
+                                        figure_rows=[i - starts[c] for i in fig if starts[c] <= i < starts[c] + chunk])
+        chunks = {c: r for part in distributed.gather_objects(local) for c, r in part.items()}
+        parts = [chunks[c] for c in range(len(starts))]
+        figure_images, _ = load_images(split, pos[fig], cfg.data.batch_size)
         res = {"sparsity": sparsity, "positions": torch.as_tensor(pos), "labels": labels, "figure_positions": fig,
-               "figure_images": images[fig], "methods": {}, "randomisation": {}}
-        bs = a.batch_size
-        for m in tqdm(attr.METHODS, desc=f"attribution {pipeline.level_label(sparsity)}", leave=False):
-            out = attr.attribute(model, images, m, layerscale_rule=a.layerscale_rule, batch_size=bs, seed=cfg.seed)
-            scores = insertion_deletion(model, images, out["maps"], out["target"], a.steps, ref, batch_size=4 * bs)
-            res["methods"][m] = {"insertion": scores["insertion"], "deletion": scores["deletion"],
-                                 "insertion_curve": scores["insertion_curve"].mean(0),
-                                 "deletion_curve": scores["deletion_curve"].mean(0),
-                                 "figure_maps": out["maps"][fig]}
+               "figure_images": figure_images, "methods": {}, "randomisation": {},
+               "targets": torch.cat([p["target"] for p in parts])}
+        fig_maps = {m: {} for m in attr.METHODS}  # image position -> map, put back in ``fig`` order
+        for c, p in zip(range(len(starts)), parts):
+            in_chunk = [i for i in fig if starts[c] <= i < starts[c] + chunk]
+            for m in attr.METHODS:
+                fig_maps[m].update(zip(in_chunk, p[m]["figure_maps"]))
+        for m in attr.METHODS:
+            cat = {key: torch.cat([p[m][key] for p in parts]) for key in parts[0][m] if key != "figure_maps"}
+            res["methods"][m] = {"insertion": cat["insertion"], "deletion": cat["deletion"],
+                                 "insertion_curve": cat["insertion_curve"].mean(0),
+                                 "deletion_curve": cat["deletion_curve"].mean(0),
+                                 "figure_maps": torch.stack([fig_maps[m][i] for i in fig])}
             if m != "random":
-                rnd = attr.attribute(rand_model, images, m, target=out["target"],
-                                     layerscale_rule=a.layerscale_rule, batch_size=bs)
-                res["randomisation"][m] = torch.as_tensor(attr.spearman_per_image(out["maps"], rnd["maps"]))
-        res["targets"] = out["target"]
-        n_cons = min(len(images), 16)
-        res["conservation"] = {rule: attr.relevance_conservation(model, images[:n_cons], rule)
+                res["randomisation"][m] = cat["randomisation"]
+        n_cons = min(len(pos), 16)
+        cons_images, _ = load_images(split, pos[:n_cons], cfg.data.batch_size)
+        res["conservation"] = {rule: attr.relevance_conservation(model, cons_images, rule)
                                for rule in attr.LAYERSCALE_RULES}
         return res
 

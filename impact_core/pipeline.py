@@ -45,7 +45,8 @@ def preflight(cfg: Config) -> None:
 
 
 def cache_for(cfg: Config) -> ResultCache:
-    return ResultCache(cfg.cache_path)
+    """The result cache; with ``precision: bf16`` every key also records the precision."""
+    return ResultCache(cfg.cache_path, salt={"precision": cfg.precision} if cfg.precision != "fp32" else None)
 
 
 _SPLITS: dict[str, dict] = {}
@@ -134,7 +135,8 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
         data = splits(cfg)
         norms = None
         if method == "wanda":
-            norms = pruning.input_norms(model, Batches(data["calib"], cfg.data.batch_size), device=device)
+            norms = pruning.input_norms(model, Batches(data["calib"], cfg.data.batch_size), device=device,
+                                        precision=cfg.precision)
         masks = pruning.prune_model(model, method, sparsity, norms)
         p = cfg.pruning
         if p.finetune_images > 0:
@@ -155,7 +157,7 @@ def accuracy(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
     def compute():
         model = pruned_model(cfg, sparsity, method)
         return evaluate(model, splits(cfg)["eval"], cfg.data.batch_size, resolve_device(cfg),
-                        desc=f"evaluate {method} {sparsity:g}")
+                        desc=f"evaluate {method} {sparsity:g}", precision=cfg.precision)
 
     return cache_for(cfg).get_or_compute("accuracy", inputs, compute)
 
@@ -177,7 +179,8 @@ def site_means(cfg: Config, sparsity: float, method: str = "wanda") -> dict[str,
         hooked = hooked_model(cfg, sparsity, method)
         names = hooked.site_names(sites=ALL_SITES)
         return compute_site_means(hooked, Batches(splits(cfg)["calib"], cfg.data.batch_size), names,
-                                  device=resolve_device(cfg), desc=f"site means {sparsity:g}")
+                                  device=resolve_device(cfg), desc=f"site means {sparsity:g}",
+                                  precision=cfg.precision)
 
     return cache_for(cfg).get_or_compute("site_means", inputs, compute)
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .precision import autocast
 from .distributed import all_reduce_sum, local_rows
 
 METHODS = ("wanda", "magnitude")
@@ -29,7 +30,7 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
-def input_norms(model: nn.Module, batches, device="cpu") -> dict[str, torch.Tensor]:
+def input_norms(model: nn.Module, batches, device="cpu", precision: str = "fp32") -> dict[str, torch.Tensor]:
     """``||X_j||_2`` per input feature of every prunable Linear, over all calibration tokens."""
     layers = prunable_linears(model)
     sq: dict[str, torch.Tensor] = {n: torch.zeros(m.in_features, dtype=torch.float64, device=device)
@@ -45,7 +46,8 @@ def input_norms(model: nn.Module, batches, device="cpu") -> dict[str, torch.Tens
     model.eval()
     try:
         for images, _ in tqdm(batches, desc="calibration", leave=False):
-            model(local_rows(images).to(device))  # under torchrun: this process's rows
+            with autocast(device, precision):
+                model(local_rows(images).to(device))  # under torchrun: this process's rows
     finally:
         for h in handles:
             h.remove()

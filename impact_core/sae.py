@@ -58,6 +58,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .precision import autocast
+from .distributed import gather_rows, local_rows
+
 log = logging.getLogger("impact_core")
 
 TOKEN_SETS = ("cls", "patch", "all")
@@ -359,14 +362,22 @@ def select_tokens(act: torch.Tensor, tokens: str) -> torch.Tensor:
     return act[:, token_positions(tokens, act.shape[1])].reshape(-1, act.shape[-1])
 
 
-def activation_chunks(hooked, images: Iterable, name: str, tokens: str, device) -> Iterator[torch.Tensor]:
-    """One ``(n, d)`` chunk of ``name``'s token activations per image batch (model forward only)."""
+def activation_chunks(hooked, images: Iterable, name: str, tokens: str, device,
+                      precision: str = "fp32") -> Iterator[torch.Tensor]:
+    """One ``(n, d)`` chunk of ``name``'s token activations per image batch (model forward only).
+
+    Under torchrun each process runs the forward on its rows of the batch and the chunk is
+    put back together (:func:`impact_core.distributed.gather_rows`), so every process trains
+    on the same activations as one process would."""
     hooked.eval()
     for batch in images:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         with torch.no_grad():  # not around the yield: grad mode would leak into the consumer
-            _, cache = hooked.run_with_cache(x.to(device), [name])
-        yield select_tokens(cache[name], tokens)
+            with autocast(device, precision):
+                _, cache = hooked.run_with_cache(local_rows(x).to(device), [name])
+            act = cache[name][:, token_positions(tokens, cache[name].shape[1])].float()
+            act = gather_rows(act.contiguous(), x.shape[0])
+        yield act.reshape(-1, act.shape[-1])
 
 
 def shuffled_batches(epoch_chunks: Callable[[int], Iterable[torch.Tensor]], batch_size: int, pool_size: int,
@@ -526,7 +537,7 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
 
             def epoch_chunks(e):
                 imgs = Batches(train_split, bs_img, shuffle=True, seed=cfg.seed * 1000 + e)
-                return activation_chunks(hooked, imgs, name, tokens, device)
+                return activation_chunks(hooked, imgs, name, tokens, device, cfg.precision)
 
             stream = shuffled_batches(epoch_chunks, s.batch_size, max(s.pool_batches * s.batch_size, s.batch_size),
                                       seed=cfg.seed)
@@ -534,7 +545,7 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
             def make_train():
                 log.info("SAE %s: buffering %.1f MB of training activations in memory", label, total_mb)
                 chunks = activation_chunks(hooked, tqdm(Batches(train_split, bs_img), desc="SAE activations",
-                                                        leave=False), name, tokens, device)
+                                                        leave=False), name, tokens, device, cfg.precision)
                 return torch.cat(list(chunks))
 
             rows = _buffered(acts_key("train", s.train_images), s.buffer_max_mb, make_train)
@@ -547,7 +558,7 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
                       dead_after_steps=s.dead_after_steps, normalize_input=s.normalize_input,
                       desc=f"SAE {label}")
         seconds = time.time() - start
-        eval_chunks = activation_chunks(hooked, Batches(eval_split, bs_img), name, tokens, device)
+        eval_chunks = activation_chunks(hooked, Batches(eval_split, bs_img), name, tokens, device, cfg.precision)
         eval_mb = len(eval_split) * per_image * d * 4 / 2**20
         if eval_mb <= s.buffer_max_mb:
             eval_chunks = [_buffered(acts_key("eval", s.eval_images), s.buffer_max_mb,

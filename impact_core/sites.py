@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .precision import autocast
 from .distributed import all_reduce_sum, local_rows
 
 PAPER_SITES = ("norm1", "q", "k", "v", "attn_out", "norm2", "mlp_act", "mlp_out")
@@ -211,7 +212,8 @@ def mean_ablate(mean: torch.Tensor, keep: torch.Tensor, name: str) -> HookFn:
 
 @torch.no_grad()
 def compute_site_means(hooked: HookedViT, batches: Iterable, names: list[str],
-                       device: torch.device | str = "cpu", desc: str = "site means") -> dict[str, torch.Tensor]:
+                       device: torch.device | str = "cpu", desc: str = "site means",
+                       precision: str = "fp32") -> dict[str, torch.Tensor]:
     """Per-position mean of every named site over the data set, in one pass.
 
     Accumulates float64 sums on the device; memory is ``sum_sites N * units``.
@@ -233,7 +235,8 @@ def compute_site_means(hooked: HookedViT, batches: Iterable, names: list[str],
     with hooked.hooks({n: adder(n) for n in names}):
         for images, _labels in tqdm(batches, desc=desc, leave=False):
             images = local_rows(images)
-            hooked.model(images.to(device))
+            with autocast(device, precision):
+                hooked.model(images.to(device))
             count += images.shape[0]
     count = int(all_reduce_sum(torch.tensor(float(count), dtype=torch.float64, device=device)).item())
     if count == 0:
