@@ -1,10 +1,57 @@
-"""Command line: ``python -m impact_core {book,bench,train} ...``."""
+"""Command line: ``python -m impact_core {book,bench,prepare} ...``."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from .config import ConfigError
+
+
+PREPARE_STAGES = ("pruning", "neuron", "sae", "circuit", "attribution")
+
+
+def prepare(preset: str, stages, seed=None) -> None:
+    """Fill the result cache for ``stages`` at every level of the preset, e.g. on several GPUs:
+    ``torchrun --nproc_per_node 8 -m impact_core prepare --preset paper --stages pruning neuron sae attribution``
+    then ``make book PRESET=paper`` reads everything from the cache. Under torchrun the passes
+    over data (calibration, fine-tuning, evaluation, means, neuron statistics, SAE activations,
+    attribution) are split between the processes, and circuits by chunks of classes."""
+    from . import distributed, pipeline
+    from .config import load_config, resolve_device
+
+    pipeline.setup_logging()
+    cfg = load_config(preset)
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed)
+    pipeline.preflight(cfg)
+    distributed.init_from_env(resolve_device(cfg))
+    say = print if distributed.is_main() else (lambda *a, **k: None)
+    levels = lambda sparsities: [0.0] + [s for s in sparsities if s > 0]  # noqa: E731
+    if "pruning" in stages:
+        for method in cfg.pruning.methods:
+            for s in levels(cfg.pruning.sparsities):
+                say("accuracy", method, s, pipeline.accuracy(cfg, s, method))
+    if "neuron" in stages:
+        from .neuron import neuron_metrics
+        for s in levels(cfg.neuron.sparsities):
+            neuron_metrics(cfg, s)
+            say("neuron metrics", s)
+    if "sae" in stages:
+        from .sae import quality_row, train_sae
+        for s in levels(cfg.sae.sparsities):
+            say("sae", s, quality_row(train_sae(cfg, s)))
+    if "circuit" in stages:
+        from .circuits import circuit_results
+        for s in levels(cfg.circuit.sparsities):
+            circuit_results(cfg, s)
+            say("circuits", s)
+    if "attribution" in stages:
+        from .perturbation import attribution_results
+        for s in levels(cfg.attribution.sparsities):
+            attribution_results(cfg, s)
+            say("attribution", s)
+    distributed.barrier()
 
 
 def main(argv=None) -> int:
@@ -22,8 +69,13 @@ def main(argv=None) -> int:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--only", default=None, help="run only benchmarks/bench_<ONLY>*.py")
 
-    warm = sub.add_parser("prepare", help="compute and cache the dense and pruned models of a preset")
+    warm = sub.add_parser("prepare", help="compute and cache a preset's results before the book is built "
+                          "(under torchrun the data-parallel passes are split between the processes)")
     warm.add_argument("--preset", default="default")
+    warm.add_argument("--stages", nargs="*", default=["pruning"], choices=list(PREPARE_STAGES),
+                      help="what to compute (default: the dense and pruned models and their accuracy)")
+    warm.add_argument("--seed", type=int, default=None,
+                      help="another training seed (e.g. one of the seeds preset's, to fill them side by side)")
 
     args = parser.parse_args(argv)
     try:
@@ -40,15 +92,7 @@ def main(argv=None) -> int:
 
             run_all(args.device, args.only)
         elif args.command == "prepare":
-            from . import pipeline
-            from .config import load_config
-
-            pipeline.setup_logging()
-            cfg = load_config(args.preset)
-            pipeline.preflight(cfg)
-            for method in cfg.pruning.methods:
-                for s in [0.0] + cfg.pruning.sparsities:
-                    print(method, s, pipeline.accuracy(cfg, s, method))
+            prepare(args.preset, args.stages, args.seed)
     except (ConfigError, FileNotFoundError) as err:
         print(f"[impact] ERROR: {err}", file=sys.stderr)
         return 2

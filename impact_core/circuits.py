@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import Config, ConfigError, check_sparsity
 from .data import Split, batches
 from .sites import HEAD_SITES, PAPER_SITES, HookedViT, parse_site
@@ -424,29 +425,31 @@ def circuit_inputs(cfg: Config, sparsity: float, k: float, method: str = "wanda"
 
 def compute_circuits(hooked: HookedViT, means, train: ClassSets, evals: ClassSets, cfg_circuit, *, k: float,
                      seed: int, device="cpu") -> dict:
-    """Train in chunks of ``class_chunk`` classes, evaluate, count edges: one result dict."""
+    """Train in chunks of ``class_chunk`` classes, evaluate, count edges: one result dict.
+
+    Under torchrun each process trains and evaluates every world_size-th chunk (classes are
+    independent and seeded by class, so the result equals one process's) and the chunks are
+    gathered."""
     cc = cfg_circuit
     K = len(train.classes)
-    logits, losses = {}, []
-    for start in range(0, K, cc.class_chunk):
-        rows = list(range(start, min(K, start + cc.class_chunk)))
+    chunks = [list(range(start, min(K, start + cc.class_chunk))) for start in range(0, K, cc.class_chunk)]
+    local = {}
+    for i in distributed.shard(np.arange(len(chunks))):
+        rows = chunks[i]
         lg, ls = train_masks(hooked, means, train.select(rows), k=k, epochs=cc.epochs, lr=cc.lr,
                              step_size=cc.step_size, gamma=cc.step_gamma, batch_size=cc.batch_size, tau=cc.tau,
                              weight_decay=cc.weight_decay, init_mean=cc.init_mean, init_std=cc.init_std,
                              seed=seed, device=device)
-        for nm, t in lg.items():
-            logits.setdefault(nm, []).append(t.cpu())
-        losses.append(ls)
-    logits = {nm: torch.cat(ts) for nm, ts in logits.items()}
-    active = {nm: t > 0 for nm, t in logits.items()}
-    acc = {key: [] for key in ("full", "circuit", "ablated")}
-    for start in range(0, K, cc.class_chunk):
-        rows = list(range(start, min(K, start + cc.class_chunk)))
-        part = evaluate_masks(hooked, means, evals.select(rows), {nm: a[rows] for nm, a in active.items()},
+        lg = {nm: t.cpu() for nm, t in lg.items()}
+        part = evaluate_masks(hooked, means, evals.select(rows), {nm: t > 0 for nm, t in lg.items()},
                               cc.batch_size, device)
-        for key in acc:
-            acc[key].append(part[key])
-    acc = {key: torch.cat(v) for key, v in acc.items()}
+        local[int(i)] = (lg, ls, part)
+    done = {i: v for got in distributed.gather_objects(local) for i, v in got.items()}
+    parts = [done[i] for i in range(len(chunks))]
+    logits = {nm: torch.cat([p[0][nm] for p in parts]) for nm in parts[0][0]}
+    losses = [p[1] for p in parts]
+    active = {nm: t > 0 for nm, t in logits.items()}
+    acc = {key: torch.cat([p[2][key] for p in parts]) for key in ("full", "circuit", "ablated")}
     frac = node_fraction(hooked, active)
     e = edge_counts(hooked, active)
     return {

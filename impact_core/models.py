@@ -30,7 +30,22 @@ class CheckpointError(FileNotFoundError):
 
 
 def build_model(mcfg: ModelConfig) -> VisionTransformer:
-    """An untrained model of the configured architecture (weights not loaded)."""
+    """An untrained model of the configured architecture (weights not loaded).
+
+    Attention always takes the fused path (``F.scaled_dot_product_attention``), whatever
+    ``TIMM_FUSED_ATTN`` says: no forward through the model needs the attention probabilities;
+    the attribution chapter, which does, computes them in :func:`attribution.forward_trace`.
+    """
+    return _fused_attention(_build(mcfg))
+
+
+def _fused_attention(model: VisionTransformer) -> VisionTransformer:
+    for blk in model.blocks:
+        blk.attn.fused_attn = True
+    return model
+
+
+def _build(mcfg: ModelConfig) -> VisionTransformer:
     if mcfg.arch == "small_deit3":
         return VisionTransformer(
             img_size=mcfg.img_size, patch_size=mcfg.patch_size, in_chans=mcfg.in_chans,

@@ -46,3 +46,56 @@ def test_two_processes_equal_one(tiny_fmnist, tmp_path):
     # attribution: each process scores every other chunk of the evaluation images
     for key, value in one["attribution"].items():
         assert torch.allclose(value.double(), two["attribution"][key].double(), atol=1e-6), key
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_prepare_under_torchrun_caches_what_one_process_would(tiny_fmnist, tmp_path):
+    """`torchrun -m impact_core prepare` (2 processes) fills the cache with the same neuron,
+    SAE, attribution and circuit results as one process, from the same cached models."""
+    import yaml
+
+    from impact_core.circuits import circuit_results
+    from impact_core.config import load_config
+    from impact_core.neuron import neuron_metrics
+    from impact_core.perturbation import attribution_results
+    from impact_core.sae import quality_row, train_sae
+
+    preset = {"name": "tiny", "data": {"root": str(tiny_fmnist), "calib_images": 16, "batch_size": 16},
+              "model": {"embed_dim": 16, "num_heads": 2}, "train": {"epochs": 1, "batch_size": 16},
+              "pruning": {"methods": ["wanda"], "sparsities": [0.5], "finetune_images": 16},
+              "neuron": {"sparsities": [0.5], "blocks": [11], "top_k": 2, "images": 20, "validation_units": 2,
+                         "validation_images": 10},
+              "sae": {"sparsities": [0.5], "k": 4, "expansion": 2, "batch_size": 16, "steps": 3, "aux_k": 4,
+                      "train_images": 40, "eval_images": 20},
+              "attribution": {"sparsities": [0.5], "images": 12, "steps": 4, "batch_size": 2,
+                              "figure_classes": 2, "figure_per_class": 1},
+              "circuit": {"sparsities": [0.5], "classes": [0, 1, 2], "class_chunk": 1, "epochs": 2, "step_size": 1,
+                          "lr": 0.1, "batch_size": 2, "train_images_per_class": 2, "eval_images_per_class": 2}}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    for cache in (one, two):
+        (tmp_path / f"{cache.name}.yaml").write_text(yaml.safe_dump({**preset, "cache_dir": str(cache)}))
+    stages = ["neuron", "sae", "attribution", "circuit"]
+    run([sys.executable, "-m", "impact_core", "prepare", "--preset", str(tmp_path / "one.yaml"),
+         "--stages", "pruning", *stages], env)
+    for kind in ("dense_model", "pruned_model"):  # the same models: only the passes differ
+        shutil.copytree(one / kind, two / kind)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "impact_core", "prepare", "--preset", str(tmp_path / "two.yaml"), "--stages", *stages], env)
+    cfg1, cfg2 = load_config(tmp_path / "one.yaml"), load_config(tmp_path / "two.yaml")
+    for s in (0.0, 0.5):
+        n1, n2 = neuron_metrics(cfg1, s), neuron_metrics(cfg2, s)
+        assert torch.equal(n1["topk"], n2["topk"])
+        for metric in ("impact", "selectivity", "class_variance", "label_entropy", "importance"):
+            assert torch.allclose(n1[metric], n2[metric], atol=1e-5, equal_nan=True), metric
+        q1, q2 = quality_row(train_sae(cfg1, s)), quality_row(train_sae(cfg2, s))
+        for key in ("NMSE", "dead"):
+            assert q1[key] == pytest.approx(q2[key], abs=1e-5), key
+        a1, a2 = attribution_results(cfg1, s), attribution_results(cfg2, s)
+        for m in ("chefer", "generic"):
+            assert torch.allclose(a1["methods"][m]["insertion"], a2["methods"][m]["insertion"], atol=1e-6)
+        c1, c2 = circuit_results(cfg1, s), circuit_results(cfg2, s)  # classes split between the processes
+        for nm in c1["active"]:
+            assert torch.equal(c1["active"][nm], c2["active"][nm]), nm
+        for key in ("acc_circuit", "acc_ablated", "edges", "losses"):
+            assert torch.allclose(c1[key].double(), c2[key].double(), atol=1e-6), key

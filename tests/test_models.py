@@ -15,6 +15,17 @@ def test_small_model_is_deit3_style(tiny_model):
     assert hasattr(blk.ls1, "gamma") and blk.attn.qkv.out_features == 3 * tiny_model.embed_dim
 
 
+def test_attention_is_fused_and_the_explicit_trace_agrees(tiny_model):
+    from impact_core import attribution
+
+    assert all(blk.attn.fused_attn for blk in tiny_model.blocks)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        logits, trace = attribution.forward_trace(tiny_model, x)
+        assert torch.allclose(logits, tiny_model(x), atol=1e-5)
+    assert trace["blocks"][0]["A"].shape == (4, tiny_model.blocks[0].attn.num_heads, 17, 17)
+
+
 def test_deit3_base_from_a_local_checkpoint(tmp_path, monkeypatch):
     torch.manual_seed(0)
     cfg_model = load_config("paper").model

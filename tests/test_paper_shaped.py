@@ -70,6 +70,6 @@ def test_paper_preset_shape(paper_shaped_preset):
 def test_every_chapter_runs_paper_shaped(paper_shaped_preset, tmp_path):
     from impact_core.runner import build_book
 
-    html = build_book(str(paper_shaped_preset), out=tmp_path)
+    html = build_book(str(paper_shaped_preset), out=tmp_path, jobs=2)
     for chapter in toc_chapters():
         assert (html / f"{chapter}.html").exists(), chapter
