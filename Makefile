@@ -1,7 +1,7 @@
 # impact: `make book` builds the reproduction, `make test` runs the tests.
 # Each target does its own set-up on a fresh machine (virtual environment, kernel, data).
 PRESET ?= default
-JOBS ?= 1
+JOBS ?= 2  # chapters between pruning and discussion run two at a time, one core each
 PORT ?= 8000
 OUT ?= .
 VENV := .venv
@@ -13,7 +13,7 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 export TQDM_MININTERVAL ?= 10
 export PYTHONHASHSEED = 0
 
-.PHONY: book test test-all bench serve setup data browser clean-cache clean
+.PHONY: book test test-quick bench serve setup data browser clean-cache clean
 
 setup: $(VENV)/.installed data
 
@@ -49,12 +49,13 @@ browser:
 	  echo "chromium / chromium-driver missing: the browser test will be skipped (sudo apt-get install chromium chromium-driver)" >&2; \
 	fi
 
+# Every test, the paper-shaped run of every chapter on DeiT-III B/16 included (marked slow).
 test: setup browser
-	$(PY) -m pytest -q -m "not slow" tests
-
-# Everything, the paper-shaped run of every chapter on DeiT-III B/16 included (about 10 more minutes).
-test-all: setup browser
 	$(PY) -m pytest -q tests
+
+# The same without the slow paper-shaped test (a few minutes shorter), while working.
+test-quick: setup browser
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(PY) -m impact_core bench

@@ -72,9 +72,13 @@ def run_all(device: str = "cpu", only: Optional[str] = None, out: Optional[Path]
         spec.loader.exec_module(module)
         print(f"== {path.name}", flush=True)
         for item in module.benchmarks(device):
+            item["bench"] = path.stem
             results.append(item)
             print(format_row(item), flush=True)
     out = out or BENCH_DIR / "latest.json"
+    if only and out.exists():  # a partial run replaces its own rows and keeps the others
+        ran = {r["bench"] for r in results}
+        results = [r for r in json.loads(out.read_text()) if r.get("bench") not in ran] + results
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}")
     print_table(results)

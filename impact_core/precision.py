@@ -1,8 +1,9 @@
 """Numerical precision of the forward-only passes: fp32 (default) or bf16 autocast.
 
 ``precision: bf16`` in a preset runs these passes under ``torch.autocast(dtype=bfloat16)``
-(on a GPU the matrix products then use the bf16 tensor cores; on a CPU it works but is
-rarely faster):
+(on a GPU the matrix products then use the bf16 tensor cores; on a CPU it works, but on
+one without bf16 instructions, like the 2-core project machine, the DeiT-III B/16 forward
+is about 4x slower than fp32: ``make bench``):
 
     accuracy evaluation          models.evaluate
     Wanda calibration norms      pruning.input_norms     (sums kept in float64)
