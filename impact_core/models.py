@@ -120,6 +120,9 @@ def train_classifier(model: torch.nn.Module, split: Split, *, images: int, batch
     each process takes its rows of every global batch and DistributedDataParallel averages
     the gradients (equal to the full-batch gradient when the batch divides evenly).
     """
+    if len(split) < batch_size:  # every batch would be partial and skipped: the loop would never end
+        raise ValueError(f"{desc}: the {split.name} split has {len(split)} images, fewer than one batch of "
+                         f"{batch_size}; lower the batch size (train.batch_size / pruning.finetune_batch_size)")
     torch.manual_seed(seed)
     model.train().to(device)
     forward = model

@@ -62,12 +62,13 @@ def test_prepare_under_torchrun_caches_what_one_process_would(tiny_fmnist, tmp_p
 
     preset = {"name": "tiny", "data": {"root": str(tiny_fmnist), "calib_images": 16, "batch_size": 16},
               "model": {"embed_dim": 16, "num_heads": 2}, "train": {"epochs": 1, "batch_size": 16},
-              "pruning": {"methods": ["wanda"], "sparsities": [0.5], "finetune_images": 16},
+              "pruning": {"methods": ["wanda"], "sparsities": [0.5], "finetune_images": 16,
+                          "finetune_batch_size": 16},
               "neuron": {"sparsities": [0.5], "blocks": [11], "top_k": 2, "images": 20, "validation_units": 2,
                          "validation_images": 10},
               "sae": {"sparsities": [0.5], "k": 4, "expansion": 2, "batch_size": 16, "steps": 3, "aux_k": 4,
                       "train_images": 40, "eval_images": 20},
-              "attribution": {"sparsities": [0.5], "images": 12, "steps": 4, "batch_size": 2,
+              "attribution": {"sparsities": [0.5], "images": 6, "steps": 2, "batch_size": 1,  # 2 chunks: 4 + 2
                               "figure_classes": 2, "figure_per_class": 1},
               "circuit": {"sparsities": [0.5], "classes": [0, 1, 2], "class_chunk": 1, "epochs": 2, "step_size": 1,
                           "lr": 0.1, "batch_size": 2, "train_images_per_class": 2, "eval_images_per_class": 2}}

@@ -26,6 +26,17 @@ def test_attention_is_fused_and_the_explicit_trace_agrees(tiny_model):
     assert trace["blocks"][0]["A"].shape == (4, tiny_model.blocks[0].attn.num_heads, 17, 17)
 
 
+def test_training_with_a_batch_larger_than_the_split_is_an_error(tiny_model, tiny_fmnist):
+    from impact_core.data import load_splits
+    from impact_core.models import train_classifier
+
+    split = load_splits(tiny_config(tiny_fmnist))["train"]
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train_classifier(tiny_model, split, images=16, batch_size=len(split) + 1, lr=1e-3, weight_decay=0.0)
+    assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in before.items())
+
+
 def test_deit3_base_from_a_local_checkpoint(tmp_path, monkeypatch):
     torch.manual_seed(0)
     cfg_model = load_config("paper").model
