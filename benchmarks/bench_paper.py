@@ -98,13 +98,11 @@ def _model(device: str) -> HookedViT:
 
 
 def benchmarks(device: str) -> list[dict]:
-    cfg = load_config("paper")
-    torch.manual_seed(0)
-    model = build_model(cfg.model).to(device).eval()
-    hooked = HookedViT(model)
+    hooked = _model(device)
+    model = hooked.model
     batch = 64 if device.startswith("cuda") else 4
     x = torch.randn(batch, 3, 224, 224, device=device)
-    config = {"model": cfg.model.arch, "batch": batch, "threads": torch.get_num_threads()}
+    config = {"model": load_config("paper").model.arch, "batch": batch, "threads": torch.get_num_threads()}
     rows = []
     with torch.no_grad():
         plain = bench.best_time(lambda: model(x), repeat=3)

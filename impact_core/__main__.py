@@ -19,6 +19,7 @@ def prepare(preset: str, stages, seed=None) -> None:
     attribution) are split between the processes, and circuits by chunks of classes."""
     from . import distributed, pipeline
     from .config import load_config, resolve_device
+    from .discussion import levels
 
     pipeline.setup_logging()
     cfg = load_config(preset)
@@ -27,30 +28,23 @@ def prepare(preset: str, stages, seed=None) -> None:
     pipeline.preflight(cfg)
     distributed.init_from_env(resolve_device(cfg))
     say = print if distributed.is_main() else (lambda *a, **k: None)
-    levels = lambda sparsities: [0.0] + [s for s in sparsities if s > 0]  # noqa: E731
     if "pruning" in stages:
         for method in cfg.pruning.methods:
             for s in levels(cfg.pruning.sparsities):
                 say("accuracy", method, s, pipeline.accuracy(cfg, s, method))
-    if "neuron" in stages:
-        from .neuron import neuron_metrics
-        for s in levels(cfg.neuron.sparsities):
-            neuron_metrics(cfg, s)
-            say("neuron metrics", s)
-    if "sae" in stages:
-        from .sae import quality_row, train_sae
-        for s in levels(cfg.sae.sparsities):
-            say("sae", s, quality_row(train_sae(cfg, s)))
-    if "circuit" in stages:
-        from .circuits import circuit_results
-        for s in levels(cfg.circuit.sparsities):
-            circuit_results(cfg, s)
-            say("circuits", s)
-    if "attribution" in stages:
-        from .perturbation import attribution_results
-        for s in levels(cfg.attribution.sparsities):
-            attribution_results(cfg, s)
-            say("attribution", s)
+    from .circuits import circuit_results
+    from .neuron import neuron_metrics
+    from .perturbation import attribution_results
+    from .sae import train_sae
+
+    cached = {"neuron": (cfg.neuron.sparsities, neuron_metrics), "sae": (cfg.sae.sparsities, train_sae),
+              "circuit": (cfg.circuit.sparsities, circuit_results),
+              "attribution": (cfg.attribution.sparsities, attribution_results)}
+    for stage, (sparsities, compute) in cached.items():
+        if stage in stages:
+            for s in levels(sparsities):
+                compute(cfg, s)
+                say(stage, s, "cached")
     distributed.barrier()
 
 

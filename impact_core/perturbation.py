@@ -131,15 +131,6 @@ def load_images(split, positions: np.ndarray, batch_size: int) -> tuple[torch.Te
     return torch.cat(xs), torch.cat(ys)
 
 
-def evaluation_images(cfg: Config) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """``(positions in the eval split, images, labels)`` of all evaluation images at once
-    (small presets and figures; :func:`attribution_results` streams them in chunks)."""
-    from . import pipeline
-
-    pos = evaluation_positions(cfg)
-    return (pos, *load_images(pipeline.splits(cfg)["eval"], pos, cfg.data.batch_size))
-
-
 def figure_positions(labels: torch.Tensor, classes: int, per_class: int) -> list[int]:
     """A few images per class (the first ``classes`` classes present) for the map grid."""
     pos = []
@@ -215,7 +206,7 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
                "figure_images": figure_images, "methods": {}, "randomisation": {},
                "targets": torch.cat([p["target"] for p in parts])}
         fig_maps = {m: {} for m in attr.METHODS}  # image position -> map, put back in ``fig`` order
-        for c, p in zip(range(len(starts)), parts):
+        for c, p in enumerate(parts):
             in_chunk = [i for i in fig if starts[c] <= i < starts[c] + chunk]
             for m in attr.METHODS:
                 fig_maps[m].update(zip(in_chunk, p[m]["figure_maps"]))
