@@ -13,7 +13,7 @@ PREPARE_STAGES = ("pruning", "neuron", "sae", "circuit", "attribution")
 
 def prepare(preset: str, stages, seed=None) -> None:
     """Fill the result cache for ``stages`` at every level of the preset, e.g. on several GPUs:
-    ``torchrun --nproc_per_node 8 -m impact_core prepare --preset paper --stages pruning neuron sae attribution``
+    ``torchrun --nproc_per_node 8 -m impact_core prepare --preset paper --stages pruning neuron sae circuit attribution``
     then ``make book PRESET=paper`` reads everything from the cache. Under torchrun the passes
     over data (calibration, fine-tuning, evaluation, means, neuron statistics, SAE activations,
     attribution) are split between the processes, and circuits by chunks of classes."""

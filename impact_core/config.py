@@ -264,7 +264,7 @@ class CircuitConfig(Section):
     init_std: float = 0.01
     train_images_per_class: int = 200  # positives per class for mask training (same number of negatives)
     eval_images_per_class: int = 200
-    batch_size: int = 32  # images per class per mask-training step (paper: not stated)
+    batch_size: int = 8  # images per class per mask-training step (paper: not stated)
     weight_decay: float = 0.01  # AdamW decoupled weight decay on mask logits (paper: not stated; torch default)
     class_chunk: int = 10  # classes trained together in one batched forward (memory knob)
 
