@@ -1,7 +1,8 @@
 # impact: `make book` builds the reproduction, `make test` runs the tests.
 # Each target does its own set-up on a fresh machine (virtual environment, kernel, data).
 PRESET ?= default
-JOBS ?= 2  # chapters between pruning and discussion run two at a time, one core each
+# chapters between pruning and discussion run JOBS at a time, one core each
+JOBS ?= 2
 PORT ?= 8000
 OUT ?= .
 VENV := .venv

@@ -58,7 +58,7 @@ def benchmarks(device: str) -> list[dict]:
         fast = bench.best_time(lambda: C.train_masks(hooked, means, data, **kw), repeat=3)
         ref = bench.best_time(lambda: C.train_masks_sequential(hooked, means, data, **kw), repeat=3)
         config = {"classes": CLASSES, "images_per_class": 2 * PER_CLASS, "batch_per_class": batch,
-                  "steps": -(-2 * PER_CLASS // batch), "model": "default preset architecture",
+                  "steps": C.steps_per_epoch(2 * PER_CLASS, batch), "model": "default preset architecture",
                   "embed_dim": cfg.model.embed_dim, "depth": cfg.model.depth, "threads": torch.get_num_threads()}
         setting = " (the chapter's circuit.batch_size)" if batch == chapter else ""
         rows.append(bench.entry(f"circuit masks: 10 classes batched vs sequential, {batch} images per class and "

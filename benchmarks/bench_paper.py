@@ -49,11 +49,10 @@ def passes(hooked: HookedViT, device: str, batch: int) -> dict:
     }
 
 
-def peak_mb(name: str, n: int, device: str, batch: int) -> float:
-    """Peak memory of one pass over ``n`` images, in MB above what the model itself takes."""
+def peak_mb(fns: dict, name: str, n: int, device: str, batch: int) -> float:
+    """Peak memory of the pass ``fns[name]`` over ``n`` images, in MB above what the model itself takes."""
     if device.startswith("cuda"):
-        hooked = _model(device)
-        fn = passes(hooked, device, batch)[name]
+        fn = fns[name]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -116,8 +115,9 @@ def benchmarks(device: str) -> list[dict]:
     rows.append(bench.entry(f"paper architecture: images/s fp32 {batch / plain:.1f}, bf16 autocast "
                             f"{batch / bf16:.1f}", plain, bf16, device, config))
     n = 2 * batch if not device.startswith("cuda") else 4 * batch
-    for name in passes(hooked, device, batch):
-        small, large = peak_mb(name, n, device, batch), peak_mb(name, 2 * n, device, batch)
+    fns = passes(hooked, device, batch)
+    for name in fns:
+        small, large = peak_mb(fns, name, n, device, batch), peak_mb(fns, name, 2 * n, device, batch)
         rows.append(bench.entry(f"peak memory: {name}, {n} vs {2 * n} images (MB)", small, large, device,
                                 {**config, "images": [n, 2 * n]}, target=0.8, unit="MB"))
     return rows

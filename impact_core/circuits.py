@@ -235,6 +235,19 @@ def _frozen(model: torch.nn.Module):
     return flags
 
 
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Mask-training steps per epoch: ``ceil(images / batch_size)`` (the last batch may be short)."""
+    return -(-images // batch_size)
+
+
+def first_decay_travel(cc) -> float:
+    """How far a mask logit can move before the first learning-rate decay, taking Adam's step as
+    about ``lr``: ``lr * step_size * steps_per_epoch`` (``cc``: a :class:`CircuitConfig`). A node
+    switches off only when its logit crosses 0 from its ``init_mean`` start, so this must exceed
+    ``init_mean`` for training to remove nodes within the schedule."""
+    return cc.lr * cc.step_size * steps_per_epoch(2 * cc.train_images_per_class, cc.batch_size)
+
+
 def train_masks(hooked: HookedViT, means: dict[str, torch.Tensor], data: ClassSets, *, k: float,
                 epochs: int, lr: float, step_size: int, gamma: float, batch_size: int, tau: float = 1.0,
                 weight_decay: float = 0.01, init_mean: float = 0.5, init_std: float = 0.01, seed: int = 0,
@@ -253,9 +266,8 @@ def train_masks(hooked: HookedViT, means: dict[str, torch.Tensor], data: ClassSe
     means = {nm: means[nm].to(device) for nm in logits}
     opt = torch.optim.AdamW(list(logits.values()), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
-    steps_per_epoch = -(-n // batch_size)
     losses = []
-    bar = tqdm(total=epochs * steps_per_epoch, desc=f"circuit masks ({K} classes)", leave=False,
+    bar = tqdm(total=epochs * steps_per_epoch(n, batch_size), desc=f"circuit masks ({K} classes)", leave=False,
                disable=not progress)
     try:
         for epoch in range(epochs):

@@ -5,6 +5,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from impact_core import circuits as C
+from impact_core.config import load_config
 from impact_core.data import InMemoryImages, Split
 from impact_core.sites import PAPER_SITES, HookedViT, compute_site_means
 
@@ -198,6 +199,15 @@ def test_batched_classes_equal_sequential_training():
         for key in ("full", "circuit", "ablated"):
             assert alone[key].item() == pytest.approx(together[key][i].item()), key
     assert all(p.requires_grad for p in model.parameters())  # model left as found
+
+
+def test_presets_give_logits_room_to_switch_off_before_the_first_decay():
+    assert C.steps_per_epoch(200, 8) == 25 and C.steps_per_epoch(201, 8) == 26
+    for preset in ("smoke", "default", "paper"):
+        cc = load_config(preset).circuit
+        assert C.first_decay_travel(cc) > cc.init_mean, preset
+    cc = load_config("default").circuit
+    assert C.first_decay_travel(cc) == pytest.approx(cc.lr * cc.step_size * 25)
 
 
 def test_balanced_sets_and_bad_input():
