@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .config import Config, ModelConfig, ConfigError
 from .data import Batches, Split
 from .precision import autocast
-from .distributed import all_reduce_sum, local_rows, world_size
+from .distributed import all_reduce_sum, gather_rows, local_rows, world_size
 
 log = logging.getLogger("impact_core")
 
@@ -92,11 +92,15 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> torch.nn.Module
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, batch_size: int = 256,
-             device: torch.device | str = "cpu", desc: str = "evaluate", precision: str = "fp32") -> dict[str, float]:
-    """Top-1 and top-5 accuracy on a split (``precision``: see :mod:`impact_core.precision`)."""
+             device: torch.device | str = "cpu", desc: str = "evaluate", precision: str = "fp32") -> dict:
+    """Top-1 and top-5 accuracy on a split, and ``correct`` (N,) bool: whether each image's
+    top-1 prediction is right (the unit the accuracy claims bootstrap over).
+    ``precision``: see :mod:`impact_core.precision`."""
     model.eval()
+    correct = []
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5, images
     for images, labels in tqdm(Batches(split, batch_size), desc=desc, leave=False):
+        n = labels.numel()
         images, labels = local_rows(images), local_rows(labels)  # under torchrun: this process's rows
         with autocast(device, precision):
             logits = model(images.to(device))
@@ -105,8 +109,10 @@ def evaluate(model: torch.nn.Module, split: Split, batch_size: int = 256,
         counts[0] += (top[:, 0] == labels).sum()
         counts[1] += (top == labels[:, None]).any(1).sum()
         counts[2] += labels.numel()
+        correct.append(gather_rows((top[:, 0] == labels).to(torch.uint8), n).cpu().bool())
     correct1, correct5, total = all_reduce_sum(counts).tolist()
-    return {"top1": correct1 / total, "top5": correct5 / total, "images": int(total)}
+    return {"top1": correct1 / total, "top5": correct5 / total, "images": int(total),
+            "correct": torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)}
 
 
 def train_classifier(model: torch.nn.Module, split: Split, *, images: int, batch_size: int, lr: float,

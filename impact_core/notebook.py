@@ -55,6 +55,27 @@ def glue(key: str, value: Any, display: bool = False) -> Any:
     return value
 
 
+CLAIM_FIELDS = ("claim", "paper", "ours", "effect", "control", "margin", "verdict", "magnitude", "trend", "why")
+
+
+def glue_claims(claims) -> "pd.DataFrame":
+    """Glue every field of each claim as ``claim_<id>_<field>`` (the chapter's verdict sentences
+    read these keys, so they are the same objects the discussion shows) and return the table."""
+    import pandas as pd
+
+    for c in claims:
+        for f in CLAIM_FIELDS:
+            glue(f"{c.key}_{f}", str(getattr(c, f)))
+    return claims_frame(claims)
+
+
+def claims_frame(claims) -> "pd.DataFrame":
+    """The claims as a table (one row each), the verdict coloured when shown."""
+    import pandas as pd
+
+    return pd.DataFrame([c.to_dict() for c in claims]).set_index("id")
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,

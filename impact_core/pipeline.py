@@ -2,6 +2,8 @@
 
     dense_model(cfg)                      trained (small preset) or loaded (paper preset) model
     pruned_model(cfg, sparsity, method)   pruned + fine-tuned model (sparsity 0 -> dense)
+    pruned_model(cfg, 0, CONTROL)         the negative control: the dense model fine-tuned exactly
+                                          as a pruned model is, with nothing pruned
     accuracy(cfg, sparsity, method)       top-1 / top-5 on the eval split
     site_means(cfg, sparsity, method)     per-position dataset means of all named sites
 
@@ -26,6 +28,26 @@ from .models import (build_model, check_checkpoint, evaluate, load_checkpoint, t
 from .sites import ALL_SITES, HookedViT, compute_site_means
 
 log = logging.getLogger("impact_core")
+
+CONTROL = "control"
+"""The negative-control model kind: the dense model taken through a pruned model's pipeline
+(the same fine-tuning: images, learning rate, batch, seed, steps) with nothing pruned. Every
+level function takes it as ``(sparsity=0.0, method=CONTROL)``; its effect against dense is
+what the pipeline alone does, so a sparsity effect is judged against it (issue "negative
+control")."""
+
+
+def is_control(sparsity: float, method: str) -> bool:
+    return method == CONTROL
+
+
+def check_model_kind(sparsity: float, method: str) -> None:
+    """``method`` is a pruning method, or ``CONTROL`` at sparsity 0."""
+    if method == CONTROL:
+        if sparsity != 0:
+            raise ValueError(f"the control model has nothing pruned: sparsity must be 0, got {sparsity}")
+    elif method not in pruning.METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; known: {pruning.METHODS} (or {CONTROL!r})")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -75,15 +97,15 @@ def dense_inputs(cfg: Config) -> dict:
 
 def pruned_inputs(cfg: Config, sparsity: float, method: str) -> dict:
     p = cfg.pruning
-    return {"dense": cache_for(cfg).key("dense_model", dense_inputs(cfg)), "method": method,
+    return {"dense": cache_for(cfg).key("dense_model", dense_inputs(cfg)), "method": method, "version": 2,
             "sparsity": sparsity, "calib_images": cfg.data.calib_images, "seed": cfg.seed,
             "finetune": {"images": p.finetune_images, "lr": p.finetune_lr, "batch_size": p.finetune_batch_size,
                          "weight_decay": cfg.train.weight_decay}}
 
 
 def model_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
-    """Inputs that identify a model: the dense one at sparsity 0, else the pruned one."""
-    if sparsity == 0:
+    """Inputs that identify a model: the dense one at sparsity 0, else the pruned one (or the control)."""
+    if sparsity == 0 and method != CONTROL:
         return {"dense": dense_inputs(cfg)}
     return {"pruned": pruned_inputs(cfg, sparsity, method)}
 
@@ -121,11 +143,12 @@ def dense_training_losses(cfg: Config) -> list[float]:
 
 
 def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.nn.Module:
-    """Prune the dense model at ``sparsity`` with ``method``, fine-tune with the mask kept."""
+    """Prune the dense model at ``sparsity`` with ``method``, fine-tune with the mask kept.
+
+    ``method=CONTROL`` (sparsity 0): the same fine-tuning with nothing pruned (no mask)."""
     sparsity = check_sparsity(sparsity, "sparsity")
-    if method not in pruning.METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; known: {pruning.METHODS}")
-    if sparsity == 0:
+    check_model_kind(sparsity, method)
+    if sparsity == 0 and method != CONTROL:
         return dense_model(cfg)
     preflight(cfg)
     device = resolve_device(cfg)
@@ -133,18 +156,22 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
     def compute():
         model = dense_model(cfg)
         data = splits(cfg)
-        norms = None
-        if method == "wanda":
-            norms = pruning.input_norms(model, Batches(data["calib"], cfg.data.batch_size), device=device,
-                                        precision=cfg.precision)
-        masks = pruning.prune_model(model, method, sparsity, norms)
+        masks = None
+        if method != CONTROL:
+            norms = None
+            if method == "wanda":
+                norms = pruning.input_norms(model, Batches(data["calib"], cfg.data.batch_size), device=device,
+                                            precision=cfg.precision)
+            masks = pruning.prune_model(model, method, sparsity, norms)
         p = cfg.pruning
+        losses = []
         if p.finetune_images > 0:
-            train_classifier(model, data["train"], images=p.finetune_images, batch_size=p.finetune_batch_size,
-                             lr=p.finetune_lr, weight_decay=cfg.train.weight_decay, seed=cfg.seed + 1,
-                             device=device, after_step=lambda m: pruning.apply_masks(m, masks),
-                             desc=f"fine-tune {method} {sparsity:g}")
-        return {"state": {k: v.cpu() for k, v in model.state_dict().items()}}
+            losses = train_classifier(model, data["train"], images=p.finetune_images,
+                                      batch_size=p.finetune_batch_size, lr=p.finetune_lr,
+                                      weight_decay=cfg.train.weight_decay, seed=cfg.seed + 1, device=device,
+                                      after_step=None if masks is None else (lambda m: pruning.apply_masks(m, masks)),
+                                      desc=f"fine-tune {method} {sparsity:g}")
+        return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "finetune_steps": len(losses)}
 
     entry = cache_for(cfg).get_or_compute("pruned_model", pruned_inputs(cfg, sparsity, method), compute)
     return _state_to_model(cfg, entry["state"], device)
@@ -152,7 +179,7 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
 
 def accuracy(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
     """Top-1 / top-5 on the eval split (cached)."""
-    inputs = {"model": model_inputs(cfg, sparsity, method), "eval_images": cfg.data.eval_images}
+    inputs = {"model": model_inputs(cfg, sparsity, method), "eval_images": cfg.data.eval_images, "version": 2}
 
     def compute():
         model = pruned_model(cfg, sparsity, method)
@@ -185,6 +212,15 @@ def site_means(cfg: Config, sparsity: float, method: str = "wanda") -> dict[str,
     return cache_for(cfg).get_or_compute("site_means", inputs, compute)
 
 
-def level_label(sparsity: float) -> str:
+def finetune_steps(cfg: Config, sparsity: float, method: str = "wanda") -> int:
+    """Optimiser steps of a pruned (or control) model's fine-tuning, read from its cache entry."""
+    pruned_model(cfg, sparsity, method)
+    cache = cache_for(cfg)
+    return int(cache.load("pruned_model", cache.key("pruned_model", pruned_inputs(cfg, sparsity, method)))["finetune_steps"])
+
+
+def level_label(sparsity: float, method: str = "wanda") -> str:
+    if method == CONTROL:
+        return "control"
     return "dense" if sparsity == 0 else f"{sparsity:.0%}"
 

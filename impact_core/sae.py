@@ -32,9 +32,17 @@ Choices (stated here and in the chapter):
 
 Quality (Table 2), over the evaluation tokens:
 
-* ``nmse = mean_i ||x_i - x_hat_i||^2 / ||x_i||^2`` (mean over samples);
-* ``fve = 1 - sum_i ||x_i - x_hat_i||^2 / sum_i ||x_i - mean||^2`` (fraction of variance explained);
+* ``nmse = sum_i ||x_i - x_hat_i||^2 / sum_i ||x_i - mean||^2``, the fraction of variance
+  unexplained, the paper's NMSE: in every row of its Tables 2, 5 and 6 NMSE + explained
+  variance = 1, as it is by this definition (not by OpenAI's per-sample ratio below);
+* ``fve = 1 - nmse`` (fraction of variance explained, the paper's "explained variance");
+* ``nmse_per_sample = mean_i ||x_i - x_hat_i||^2 / ||x_i||^2``, OpenAI's (Gao et al.) normalised
+  MSE, kept for comparison: it divides by the raw norm, not the variance, so it is smaller;
 * dead latents: never active (inference mode) on any evaluation token, as count and fraction.
+
+Several SAEs per model (``sae.seeds``): SAE seed ``i`` initialises the SAE and orders its batches
+with ``cfg.seed + 1009 * i`` (``i = 0`` is the single SAE of the sweeps); the training and
+evaluation images and their activations are the same for every SAE seed.
 
 Activations come from ``blocks.{b}.resid_post`` of the model via :class:`HookedViT`, token set
 ``cls`` (position 0), ``patch`` (positions 1..) or ``all``. They are streamed: image batches go
@@ -284,7 +292,10 @@ def fit(sae: BatchTopKSAE, batches: Iterator[torch.Tensor], steps: int, *, lr: f
 # Quality
 # ---------------------------------------------------------------------------------------------
 class QualityAccumulator:
-    """Streaming NMSE, FVE, dead latents and L0 over chunks of (x, x_hat, f)."""
+    """Streaming NMSE (the paper's, ``1 - FVE``), FVE, per-sample NMSE, dead latents and L0 over chunks of (x, x_hat, f).
+
+    All sums in float64; ``total variance = sum ||x||^2 - n ||mean||^2``.
+    """
 
     def __init__(self, n_latents: int):
         self.n = 0
@@ -315,19 +326,25 @@ class QualityAccumulator:
         mean = self.sum_x / self.n
         total_var = self.sum_sq - self.n * float(mean.pow(2).sum())
         dead = int((~self.ever_active).sum())
-        return {"nmse": self.sum_ratio / self.n, "fve": 1.0 - self.sum_err / total_var,
+        fvu = self.sum_err / total_var
+        return {"nmse": fvu, "fve": 1.0 - fvu, "nmse_per_sample": self.sum_ratio / self.n,
                 "dead": dead, "dead_fraction": dead / len(self.ever_active), "l0": self.sum_l0 / self.n,
                 "eval_tokens": self.n, "n_latents": len(self.ever_active)}
 
 
 def nmse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Mean over samples of ``||x - x_hat||^2 / ||x||^2``."""
+    """The paper's NMSE, ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` (= 1 - FVE; see module docstring)."""
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def nmse_per_sample(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """OpenAI's (Gao et al.) NMSE: mean over samples of ``||x - x_hat||^2 / ||x||^2``."""
     return float(((x - x_hat).pow(2).sum(-1) / x.pow(2).sum(-1)).mean())
 
 
 def fve(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``."""
-    return float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    """Fraction of variance explained, ``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``."""
+    return 1.0 - nmse(x, x_hat)
 
 
 @torch.no_grad()
@@ -439,22 +456,37 @@ def resolve_block(cfg, block: Optional[int] = None) -> int:
     return b
 
 
-def sae_settings(cfg, tokens: str, k: int, expansion: int, block: int) -> dict:
+SAE_VERSION = 2  # 2: "nmse" is the paper's (1 - FVE), the per-sample one is "nmse_per_sample"; SAE seeds
+
+
+def sae_rng_seed(cfg, sae_seed: int) -> int:
+    """The seed of SAE seed ``sae_seed`` (its initialisation and batch order): ``cfg.seed + 1009 * sae_seed``."""
+    return cfg.seed + 1009 * sae_seed
+
+
+def check_sae_seed(sae_seed) -> int:
+    if isinstance(sae_seed, bool) or not isinstance(sae_seed, int) or sae_seed < 0:
+        raise ValueError(f"sae_seed must be a non-negative integer, got {sae_seed!r}")
+    return sae_seed
+
+
+def sae_settings(cfg, tokens: str, k: int, expansion: int, block: int, sae_seed: int = 0) -> dict:
     """Everything that defines one trained SAE besides the model (used in the cache key)."""
     s = cfg.sae
-    return {"block": block, "tokens": tokens, "k": k, "expansion": expansion, "lr": s.lr,
+    return {"block": block, "tokens": tokens, "k": k, "expansion": expansion, "sae_seed": sae_seed, "lr": s.lr,
             "batch_size": s.batch_size, "steps": s.steps, "aux_coefficient": s.aux_coefficient,
             "aux_k": s.aux_k, "dead_after_steps": s.dead_after_steps, "threshold_beta": s.threshold_beta,
             "normalize_input": s.normalize_input, "train_images": s.train_images,
             "eval_images": s.eval_images, "seed": cfg.seed}
 
 
-def sae_inputs(cfg, sparsity: float, tokens: str, k: int, expansion: int, method: str = "wanda") -> dict:
-    """The cache inputs of one SAE: the model's identity and :func:`sae_settings`."""
+def sae_inputs(cfg, sparsity: float, tokens: str, k: int, expansion: int, method: str = "wanda",
+               sae_seed: int = 0) -> dict:
+    """The cache inputs of one SAE: the model's identity, :func:`sae_settings` and the version."""
     from . import pipeline
 
     return {"model": pipeline.model_inputs(cfg, sparsity, method),
-            "sae": sae_settings(cfg, tokens, k, expansion, resolve_block(cfg))}
+            "sae": sae_settings(cfg, tokens, k, expansion, resolve_block(cfg), sae_seed), "version": SAE_VERSION}
 
 
 def check_sae_args(cfg, tokens: str, k: int, expansion: int) -> None:
@@ -495,13 +527,15 @@ def _buffered(key: str, max_mb: float, make: Callable[[], torch.Tensor]) -> torc
 
 
 def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[int] = None,
-              expansion: Optional[int] = None, method: str = "wanda") -> dict:
+              expansion: Optional[int] = None, method: str = "wanda", sae_seed: int = 0) -> dict:
     """Train (or load from the cache) one SAE on ``blocks.{b}.resid_post`` of the model at ``sparsity``.
 
-    Returns ``{"state", "d", "n_latents", "k", "block", "tokens", "expansion", "metrics",
-    "history", "train_seconds", "activations_per_s", "streamed"}``; ``metrics`` holds NMSE, FVE,
-    dead count / fraction and L0 over the evaluation tokens (``sae.eval_images`` images of the
-    eval split).
+    ``method`` is a pruning method or ``pipeline.CONTROL`` (at sparsity 0); ``sae_seed`` picks the
+    SAE's initialisation and batch order (:func:`sae_rng_seed`; 0 is the sweeps' SAE).
+    Returns ``{"state", "d", "n_latents", "k", "block", "tokens", "expansion", "sae_seed", "metrics",
+    "history", "train_seconds", "activations_per_s", "streamed"}``; ``metrics`` holds ``nmse`` (the
+    paper's), ``fve``, ``nmse_per_sample``, dead count / fraction and L0 over the evaluation tokens
+    (``sae.eval_images`` images of the eval split).
     """
     from . import pipeline
     from .data import Batches
@@ -510,8 +544,11 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
     k = cfg.sae.k if k is None else k
     expansion = cfg.sae.expansion if expansion is None else expansion
     check_sae_args(cfg, tokens, k, expansion)
+    check_sae_seed(sae_seed)
+    pipeline.check_model_kind(sparsity, method)
     block = resolve_block(cfg)
-    inputs = sae_inputs(cfg, sparsity, tokens, k, expansion, method)
+    inputs = sae_inputs(cfg, sparsity, tokens, k, expansion, method, sae_seed)
+    seed = sae_rng_seed(cfg, sae_seed)
 
     def compute():
         s = cfg.sae
@@ -531,16 +568,16 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
         def acts_key(split_name, n_images):
             return pipeline.cache_for(cfg).key("sae_acts", {"model": inputs["model"], "block": block, "tokens": tokens,
                                                             "split": split_name, "images": n_images, "seed": cfg.seed})
-        label = f"{pipeline.level_label(sparsity)} {tokens} k={k} x{expansion}"
+        label = f"{pipeline.level_label(sparsity, method)} {tokens} k={k} x{expansion} seed {sae_seed}"
         if streamed:
             log.info("SAE %s: streaming activations (%.0f MB > buffer_max_mb=%d)", label, total_mb, s.buffer_max_mb)
 
             def epoch_chunks(e):
-                imgs = Batches(train_split, bs_img, shuffle=True, seed=cfg.seed * 1000 + e)
+                imgs = Batches(train_split, bs_img, shuffle=True, seed=seed * 1000 + e)
                 return activation_chunks(hooked, imgs, name, tokens, device, cfg.precision)
 
             stream = shuffled_batches(epoch_chunks, s.batch_size, max(s.pool_batches * s.batch_size, s.batch_size),
-                                      seed=cfg.seed)
+                                      seed=seed)
         else:
             def make_train():
                 log.info("SAE %s: buffering %.1f MB of training activations in memory", label, total_mb)
@@ -549,9 +586,9 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
                 return torch.cat(list(chunks))
 
             rows = _buffered(acts_key("train", s.train_images), s.buffer_max_mb, make_train)
-            stream = buffered_batches(rows, s.batch_size, seed=cfg.seed)
-        torch.manual_seed(cfg.seed)
-        sae = BatchTopKSAE(d, d * expansion, k, threshold_beta=s.threshold_beta, seed=cfg.seed,
+            stream = buffered_batches(rows, s.batch_size, seed=seed)
+        torch.manual_seed(seed)
+        sae = BatchTopKSAE(d, d * expansion, k, threshold_beta=s.threshold_beta, seed=seed,
                            decode_impl=choose_decode_impl(d * expansion, k)).to(device)
         start = time.time()
         history = fit(sae, stream, s.steps, lr=s.lr, aux_coefficient=s.aux_coefficient, aux_k=s.aux_k,
@@ -569,11 +606,19 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
                  metrics["dead"], metrics["n_latents"])
         return {"state": {key: v.detach().cpu() for key, v in sae.state_dict().items()}, "d": d,
                 "n_latents": d * expansion, "k": k, "block": block, "tokens": tokens, "expansion": expansion,
-                "metrics": metrics, "history": {key: [float(v) for v in vals] for key, vals in history.items()},
+                "sae_seed": sae_seed, "metrics": metrics, "history": {key: [float(v) for v in vals] for key, vals in history.items()},
                 "train_seconds": seconds, "activations_per_s": s.steps * s.batch_size / max(seconds, 1e-9),
                 "streamed": streamed}
 
     return pipeline.cache_for(cfg).get_or_compute("sae", inputs, compute)
+
+
+def quality_over_seeds(cfg, sparsity: float, method: str = "wanda") -> list[dict]:
+    """:func:`quality_row` of the configured probe's SAE for each of the ``sae.seeds`` SAE seeds.
+
+    The spread over SAE seeds is the SAE training's own variability at one model.
+    """
+    return [quality_row(train_sae(cfg, sparsity, method=method, sae_seed=i)) for i in range(cfg.sae.seeds)]
 
 
 def load_sae(entry: dict, device="cpu") -> BatchTopKSAE:
@@ -586,9 +631,6 @@ def load_sae(entry: dict, device="cpu") -> BatchTopKSAE:
 # ---------------------------------------------------------------------------------------------
 # Tables 5 / 6: the sweep, scaled to the configured probe
 # ---------------------------------------------------------------------------------------------
-PAPER_PROBE = {"tokens": "cls", "k": 128, "expansion": 32}
-
-
 def sweep_rows(tokens: str, k: int, expansion: int, dense: bool = True) -> list[dict]:
     """The rows of Table 5 (``dense``) or Table 6, relative to the configured probe ``(tokens, k, expansion)``.
 
@@ -609,8 +651,10 @@ def sweep_rows(tokens: str, k: int, expansion: int, dense: bool = True) -> list[
 
 
 def quality_row(entry: dict) -> dict:
-    """One table row of a :func:`train_sae` entry: probe, NMSE, FVE, dead latents, L0."""
+    """One table row of a :func:`train_sae` entry: probe, NMSE (the paper's, 1 - FVE), FVE, dead latents,
+    L0 and "NMSE per sample" (OpenAI's per-sample ratio ``mean ||x - x_hat||^2 / ||x||^2``)."""
     m = entry["metrics"]
     return {"tokens": entry["tokens"], "k": entry["k"], "expansion": entry["expansion"],
-            "latents": entry["n_latents"], "NMSE": m["nmse"], "FVE": m["fve"], "dead": m["dead"],
-            "dead %": 100 * m["dead_fraction"], "L0": m["l0"], "eval tokens": m["eval_tokens"]}
+            "latents": entry["n_latents"], "sae seed": entry.get("sae_seed", 0), "NMSE": m["nmse"], "FVE": m["fve"],
+            "NMSE per sample": m["nmse_per_sample"], "dead": m["dead"], "dead %": 100 * m["dead_fraction"],
+            "L0": m["l0"], "eval tokens": m["eval_tokens"]}

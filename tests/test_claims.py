@@ -1,71 +1,179 @@
+"""The judging layer: every verdict rule on synthetic inputs that must produce each outcome."""
+from __future__ import annotations
+
 import numpy as np
-import pandas as pd
+import pytest
 import torch
 
-from impact_core import claims
+from impact_core import claims as C
+from impact_core import stats as S
+from impact_core.config import DEFAULT_MARGINS, load_config
+
+RNG = np.random.default_rng(0)
+J = C.Judge(margins=dict(DEFAULT_MARGINS), n_resamples=500)
 
 
-def test_direction_and_no_change_rules():
-    assert claims.direction_verdict(0.1, 0.3, "+") == claims.REPRODUCED
-    assert claims.direction_verdict(-0.3, -0.1, "+") == claims.NOT_REPRODUCED
-    assert claims.direction_verdict(-0.1, 0.2, "+") == claims.INCONCLUSIVE
-    assert claims.direction_verdict(-0.3, -0.1, "-") == claims.REPRODUCED
-    assert claims.no_change_verdict([(-1, 1), (-0.5, 0.2)])[0] == claims.REPRODUCED
-    assert claims.no_change_verdict([(0.1, 1), (0.2, 0.4), (-1, 1)])[0] == claims.NOT_REPRODUCED
-    assert claims.no_change_verdict([(0.1, 1), (-1, 1), (-1, 1)])[0] == claims.INCONCLUSIVE
+def est(value, low, high, n=30, unit="classes"):
+    dist = np.random.default_rng(1).uniform(low, high, 1000)
+    return S.Estimate(value, low, high, unit, n, "test", dist)
 
 
-def test_bootstrap_interval_covers_a_known_mean():
-    x = np.random.default_rng(0).normal(2.0, 1.0, 400)
-    lo, hi = claims.bootstrap_ci(x)
-    assert lo < 2.0 < hi and hi - lo < 0.5
-    ratio, lo, hi = claims.ratio_of_means(np.full(50, 3.0) + x[:50] * 0.01, np.full(50, 1.0))
-    assert lo < ratio < hi and abs(ratio - 3.0) < 0.05
+# --- stats -----------------------------------------------------------------------------------
+def test_bootstrap_uses_bca_and_names_the_unit():
+    a = RNG.normal(0, 1, 40)
+    e = S.mean_difference([(a, a + 0.5 + RNG.normal(0, 0.1, 40))], "classes")
+    assert e.method == "BCa" and e.unit == "classes" and e.n == 40 and e.low < 0.5 < e.high
+    small = S.mean_difference([(a[:5], a[:5] + RNG.normal(0.5, 0.1, 5))], "SAE seeds")
+    assert small.method == "percentile" and small.low > 0
 
 
-def circuits(node, size, ncq, ablated):
-    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    return {"node_fraction": t(node), "size_dense": t(size), "ncq": t(ncq), "acc_ablated": t(ablated),
-            "acc_circuit": t([0.9] * len(node))}
+def test_hierarchical_bootstrap_is_wider_when_seeds_disagree():
+    a = RNG.normal(0, 1, 60)
+    agree = S.mean_difference([(a[:30], a[:30] + 0.5), (a[30:], a[30:] + 0.5)], "classes", n_resamples=500)
+    disagree = S.mean_difference([(a[:30], a[:30] + 0.1), (a[30:], a[30:] + 0.9)], "classes", n_resamples=500)
+    assert agree.unit.startswith("2 training seeds") and agree.method == "hierarchical percentile"
+    assert disagree.half_width > 3 * agree.half_width
 
 
-def test_circuit_claims_follow_the_numbers():
-    rng = np.random.default_rng(0)
-    n = 20
-    dense = circuits(0.29 + 0.01 * rng.standard_normal(n), 0.32 + 0.01 * rng.standard_normal(n),
-                     0.60 + 0.01 * rng.standard_normal(n), [0.5] * n)
-    sparse = circuits(0.42 + 0.01 * rng.standard_normal(n), 0.13 + 0.01 * rng.standard_normal(n),
-                      0.78 + 0.01 * rng.standard_normal(n), [0.52] * n)
-    out = {c.claim.split(" from")[0]: c for c in claims.circuit_claims({0.0: dense, 0.7: sparse})}
-    assert out["circuit edges fall"].verdict == claims.REPRODUCED
-    assert out["node fraction rises"].verdict == claims.REPRODUCED
-    edge_form = [c for c in claims.circuit_claims({0.0: dense, 0.7: sparse}) if "tables print" in c.claim][0]
-    assert edge_form.verdict == claims.REPRODUCED  # 0.9 x (1 - size) rises as the edge size falls
-    reverse = {c.claim.split(" from")[0]: c for c in claims.circuit_claims({0.0: sparse, 0.7: dense})}
-    assert reverse["circuit edges fall"].verdict == claims.NOT_REPRODUCED
-    assert reverse["node fraction rises"].verdict == claims.NOT_REPRODUCED
+def test_side_and_samples_needed():
+    assert S.side(est(0.3, 0.1, 0.5), 0.05) == S.UP
+    assert S.side(est(-0.3, -0.5, -0.1), 0.05) == S.DOWN
+    assert S.side(est(0.001, -0.01, 0.012), 0.05) == S.EQUIVALENT
+    wide = est(0.02, -0.2, 0.24, n=10)
+    assert S.side(wide, 0.05) == S.UNDECIDED
+    assert S.samples_needed(wide, 0.05) > 10
 
 
-def test_neuron_and_sae_claims():
-    table = pd.DataFrame({"metric": ["selectivity"] * 3 + ["label_entropy"] * 3,
-                          "ci_low": [-0.1, -0.2, -0.1, 0.1, 0.2, 0.05], "ci_high": [0.1, 0.1, 0.2, 0.3, 0.4, 0.2]})
-    out = {c.claim.split(" shows")[0]: c.verdict for c in claims.neuron_claims(table)}
-    assert out == {"selectivity": claims.REPRODUCED, "label entropy": claims.NOT_REPRODUCED}
-    q = {0.0: {"NMSE": 0.01, "dead": 9}, 0.3: {"NMSE": 0.02, "dead": 7}, 0.7: {"NMSE": 0.05, "dead": 3}}
-    assert [c.verdict for c in claims.sae_claims(q)] == [claims.REPRODUCED, claims.REPRODUCED]
+def test_holm_is_step_down():
+    assert S.holm([0.01, 0.04, 0.03]).tolist() == [True, False, False]
+    assert S.holm([0.01, 0.02, 0.024]).tolist() == [True, True, True]
+    assert S.holm([float("nan"), 0.001]).tolist() == [False, True]
 
 
-def test_seed_combination():
-    a = [claims.Claim("x", "c", "p", "1", "-", claims.REPRODUCED, "r")]
-    b = [claims.Claim("x", "c", "p", "2", "-", claims.INCONCLUSIVE, "r")]
-    row = claims.combine_seeds([a, b])[0]
-    assert row["verdict"] == claims.INCONCLUSIVE and row["seeds"] == "1/2 reproduced"
-    assert claims.combine_seeds([a, a])[0]["verdict"] == claims.REPRODUCED
+def test_trend_slope():
+    a = RNG.normal(0, 1, 30)
+    t = S.trend([0.0, 0.5, 1.0], [[a], [a + 0.5], [a + 1.0]], "classes")
+    assert t.value == pytest.approx(1.0)
+    flat = S.trend([0.0, 0.5, 1.0], [[a], [a + RNG.normal(0, 0.01, 30)], [a]], "classes")
+    assert C.trend_reading(flat, "+", 0.05, 1.0) == "flat"
+    assert C.trend_reading(t, "+", 0.05, 1.0) == "grows with sparsity"
+    assert C.trend_reading(t, "-", 0.05, 1.0) == "reverses with sparsity"
 
 
-def test_pruning_claims_with_an_untrained_model():
-    acc = {("wanda", 0.0): {"top1": 0.0}, ("wanda", 0.7): {"top1": 0.0}}
-    rows = claims.pruning_claims(acc)
-    assert rows[0].verdict == claims.INCONCLUSIVE  # a random model: no retained fraction, no crash
-    acc = {("wanda", 0.0): {"top1": 0.8}, ("wanda", 0.7): {"top1": 0.79}}
-    assert claims.pruning_claims(acc)[0].verdict == claims.REPRODUCED
+# --- rules -------------------------------------------------------------------------------------
+def test_judge_change_every_outcome():
+    up, zero, down = est(0.3, 0.2, 0.4), est(0.0, -0.01, 0.01), est(-0.3, -0.4, -0.2)
+    wide = est(0.1, -0.2, 0.4)
+    m = 0.05
+    # an effect at the level, absent from the control: reproduced
+    assert C.judge_change(up, zero, up, "+", m)[0] == C.REPRODUCED
+    # the same effect in the control: explained by the pipeline
+    assert C.judge_change(up, up, zero, "+", m)[0] == C.PIPELINE
+    # no effect anywhere: not reproduced (equivalent)
+    assert C.judge_change(zero, zero, zero, "+", m)[0] == C.NOT_REPRODUCED
+    # the other way: not reproduced
+    assert C.judge_change(down, zero, down, "+", m)[0] == C.NOT_REPRODUCED
+    # too little data: inconclusive, saying how much would decide
+    verdict, why = C.judge_change(wide, wide, wide, "+", m)
+    assert verdict == C.INCONCLUSIVE and "would decide" in why
+    # without a control: the direction rule
+    assert C.judge_change(up, None, None, "+", m)[0] == C.REPRODUCED
+    assert C.judge_change(down, None, None, "-", m)[0] == C.REPRODUCED
+
+
+def test_judge_pruning_only():
+    down, zero = est(-0.1, -0.15, -0.05), est(0.0, -0.004, 0.004)
+    assert C.judge_pruning_only(C.REPRODUCED, down, "-", 0.01)[0] == C.REPRODUCED
+    assert C.judge_pruning_only(C.REPRODUCED, zero, "-", 0.01)[0] == C.PRUNING
+    assert C.judge_pruning_only(C.INCONCLUSIVE, zero, "-", 0.01)[0] == C.INCONCLUSIVE
+
+
+def test_judge_no_change_every_outcome():
+    tight = [est(0.0, -0.005, 0.005, n=50) for _ in range(6)]
+    assert C.judge_no_change(tight, 0.02)[0] == C.REPRODUCED
+    changed = tight[:5] + [est(0.2, 0.15, 0.25, n=50)]
+    assert C.judge_no_change(changed, 0.02)[0] == C.NOT_REPRODUCED
+    wide = tight[:5] + [est(0.01, -0.1, 0.12, n=50)]
+    verdict, info = C.judge_no_change(wide, 0.02)
+    assert verdict == C.INCONCLUSIVE and info["equivalent"] == 5 and info["changed"] == 0
+
+
+def test_judge_threshold_and_magnitude():
+    assert C.judge_threshold(est(0.99, 0.98, 0.995), 0.96) == C.REPRODUCED
+    assert C.judge_threshold(est(0.9, 0.88, 0.92), 0.96) == C.NOT_REPRODUCED
+    assert C.judge_threshold(est(0.96, 0.95, 0.97), 0.96) == C.INCONCLUSIVE
+    assert C.judge_magnitude(est(2.5, 2.3, 2.7), 2.5, 0.25) == "matches"
+    assert C.judge_magnitude(est(1.2, 1.1, 1.3), 2.5, 0.25) == "differs"
+    assert C.judge_magnitude(est(2.0, 1.5, 2.6), 2.5, 0.25) == "undecided"
+
+
+def test_judge_chance_every_outcome():
+    at_chance, away = est(0.0, -0.02, 0.02), est(0.3, 0.25, 0.35)
+    random_higher, random_same = est(0.3, 0.2, 0.4), est(0.0, -0.01, 0.01)
+    assert C.judge_chance(at_chance, random_higher, 0.05)[0] == C.REPRODUCED
+    # a random node set of the same size does as well: not reproduced
+    assert C.judge_chance(at_chance, random_same, 0.05)[0] == C.NOT_REPRODUCED
+    assert C.judge_chance(away, random_higher, 0.05)[0] == C.NOT_REPRODUCED
+    assert C.judge_chance(at_chance, est(0.1, -0.2, 0.4), 0.05)[0] == C.INCONCLUSIVE
+
+
+# --- claims built from per-unit arrays -----------------------------------------------------
+def circuit_result(node, size, n=30, acc=0.9, ablated=0.5, random_ablated=0.8):
+    noise = lambda: torch.tensor(RNG.normal(0, 0.005, n))  # noqa: E731
+    return {"node_fraction": node + noise(), "size_dense": size + noise(), "size_remaining": size + noise(),
+            "ncq": (0.9 * (1 - node) + noise()), "acc_circuit": torch.full((n,), acc, dtype=torch.float64),
+            "acc_ablated": ablated + noise(), "acc_random_ablated": random_ablated + noise()[:, None].repeat(1, 3)}
+
+
+def test_circuit_claims_tell_sparsity_from_pipeline_and_pruning():
+    dense, control = circuit_result(0.3, 0.3), circuit_result(0.3, 0.3)
+    sparse = circuit_result(0.42, 0.12)
+    run = {"levels": {0.0: dense, 0.7: sparse}, "control": control, "equal_k": None,
+           "pruning_only": {"size_dense": torch.full((30,), 0.2, dtype=torch.float64)}}
+    out = {c.id: c for c in C.circuit_claims([run], J)}
+    assert out["circuit.nodes"].verdict == C.REPRODUCED
+    assert out["circuit.edges"].verdict == C.REPRODUCED
+    assert out["circuit.edges"].magnitude.startswith("matches")  # 0.3 / 0.12 = 2.5
+    assert out["circuit.ablation_dense"].verdict == C.REPRODUCED
+    # the control shows the node rise too: explained by the pipeline
+    run_pipe = dict(run, control=circuit_result(0.42, 0.3))
+    assert {c.id: c for c in C.circuit_claims([run_pipe], J)}["circuit.nodes"].verdict == C.PIPELINE
+    # the dense circuits on the pruned weights fall as far: explained by pruning alone
+    run_prune = dict(run, pruning_only={"size_dense": sparse["size_dense"].clone()})
+    assert {c.id: c for c in C.circuit_claims([run_prune], J)}["circuit.edges"].verdict == C.PRUNING
+    # random node sets of the same size also return to chance: not reproduced
+    run_rand = dict(run, levels={0.0: circuit_result(0.3, 0.3, random_ablated=0.5), 0.7: sparse})
+    assert {c.id: c for c in C.circuit_claims([run_rand], J)}["circuit.ablation_dense"].verdict == C.NOT_REPRODUCED
+
+
+def test_layer_claims_judge_over_sae_seeds_not_one_sign():
+    def rows(nmse):
+        return [{"NMSE": v, "dead %": 10.0} for v in nmse]
+    run = {"levels": {0.0: rows([0.0180, 0.0181, 0.0179]), 0.7: rows([0.0180, 0.0182, 0.0179])},
+           "control": rows([0.0181, 0.0180, 0.0180])}
+    out = {c.id: c for c in C.layer_claims([run], J)}
+    assert out["layer.nmse"].verdict == C.NOT_REPRODUCED  # a difference in the fifth decimal is no change
+    run_up = {"levels": {0.0: rows([0.018, 0.0181, 0.0179]), 0.7: rows([0.030, 0.031, 0.029])},
+              "control": rows([0.0181, 0.018, 0.018])}
+    assert {c.id: c for c in C.layer_claims([run_up], J)}["layer.nmse"].verdict == C.REPRODUCED
+
+
+def test_pruning_claims_threshold_over_images():
+    n = 2000
+    dense = torch.tensor(RNG.random(n) < 0.9)
+    keep = dense & torch.tensor(RNG.random(n) < 0.995)
+    lose = dense & torch.tensor(RNG.random(n) < 0.8)
+    acc = lambda c: {"correct": c, "top1": float(c.double().mean())}  # noqa: E731
+    run = {"accuracy": {("wanda", 0.0): acc(dense), ("wanda", 0.7): acc(keep), ("magnitude", 0.0): acc(dense),
+                        ("magnitude", 0.7): acc(lose)}, "control": acc(dense)}
+    out = {c.id: c for c in C.pruning_claims([run], J)}
+    assert out["pruning.retained"].verdict == C.REPRODUCED
+    assert out["pruning.wanda_vs_magnitude"].verdict == C.REPRODUCED
+    run["accuracy"][("wanda", 0.7)] = acc(lose)
+    assert {c.id: c for c in C.pruning_claims([run], J)}["pruning.retained"].verdict == C.NOT_REPRODUCED
+
+
+def test_margins_come_from_the_preset():
+    cfg = load_config("smoke", {"verdicts.margins": {"nmse": 0.5}})
+    j = C.Judge.from_config(cfg)
+    assert j.margins["nmse"] == 0.5 and j.margins["selectivity"] == DEFAULT_MARGINS["selectivity"]

@@ -164,7 +164,8 @@ def test_recovers_known_sparse_dictionary():
     assert float(best.mean()) > 0.95 and float(best.min()) > 0.9, best
     x = next(batches())
     x_hat, _ = sae.eval()(x)
-    assert S.nmse(x, x_hat.detach()) < 0.2  # inference (threshold) mode
+    assert S.nmse_per_sample(x, x_hat.detach()) < 0.2  # inference (threshold) mode
+    assert S.fve(x, x_hat.detach()) > 0.5
 
 
 def test_nmse_fve_dead_against_numpy():
@@ -179,14 +180,22 @@ def test_nmse_fve_dead_against_numpy():
         acc.add(x[a:a + 70], x_hat[a:a + 70], f[a:a + 70])
     r = acc.result()
     X, Xh = x.numpy(), x_hat.numpy()
-    nmse = np.mean(((X - Xh) ** 2).sum(1) / (X ** 2).sum(1))
-    fve = 1 - ((X - Xh) ** 2).sum() / ((X - X.mean(0)) ** 2).sum()
-    assert r["nmse"] == pytest.approx(nmse, rel=1e-9)
-    assert r["fve"] == pytest.approx(fve, rel=1e-9)
-    assert S.nmse(x, x_hat) == pytest.approx(nmse, rel=1e-9)
-    assert S.fve(x, x_hat) == pytest.approx(fve, rel=1e-9)
+    per_sample = np.mean(((X - Xh) ** 2).sum(1) / (X ** 2).sum(1))
+    fvu = ((X - Xh) ** 2).sum() / ((X - X.mean(0)) ** 2).sum()
+    # the paper's NMSE is the fraction of variance unexplained: NMSE + FVE = 1 (its Tables 2, 5, 6)
+    assert r["nmse"] == pytest.approx(fvu, rel=1e-9)
+    assert r["fve"] == pytest.approx(1 - fvu, rel=1e-9)
+    assert abs(r["nmse"] + r["fve"] - 1) < 1e-9
+    assert r["nmse_per_sample"] == pytest.approx(per_sample, rel=1e-9)
+    assert r["nmse"] > 2 * r["nmse_per_sample"]  # inputs far from 0: the two definitions really differ
+    # the plain functions agree with the accumulator
+    assert S.nmse(x, x_hat) == pytest.approx(r["nmse"], rel=1e-9)
+    assert S.fve(x, x_hat) == pytest.approx(r["fve"], rel=1e-9)
+    assert S.nmse_per_sample(x, x_hat) == pytest.approx(r["nmse_per_sample"], rel=1e-9)
     assert r["dead"] == 2 and r["dead_fraction"] == pytest.approx(0.2)
     assert r["eval_tokens"] == 300
+    row = S.quality_row({"tokens": "cls", "k": 2, "expansion": 2, "n_latents": 10, "metrics": r})
+    assert (row["NMSE"], row["FVE"], row["NMSE per sample"]) == (r["nmse"], r["fve"], r["nmse_per_sample"])
 
 
 def test_normalisation_is_invisible_in_raw_space():
@@ -229,6 +238,40 @@ def test_bad_arguments_fail_before_compute():
         load_config("smoke", {"sae.tokens": "foo"})
     with pytest.raises(ValueError, match="k must"):
         S.BatchTopKSAE(4, 8, k=9)
+    with pytest.raises(ValueError, match="sae_seed"):
+        S.train_sae(cfg, 0.0, sae_seed=-1)
+    with pytest.raises(ValueError, match="control"):
+        S.train_sae(cfg, 0.5, method="control")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="sae.seeds"):
+            load_config("smoke", {"sae.seeds": bad})
+    assert load_config("smoke").sae.seeds == 2 and load_config("default").sae.seeds == 3
+
+
+def test_sae_seeds_share_activations_and_the_control_works(tiny_fmnist, tmp_path):
+    """On a tiny model: SAE seeds differ only in the SAE, reuse the activation buffers; the control model works."""
+    from impact_core import pipeline, sae_features
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tiny_fmnist, pruning={"finetune_images": 16, "finetune_batch_size": 16},
+                      sae={"k": 2, "expansion": 2, "batch_size": 16, "steps": 3, "aux_k": 4, "train_images": 40,
+                           "eval_images": 20, "seeds": 2, "top_k": 2})
+    cfg.cache_dir = str(tmp_path / "cache")
+    S._ACT_BUFFERS.clear()
+    rows = S.quality_over_seeds(cfg, 0.0)
+    assert len(S._ACT_BUFFERS) == 2  # train and eval activations of the dense model, shared by both seeds
+    assert [r["sae seed"] for r in rows] == [0, 1]
+    a, b = (S.train_sae(cfg, 0.0, sae_seed=i) for i in (0, 1))
+    assert not torch.equal(a["state"]["W_dec"], b["state"]["W_dec"])  # another initialisation
+    assert rows[0]["eval tokens"] == rows[1]["eval tokens"] == 20
+    for r in rows:
+        assert abs(r["NMSE"] + r["FVE"] - 1) < 1e-9
+    control = S.quality_over_seeds(cfg, 0.0, pipeline.CONTROL)
+    assert len(control) == 2 and len(S._ACT_BUFFERS) == 4  # the control model's own activations
+    c0 = S.train_sae(cfg, 0.0, method=pipeline.CONTROL)
+    assert not torch.equal(c0["state"]["b_dec"], a["state"]["b_dec"])  # trained on another model's residuals
+    feats = sae_features.sae_feature_metrics(cfg, 0.0, method=pipeline.CONTROL, sae_seed=1)
+    assert feats["impact"].shape == (cfg.model.num_classes,) and feats["topk"].shape == (cfg.model.num_classes, 2)
 
 
 # --- SAE feature metrics: splicing, zero ablation, attribution ------------------------------------------------------
