@@ -17,9 +17,8 @@ def prepare(preset: str, stages, seed=None) -> None:
     then ``make book PRESET=paper`` reads everything from the cache. Under torchrun the passes
     over data (calibration, fine-tuning, evaluation, means, neuron statistics, SAE activations,
     attribution) are split between the processes, and circuits by chunks of classes."""
-    from . import distributed, pipeline
+    from . import claims, distributed, pipeline
     from .config import load_config, resolve_device
-    from .discussion import levels
 
     pipeline.setup_logging()
     cfg = load_config(preset)
@@ -28,23 +27,12 @@ def prepare(preset: str, stages, seed=None) -> None:
     pipeline.preflight(cfg)
     distributed.init_from_env(resolve_device(cfg))
     say = print if distributed.is_main() else (lambda *a, **k: None)
-    if "pruning" in stages:
-        for method in cfg.pruning.methods:
-            for s in levels(cfg.pruning.sparsities):
-                say("accuracy", method, s, pipeline.accuracy(cfg, s, method))
-    from .circuits import circuit_results
-    from .neuron import neuron_metrics
-    from .perturbation import attribution_results
-    from .sae import train_sae
-
-    cached = {"neuron": (cfg.neuron.sparsities, neuron_metrics), "sae": (cfg.sae.sparsities, train_sae),
-              "circuit": (cfg.circuit.sparsities, circuit_results),
-              "attribution": (cfg.attribution.sparsities, attribution_results)}
-    for stage, (sparsities, compute) in cached.items():
+    # each stage computes exactly what its level's claims read (the control model included)
+    level_of = {"pruning": "pruning", "neuron": "neuron", "sae": "layer", "circuit": "circuit", "attribution": "model"}
+    for stage in PREPARE_STAGES:
         if stage in stages:
-            for s in levels(sparsities):
-                compute(cfg, s)
-                say(stage, s, "cached")
+            claims.gather(cfg, level_of[stage])
+            say(stage, "cached")
     distributed.barrier()
 
 

@@ -43,6 +43,16 @@ Evaluation (App. C.3, Eq. 12)
     ablated accuracy (circuit nodes at their means, the rest kept), node fraction
     ``|N_circuit| / |N_total|`` and ``NCQ = acc_circuit / acc_full * (1 - node fraction)``.
 
+Baselines and faithfulness (ours; the paper has none)
+    *Random ablation*: per class, ``circuit.random_draws`` uniformly random node sets with the
+    circuit's number of active nodes at every site (seeded by class and draw), mean-ablated like
+    the circuit; an ablated accuracy near chance means little unless random sets of the same size
+    leave the model accurate. *Margins*: the mean class margin ``s_c`` over the class's positive
+    eval images under five mask sets: full (no mask), circuit, ablated, random-ablated and empty
+    (every node at its mean). ``faithfulness = (s_circuit - s_empty) / (s_full - s_empty)``: 1 when
+    the circuit recovers the full model's margin, 0 when it does no better than no nodes at all
+    (undefined when ``s_full == s_empty``); ``faithfulness_ablated`` is the same for the ablated model.
+
 Edges (our definition; the paper gives none)
     An edge is one *nonzero weight* of a block Linear whose input node and output node are both
     active. The weight matrices and the nodes they join, per block (qkv rows are ordered
@@ -66,6 +76,13 @@ Edges (our definition; the paper gives none)
     above. The dense model's edge total is the number of weights of qkv, proj, fc1 and fc2 of all
     blocks (the weights pruning acts on). Circuit size is reported as a fraction of that total
     (the paper's measure) and as a fraction of the nonzero weights the pruned model still has.
+    :func:`pruning_only_edges` is the counterfactual: the *dense* model's circuits counted on a
+    pruned model's weights, the drop in size that pruning alone causes with the nodes unchanged.
+
+Control
+    ``method = pipeline.CONTROL`` (sparsity 0) is the dense model fine-tuned like a pruned one with
+    nothing pruned; it gets the pruned models' ``k`` (:func:`default_k`), so dense vs control
+    separates what the pipeline and the coefficient do from what pruning does.
 """
 from __future__ import annotations
 
@@ -307,31 +324,85 @@ def train_masks_sequential(hooked: HookedViT, means, data: ClassSets, **kwargs):
 # ----------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------
+_RANDOM_STREAM = 0x52414E44  # "RAND": keeps these draws apart from the other (seed, class, ...) streams
+
+
+def random_node_sets(active: dict[str, torch.Tensor], classes: Sequence[int], draws: int,
+                     seed: int) -> dict[str, torch.Tensor]:
+    """``{site: (K, draws, units)}`` bool: for class ``classes[i]`` and draw d, a uniformly random set
+    with exactly as many nodes at every site as row i of ``active`` has. The generator is seeded by
+    ``(seed, class, d)``; sites are drawn in sorted name order, so the draw does not depend on the
+    other classes or on the dict order."""
+    K = len(classes)
+    if any(a.shape[0] != K for a in active.values()):
+        raise ValueError(f"active has {next(iter(active.values())).shape[0]} rows for {K} classes")
+    out = {nm: torch.zeros(K, draws, a.shape[1], dtype=torch.bool) for nm, a in active.items()}
+    counts = {nm: a.bool().sum(-1).tolist() for nm, a in active.items()}
+    for i, c in enumerate(classes):
+        for d in range(draws):
+            rng = np.random.default_rng([int(seed), int(c), d, _RANDOM_STREAM])
+            for nm in sorted(active):
+                pick = rng.choice(active[nm].shape[1], counts[nm][i], replace=False)
+                out[nm][i, d, torch.from_numpy(pick)] = True
+    return out
+
+
 @torch.no_grad()
 def evaluate_masks(hooked: HookedViT, means, data: ClassSets, active: dict[str, torch.Tensor],
-                   batch_size: int, device="cpu") -> dict[str, torch.Tensor]:
-    """Accuracy ``(K,)`` of the full model, the circuit and the ablated model on balanced sets.
+                   batch_size: int, device="cpu", random_sets: Optional[dict[str, torch.Tensor]] = None,
+                   ) -> dict[str, torch.Tensor]:
+    """Accuracy and mean class margin of the model under several node mask sets, on balanced sets.
 
-    ``active``: ``{site: (K, units)}`` 0/1 (the circuit's nodes)."""
+    ``active``: ``{site: (K, units)}`` 0/1 (the circuit's nodes); ``random_sets``: ``{site: (K, D, units)}``
+    (:func:`random_node_sets`) or None (D = 0). Mask sets (1: node kept, 0: node at its mean):
+    "full" (no mask), "circuit" (``active``), "ablated" (``1 - active``), "empty" (all 0) and, per draw
+    d, "random_ablated" (``1 - random_sets[:, d]``). One forward per mask set and batch serves all K
+    classes, as in training.
+
+    Returns accuracies "full", "circuit", "ablated", "empty" ``(K,)`` and "random_ablated" ``(K, D)``, and
+    "margin_<set>" for the same sets: the mean of ``s_c`` (:func:`class_margin`) over the images of c.
+    """
     hooked.eval()
     K, n = len(data.classes), len(data)
     classes = torch.tensor(data.classes, device=device)
     on = {nm: a.to(device).float() for nm, a in active.items()}
-    off = {nm: 1 - a for nm, a in on.items()}
+    sets = {"full": None, "circuit": on, "ablated": {nm: 1 - a for nm, a in on.items()},
+            "empty": {nm: torch.zeros_like(a) for nm, a in on.items()}}
+    D = 0 if random_sets is None else next(iter(random_sets.values())).shape[1]
+    for d in range(D):
+        sets[f"random{d}"] = {nm: 1 - random_sets[nm][:, d].to(device).float() for nm in on}
     means = {nm: means[nm].to(device) for nm in on}
-    correct = {key: torch.zeros(K, device=device) for key in ("full", "circuit", "ablated")}
+    correct = {key: torch.zeros(K, device=device) for key in sets}
+    margin = {key: torch.zeros(K, device=device) for key in sets}
+    positives = torch.zeros(K, device=device)
     cols_all = np.tile(np.arange(n), (K, 1))
     for start in range(0, n, batch_size):
         x, y = data.images(cols_all[:, start:start + batch_size])
         x, y = x.to(device), y.to(device).bool()
-        for key, masks in (("full", None), ("circuit", on), ("ablated", off)):
+        positives += y.sum(1)
+        for key, masks in sets.items():
             if masks is None:
                 z = hooked.model(x)
             else:
                 with hooked.hooks(mask_hooks(masks, means)):
                     z = hooked.model(x)
-            correct[key] += (says_class(z.view(K, -1, z.shape[-1]), classes) == y).float().sum(1)
-    return {key: (v / n).cpu() for key, v in correct.items()}
+            z = z.view(K, -1, z.shape[-1]).float()
+            correct[key] += (says_class(z, classes) == y).sum(1)
+            margin[key] += torch.where(y, class_margin(z, classes), 0.0).sum(1)
+    acc = {key: (v / n).cpu() for key, v in correct.items()}
+    marg = {key: (v / positives).cpu() for key, v in margin.items()}
+    rand = [f"random{d}" for d in range(D)]
+    out = {}
+    for prefix, vals in (("", acc), ("margin_", marg)):
+        for key in ("full", "circuit", "ablated", "empty"):
+            out[prefix + key] = vals[key]
+        out[prefix + "random_ablated"] = torch.stack([vals[r] for r in rand], 1) if D else torch.zeros(K, 0)
+    return out
+
+
+def faithfulness(margin: torch.Tensor, margin_full: torch.Tensor, margin_empty: torch.Tensor) -> torch.Tensor:
+    """``(s - s_empty) / (s_full - s_empty)``: 1 = the full model's margin, 0 = no better than every node at its mean."""
+    return (margin - margin_empty) / (margin_full - margin_empty)
 
 
 def node_fraction(hooked: HookedViT, active: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -419,9 +490,12 @@ def resolve_classes(cfg: Config) -> list[int]:
     return [int(c) for c in cfg.circuit.classes]
 
 
-def default_k(cfg: Config, sparsity: float) -> float:
-    """App. C.2: k = 8e-5 for the dense model, 4e-5 for the pruned ones (config values)."""
-    return cfg.circuit.k_dense if sparsity == 0 else cfg.circuit.k_sparse
+def default_k(cfg: Config, sparsity: float, method: str = "wanda") -> float:
+    """App. C.2: k = 8e-5 (``k_dense``) for the dense model, 4e-5 (``k_sparse``) for the pruned ones and
+    for the control (fine-tuned like them, so it gets their coefficient)."""
+    from . import pipeline
+
+    return cfg.circuit.k_dense if sparsity == 0 and method != pipeline.CONTROL else cfg.circuit.k_sparse
 
 
 def circuit_inputs(cfg: Config, sparsity: float, k: float, method: str = "wanda") -> dict:
@@ -430,7 +504,9 @@ def circuit_inputs(cfg: Config, sparsity: float, k: float, method: str = "wanda"
     c = cfg.circuit.to_dict()
     for key in ("sparsities", "k_sweep", "k_dense", "k_sparse", "classes"):
         c.pop(key)
-    return {"model": pipeline.model_inputs(cfg, sparsity, method), "k": float(k), "classes": resolve_classes(cfg),
+    # version 2: random-ablation baseline, margins and faithfulness, empty-mask accuracy
+    return {"version": 2, "model": pipeline.model_inputs(cfg, sparsity, method), "k": float(k),
+            "classes": resolve_classes(cfg),
             "circuit": c, "seed": cfg.seed, "calib_images": cfg.data.calib_images,
             "train_images": cfg.data.train_images, "eval_images": cfg.data.eval_images}
 
@@ -441,7 +517,8 @@ def compute_circuits(hooked: HookedViT, means, train: ClassSets, evals: ClassSet
 
     Under torchrun each process trains and evaluates every world_size-th chunk (classes are
     independent and seeded by class, so the result equals one process's) and the chunks are
-    gathered."""
+    gathered. Each chunk's circuits are also compared with ``cc.random_draws`` random node sets of the
+    same per-site sizes (:func:`random_node_sets`) and evaluated by class margin (:func:`evaluate_masks`)."""
     cc = cfg_circuit
     K = len(train.classes)
     chunks = [list(range(start, min(K, start + cc.class_chunk))) for start in range(0, K, cc.class_chunk)]
@@ -453,21 +530,27 @@ def compute_circuits(hooked: HookedViT, means, train: ClassSets, evals: ClassSet
                              weight_decay=cc.weight_decay, init_mean=cc.init_mean, init_std=cc.init_std,
                              seed=seed, device=device)
         lg = {nm: t.cpu() for nm, t in lg.items()}
-        part = evaluate_masks(hooked, means, evals.select(rows), {nm: t > 0 for nm, t in lg.items()},
-                              cc.batch_size, device)
+        act = {nm: t > 0 for nm, t in lg.items()}
+        rand = random_node_sets(act, [train.classes[r] for r in rows], cc.random_draws, seed)
+        part = evaluate_masks(hooked, means, evals.select(rows), act, cc.batch_size, device, random_sets=rand)
         local[int(i)] = (lg, ls, part)
     done = {i: v for got in distributed.gather_objects(local) for i, v in got.items()}
     parts = [done[i] for i in range(len(chunks))]
     logits = {nm: torch.cat([p[0][nm] for p in parts]) for nm in parts[0][0]}
     losses = [p[1] for p in parts]
     active = {nm: t > 0 for nm, t in logits.items()}
-    acc = {key: torch.cat([p[2][key] for p in parts]) for key in ("full", "circuit", "ablated")}
+    ev = {key: torch.cat([p[2][key] for p in parts]) for key in parts[0][2]}
     frac = node_fraction(hooked, active)
     e = edge_counts(hooked, active)
+    faith = {key: faithfulness(ev[f"margin_{key}"], ev["margin_full"], ev["margin_empty"])
+             for key in ("circuit", "ablated")}
     return {
         "classes": list(train.classes), "k": float(k),
-        "acc_full": acc["full"], "acc_circuit": acc["circuit"], "acc_ablated": acc["ablated"],
-        "node_fraction": frac, "ncq": ncq(acc["circuit"], acc["full"], frac),
+        "acc_full": ev["full"], "acc_circuit": ev["circuit"], "acc_ablated": ev["ablated"],
+        "acc_random_ablated": ev["random_ablated"], "acc_empty": ev["empty"],
+        **{f"margin_{key}": ev[f"margin_{key}"] for key in ("full", "circuit", "ablated", "random_ablated", "empty")},
+        "faithfulness": faith["circuit"], "faithfulness_ablated": faith["ablated"],
+        "node_fraction": frac, "ncq": ncq(ev["circuit"], ev["full"], frac),
         "edges": e["edges"], "edges_dense_total": e["dense_total"], "edges_remaining_total": e["remaining_total"],
         "size_dense": e["edges"] / e["dense_total"], "size_remaining": e["edges"] / e["remaining_total"],
         "site_fraction": site_fractions(hooked, active), "sites": list(PAPER_SITES),
@@ -476,13 +559,18 @@ def compute_circuits(hooked: HookedViT, means, train: ClassSets, evals: ClassSet
 
 
 def circuit_results(cfg: Config, sparsity: float, k: Optional[float] = None, method: str = "wanda") -> dict:
-    """Circuits of ``resolve_classes(cfg)`` in the model at ``sparsity`` (cached).
+    """Circuits of ``resolve_classes(cfg)`` in the model at ``sparsity`` (cached); ``(0.0, pipeline.CONTROL)``
+    is the control model.
 
-    ``k=None``: the paper's coefficient for the level (:func:`default_k`)."""
+    ``k=None``: the paper's coefficient for the level (:func:`default_k`).
+    Per-class keys ``(K,)``: acc_full, acc_circuit, acc_ablated, acc_empty, margin_full, margin_circuit,
+    margin_ablated, margin_empty, faithfulness, faithfulness_ablated, node_fraction, ncq, edges,
+    size_dense, size_remaining; ``(K, random_draws)``: acc_random_ablated, margin_random_ablated."""
     from . import pipeline
 
     sparsity = check_sparsity(sparsity, "sparsity")
-    k = default_k(cfg, sparsity) if k is None else float(k)
+    pipeline.check_model_kind(sparsity, method)
+    k = default_k(cfg, sparsity, method) if k is None else float(k)
     if k <= 0:
         raise ValueError(f"k must be > 0, got {k}")
     classes = resolve_classes(cfg)
@@ -495,7 +583,7 @@ def circuit_results(cfg: Config, sparsity: float, k: Optional[float] = None, met
         evals = ClassSets(data["eval"], classes, cc.eval_images_per_class, cfg.seed + 1, "circuit eval set")
         hooked = pipeline.hooked_model(cfg, sparsity, method)
         means = pipeline.site_means(cfg, sparsity, method)
-        log.info("circuits: %d classes at %s, k=%g", len(classes), pipeline.level_label(sparsity), k)
+        log.info("circuits: %d classes at %s, k=%g", len(classes), pipeline.level_label(sparsity, method), k)
         out = compute_circuits(hooked, means, train, evals, cc, k=k, seed=cfg.seed,
                                device=pipeline.resolve_device(cfg))
         out["sparsity"] = float(sparsity)
@@ -514,9 +602,31 @@ def check_sets(cfg: Config) -> None:
         balanced_indices(data["eval"].labels, c, cfg.circuit.eval_images_per_class, cfg.seed + 1, "circuit eval set")
 
 
-def k_sweep(cfg: Config, sparsity: float, ks: Optional[Sequence[float]] = None) -> list[dict]:
-    """Table 7: circuits at ``sparsity`` for every k of ``circuit.k_sweep`` (each cached)."""
-    return [circuit_results(cfg, sparsity, k) for k in (ks or cfg.circuit.k_sweep)]
+def sweep_ks(cfg: Config) -> list[float]:
+    """``circuit.k_sweep`` with ``circuit.k_dense`` added when missing, ascending: the sweep always holds
+    the dense model's k, so a pruned level can be compared with dense at equal k."""
+    return sorted({float(k) for k in cfg.circuit.k_sweep} | {float(cfg.circuit.k_dense)})
+
+
+def k_sweep(cfg: Config, sparsity: float, ks: Optional[Sequence[float]] = None, method: str = "wanda") -> list[dict]:
+    """Table 7: circuits at ``sparsity`` for every k of ``ks`` (None: :func:`sweep_ks`), each cached."""
+    return [circuit_results(cfg, sparsity, k, method) for k in (ks or sweep_ks(cfg))]
+
+
+def pruning_only_edges(cfg: Config, sparsity: float, method: str = "wanda") -> dict[str, torch.Tensor]:
+    """Counterfactual size: the dense model's circuits (node sets of ``circuit_results(cfg, 0.0)``) counted
+    with :func:`edge_counts` on the weights of the model at ``sparsity``. No training.
+
+    Returns ``{"edges": (K,), "size_dense": (K,) edges / dense total, "size_remaining": (K,) edges / that
+    model's nonzero weights}``; the drop from the dense circuits' size is what pruning alone removes."""
+    from . import pipeline
+
+    sparsity = check_sparsity(sparsity, "sparsity")
+    pipeline.check_model_kind(sparsity, method)
+    active = circuit_results(cfg, 0.0)["active"]
+    e = edge_counts(pipeline.hooked_model(cfg, sparsity, method), active)
+    return {"edges": e["edges"], "size_dense": e["edges"] / e["dense_total"],
+            "size_remaining": e["edges"] / e["remaining_total"]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -527,15 +637,27 @@ def _ms(values: torch.Tensor, scale: float = 1.0) -> tuple[float, float]:
     return float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0
 
 
-def summary(res: dict) -> dict[str, tuple[float, float]]:
-    """Mean and std over classes (std with Bessel's correction) of the Table 3 columns."""
-    return {
+def summary(res: dict, pruning_only: Optional[dict] = None) -> dict[str, tuple[float, float]]:
+    """Mean and std over classes (std with Bessel's correction) of the Table 3 columns.
+
+    Random-ablated accuracy is first averaged over draws per class. ``pruning_only``: a
+    :func:`pruning_only_edges` result, adding its two size columns."""
+    out = {
         "Node (%)": _ms(res["node_fraction"], 100),
         "Size (% dense edges)": _ms(res["size_dense"], 100),
         "Size (% remaining edges)": _ms(res["size_remaining"], 100),
+    }
+    if pruning_only is not None:
+        out["Pruning-only size (% dense edges)"] = _ms(pruning_only["size_dense"], 100)
+        out["Pruning-only size (% remaining edges)"] = _ms(pruning_only["size_remaining"], 100)
+    out.update({
         "Acc. (%)": _ms(res["acc_circuit"], 100),
         "Full acc. (%)": _ms(res["acc_full"], 100),
         "Ablated acc. (%)": _ms(res["acc_ablated"], 100),
+        "Random-ablated acc. (%)": _ms(res["acc_random_ablated"].double().mean(1), 100),
+        "Faithfulness": _ms(res["faithfulness"]),
+        "Faithfulness (ablated)": _ms(res["faithfulness_ablated"]),
         "NCQ": _ms(res["ncq"]),
         "NCQ (Acc x (1 - Size))": _ms(ncq_edges(res["acc_circuit"], res["size_dense"])),
-    }
+    })
+    return out

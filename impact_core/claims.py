@@ -385,6 +385,16 @@ def layer_claims(runs: list[dict], j: Judge) -> list[Claim]:
                             at_level=[per_seed(r["levels"][top], "dead %", 0.01) for r in runs],
                             control=[per_seed(r["control"], "dead %", 0.01) for r in runs], unit="SAE seeds",
                             fmt=".4f", curve=series("dead %", 0.01)))
+    if first.get("features") is not None:  # Fig. 3: the four metrics on SAE latents, per class
+        def as_blocks(f):
+            return {"blocks": [-1], **{m: _arr(f[m])[None] for m in ("selectivity", "label_entropy",
+                                                                      "class_variance", "impact")}}
+        feature_runs = [{"levels": {s: as_blocks(f) for s, f in r["features"]["levels"].items()},
+                         "control": as_blocks(r["features"]["control"])} for r in runs]
+        out += neuron_claims(feature_runs, j, kind="layer")
+        for c in out[-4:]:
+            c.claim = "SAE latents: " + c.claim
+            c.paper = "not consistently more selective, monosemantic or class-consistent"
     return out
 
 
@@ -447,6 +457,12 @@ def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
                             paper="0.602 -> 0.780", metric="ncq", expected="+", dense=arrays("ncq_edges", 0.0),
                             at_level=arrays("ncq_edges", top), control=arrays("ncq_edges", "control"),
                             curve=curve("ncq_edges"), **common))
+    if first.get("equal_k") is not None:
+        out.append(change_claim(j, id="circuit.collapse",
+                                claim=f"at {top:.0%}, the dense model's k lowers circuit accuracy (circuit collapse)",
+                                paper="89.64% -> 83.03% (Table 7)", metric="circuit_accuracy", expected="-",
+                                dense=arrays("acc_circuit", top), at_level=[_arr(r["equal_k"]["acc_circuit"]) for r in runs],
+                                control=None, scale=100, fmt=".2f", **common))
     margin = j.margins["ablated_accuracy"]
     for s in levels:
         abl = [_arr(r["levels"][s]["acc_ablated"]) - 0.5 for r in runs]
@@ -540,8 +556,12 @@ def gather(cfg, level: str) -> dict:
                 "control": neuron.neuron_metrics(cfg, 0.0, method=CONTROL)}
     if level == "layer":
         from . import sae
-        return {"levels": {s: sae.quality_over_seeds(cfg, s) for s in analysis_levels(cfg.sae.sparsities)},
-                "control": sae.quality_over_seeds(cfg, 0.0, method=CONTROL)}
+        from . import sae_features
+        levels = analysis_levels(cfg.sae.sparsities)
+        return {"levels": {s: sae.quality_over_seeds(cfg, s) for s in levels},
+                "control": sae.quality_over_seeds(cfg, 0.0, method=CONTROL),
+                "features": {"levels": {s: sae_features.sae_feature_metrics(cfg, s) for s in levels},
+                             "control": sae_features.sae_feature_metrics(cfg, 0.0, method=CONTROL)}}
     if level == "circuit":
         from . import circuits
         levels = analysis_levels(cfg.circuit.sparsities)

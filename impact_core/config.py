@@ -192,8 +192,8 @@ class NeuronConfig(Section):
 
     sparsities: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
     blocks: list = field(default_factory=lambda: [2, 7, 11])
-    top_k: int = 50
-    images: Optional[int] = 2000  # evaluation images used for the metrics (None: all)
+    top_k: int = 50  # units per class and block (paper: 50 of 3,072 neurons + 12 heads, 1.6%)
+    images: Optional[int] = 2000  # evaluation images (None: all); half select the top-K, half measure them
     classes: Optional[int] = None  # analyse the first N classes (None: all)
     validation_units: int = 16  # units per block whose true single-unit ablation checks attribution patching (paper: none)
     validation_images: Optional[int] = 500  # images of that check (None: all of `images`)
@@ -233,9 +233,12 @@ class SAEConfig(Section):
     top_k: int = 50  # latents per class for the four metrics (paper: top-50, as for neurons)
     buffer_max_mb: int = 1024  # training activations up to this size are buffered, larger ones streamed
     pool_batches: int = 32  # streaming: the shuffling pool holds this many SAE batches
+    seeds: int = 3  # SAE training seeds per model (Table 2 analogue: mean and min-max over them)
 
     def validate(self, prefix: str) -> None:
         self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ConfigError(f"{prefix}seeds: must be an integer >= 1, got {self.seeds!r}")
         for key in ("top_k", "buffer_max_mb", "pool_batches", "aux_k", "dead_after_steps"):
             _positive(getattr(self, key), prefix + key)
         if not 0.0 <= self.threshold_beta < 1.0:
@@ -267,15 +270,16 @@ class CircuitConfig(Section):
     batch_size: int = 8  # images per class per mask-training step (paper: not stated)
     weight_decay: float = 0.01  # AdamW decoupled weight decay on mask logits (paper: not stated; torch default)
     class_chunk: int = 10  # classes trained together in one batched forward (memory knob)
+    random_draws: int = 5  # random node sets per class, same per-site counts as its circuit, mean-ablated
 
     def validate(self, prefix: str) -> None:
         self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
         for key in ("k_dense", "k_sparse", "lr", "tau", "batch_size", "class_chunk", "step_size",
-                    "train_images_per_class", "eval_images_per_class"):
+                    "train_images_per_class", "eval_images_per_class", "random_draws"):
             _positive(getattr(self, key), prefix + key)
         _positive(self.epochs, prefix + "epochs")
         for key in ("epochs", "step_size", "batch_size", "class_chunk", "train_images_per_class",
-                    "eval_images_per_class"):
+                    "eval_images_per_class", "random_draws"):
             if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), int):
                 raise ConfigError(f"{prefix}{key}: must be an integer, got {getattr(self, key)!r}")
         _positive(self.weight_decay, prefix + "weight_decay", allow_zero=True)
@@ -301,7 +305,10 @@ class AttributionConfig(Section):
     sparsities: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
     images: int = 500
     steps: int = 16
-    baseline: str = "black"  # "black": 0 in [0,1] pixel space; "mean": 0 in normalised space
+    # insertion / deletion substitutes, the first one primary (the Table 4 analogue): "black" (0 in [0,1]
+    # pixel space, the paper's "zero-valued reference image"), "mean" (0 in normalised space) or "rise"
+    # (RISE: insertion from a blurred copy, deletion to 0 in normalised space)
+    references: list = field(default_factory=lambda: ["black", "rise"])
     batch_size: int = 32
     layerscale_rule: str = "z"  # "z": R_in = R_out (conserving); "inverse": the paper's Eq. 14 R_out/(gamma+eps)
     figure_classes: int = 4  # Fig. 4 analogue: this many classes ...
@@ -309,14 +316,69 @@ class AttributionConfig(Section):
 
     def validate(self, prefix: str) -> None:
         self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
-        if self.baseline not in ("black", "mean"):
-            raise ConfigError(f"{prefix}baseline: must be 'black' or 'mean', got {self.baseline!r}")
+        if isinstance(self.references, str):
+            self.references = [self.references]
+        if not isinstance(self.references, list) or not self.references:
+            raise ConfigError(f"{prefix}references: must be a non-empty list, got {self.references!r}")
+        for r in self.references:
+            if r not in ("black", "mean", "rise"):
+                raise ConfigError(f"{prefix}references: unknown reference {r!r} (use 'black', 'mean' or 'rise')")
+        if len(set(self.references)) != len(self.references):
+            raise ConfigError(f"{prefix}references: repeated entries in {self.references!r}")
         if self.layerscale_rule not in ("z", "inverse"):
             raise ConfigError(f"{prefix}layerscale_rule: must be 'z' or 'inverse', got {self.layerscale_rule!r}")
         for key in ("images", "steps", "batch_size", "figure_classes", "figure_per_class"):
             _positive(getattr(self, key), prefix + key)
             if not isinstance(getattr(self, key), int):
                 raise ConfigError(f"{prefix}{key}: must be an integer, got {getattr(self, key)!r}")
+
+
+@dataclass
+class VerdictConfig(Section):
+    """How claims are judged (impact_core.claims): the smallest effect of interest per metric,
+    in the metric's own units (absolute differences), the magnitude tolerance and the bootstrap."""
+
+    margins: dict = field(default_factory=lambda: dict(DEFAULT_MARGINS))
+    magnitude_tolerance: float = 0.25  # a stated magnitude matches when our interval lies within x/(1+t) .. x*(1+t)
+    n_resamples: int = 2000
+    alpha: float = 0.05
+
+    def validate(self, prefix: str) -> None:
+        if not isinstance(self.margins, dict):
+            raise ConfigError(f"{prefix}margins: give a mapping metric -> margin")
+        unknown = sorted(set(self.margins) - set(DEFAULT_MARGINS))
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], DEFAULT_MARGINS, n=1)
+            raise ConfigError(f"unknown config key '{prefix}margins.{unknown[0]}'"
+                              + (f" (did you mean '{prefix}margins.{hint[0]}'?)" if hint else ""))
+        self.margins = {**DEFAULT_MARGINS, **self.margins}
+        for key, value in self.margins.items():
+            _positive(value, f"{prefix}margins.{key}")
+        _positive(self.magnitude_tolerance, prefix + "magnitude_tolerance")
+        _positive(self.n_resamples, prefix + "n_resamples")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"{prefix}alpha: must lie in (0, 1), got {self.alpha!r}")
+
+
+# The smallest effect of interest per metric (absolute, in the metric's units): a change
+# inside +-margin counts as "no change" (equivalence); printed beside every verdict.
+DEFAULT_MARGINS = {
+    "top1": 0.005,            # accuracy (fraction): half a point
+    "selectivity": 0.02,      # AUROC
+    "label_entropy": 0.05,    # nats (log 10 = 2.30 for 10 classes)
+    "class_variance": 0.05,   # coefficient of variation
+    "impact": 0.01,           # Eq. 2, normalised logit change
+    "node_fraction": 0.02,    # fraction of nodes: 2 points
+    "edge_size": 0.01,        # fraction of edges: 1 point
+    "ncq": 0.02,
+    "ablated_accuracy": 0.05,  # ablated circuit accuracy: 5 points from chance
+    "circuit_accuracy": 0.02,  # circuit accuracy (k sensitivity): 2 points
+    "faithfulness": 0.05,
+    "nmse": 0.002,            # SAE NMSE (= 1 - FVE)
+    "dead_fraction": 0.01,    # dead latents as a fraction of all latents
+    "insertion": 0.01,        # AUC
+    "deletion": 0.01,         # AUC
+}
 
 
 @dataclass
@@ -337,6 +399,7 @@ class Config(Section):
     sae: SAEConfig = field(default_factory=SAEConfig)
     circuit: CircuitConfig = field(default_factory=CircuitConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    verdicts: VerdictConfig = field(default_factory=VerdictConfig)
 
     def validate(self, prefix: str) -> None:
         if not (self.device in ("cpu", "cuda", "auto") or str(self.device).startswith("cuda:")):

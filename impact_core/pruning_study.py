@@ -54,3 +54,23 @@ def sparsity_check(cfg: Config) -> pd.DataFrame:
                 rows.append({"method": method, "target": s, "layer": layer, "kind": kind,
                              "expected": expected, "measured": measured})
     return pd.DataFrame(rows)
+
+
+def control_check(cfg: Config, sparsity: float = 0.7, method: str = "wanda") -> pd.DataFrame:
+    """The control model beside dense and a pruned model: nonzero block weights, fine-tuning
+    steps and images, top-1 (the control must equal dense in nonzeros and the pruned model in
+    fine-tuning)."""
+    from .pruning import prunable_linears
+
+    rows = {}
+    kinds = [("dense", 0.0, "wanda"), ("control (dense, fine-tuned, nothing pruned)", 0.0, pipeline.CONTROL),
+             (f"{method} {sparsity:.0%}", sparsity, method)]
+    for label, s, m in kinds:
+        model = pipeline.pruned_model(cfg, s, m)
+        nonzero = sum(int((lin.weight != 0).sum()) for lin in prunable_linears(model).values())
+        tuned = label != "dense"
+        rows[label] = {"nonzero block weights": nonzero,
+                       "fine-tuning steps": pipeline.finetune_steps(cfg, s, m) if tuned else 0,
+                       "fine-tuning images": cfg.pruning.finetune_images if tuned else 0,
+                       "top-1": pipeline.accuracy(cfg, s, m)["top1"]}
+    return pd.DataFrame(rows).T

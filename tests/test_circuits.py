@@ -163,9 +163,15 @@ def test_mask_training_finds_the_planted_path():
     active = {n: t > 0 for n, t in logits.items()}
     on = sorted((n, i) for n, a in active.items() for i in torch.nonzero(a[0]).flatten().tolist())
     assert on == [("blocks.0.mlp_act", 5), ("blocks.0.mlp_out", 2), ("blocks.0.norm2", 0)]
-    acc = C.evaluate_masks(hooked, means, data, active, batch_size=16)
+    rand = C.random_node_sets(active, [0], draws=3, seed=0)
+    acc = C.evaluate_masks(hooked, means, data, active, batch_size=16, random_sets=rand)
     assert acc["full"].item() == 1.0 and acc["circuit"].item() == 1.0
     assert acc["ablated"].item() == 0.5  # the circuit removed: never says "bright", chance on a balanced set
+    # the planted path is all the model uses: the circuit keeps its margin, ablating it leaves the empty one
+    f = C.faithfulness(acc["margin_circuit"], acc["margin_full"], acc["margin_empty"])
+    f_abl = C.faithfulness(acc["margin_ablated"], acc["margin_full"], acc["margin_empty"])
+    assert f.item() == pytest.approx(1.0, abs=1e-5) and f_abl.item() == pytest.approx(0.0, abs=1e-5)
+    assert acc["random_ablated"].shape == acc["margin_random_ablated"].shape == (1, 3)
     frac = C.node_fraction(hooked, active)
     assert C.num_nodes(hooked) == 4 * 4 + 16 + 3 * 2  # four C-sized sites, 4C neurons, q/k/v per head
     assert frac.item() == pytest.approx(3 / C.num_nodes(hooked))
@@ -199,6 +205,124 @@ def test_batched_classes_equal_sequential_training():
         for key in ("full", "circuit", "ablated"):
             assert alone[key].item() == pytest.approx(together[key][i].item()), key
     assert all(p.requires_grad for p in model.parameters())  # model left as found
+
+    # random baselines and margins: the batched evaluation equals class by class as well
+    rand = C.random_node_sets(active, data.classes, draws=2, seed=4)
+    together = C.evaluate_masks(hooked, means, data, active, batch_size=7, random_sets=rand)
+    for i in range(3):
+        alone = C.evaluate_masks(hooked, means, data.select([i]), {n: a[i:i + 1] for n, a in active.items()}, 7,
+                                 random_sets=C.random_node_sets({n: a[i:i + 1] for n, a in active.items()},
+                                                                [data.classes[i]], draws=2, seed=4))
+        for key in ("random_ablated", "margin_full", "margin_circuit", "margin_ablated", "margin_random_ablated",
+                    "margin_empty", "empty"):
+            assert torch.allclose(alone[key], together[key][i:i + 1], atol=1e-5), key
+
+
+def test_random_node_sets_have_the_circuits_per_site_counts():
+    hooked = HookedViT(tiny_vit(depth=2, dim=8, heads=2))
+    g = torch.Generator().manual_seed(0)
+    active = {n: torch.rand(3, hooked.num_units(n), generator=g) > 0.5 for n in C.node_sites(hooked)}
+    active["blocks.0.mlp_act"][1] = True  # a site fully on: the random set must be the whole site
+    active["blocks.1.q"][2] = False  # fully off: empty
+    rand = C.random_node_sets(active, [0, 5, 7], draws=4, seed=1)
+    for n, a in active.items():
+        assert rand[n].shape == (3, 4, a.shape[1]) and rand[n].dtype == torch.bool
+        assert torch.equal(rand[n].sum(-1), a.sum(-1, keepdim=True).expand(3, 4)), n
+    assert rand["blocks.0.mlp_act"][1].all() and not rand["blocks.1.q"][2].any()
+    mlp = rand["blocks.1.mlp_act"]  # 32 units, about half on: draws differ from each other and from the circuit
+    assert not torch.equal(mlp[0, 0], mlp[0, 1]) and not torch.equal(mlp[0, 0], active["blocks.1.mlp_act"][0])
+    # seeded by (seed, class, draw): class 5 draws the same sets whatever classes share its chunk
+    alone = C.random_node_sets({n: a[1:2] for n, a in active.items()}, [5], draws=4, seed=1)
+    assert all(torch.equal(alone[n][0], rand[n][1]) for n in active)
+    other = C.random_node_sets(active, [0, 5, 7], draws=4, seed=2)
+    assert not all(torch.equal(other[n], rand[n]) for n in active)
+    with pytest.raises(ValueError, match="rows for 2 classes"):
+        C.random_node_sets(active, [0, 1], draws=1, seed=0)
+
+
+def test_margins_of_all_on_and_all_off_circuits():
+    model = tiny_vit(depth=2, dim=8, heads=2, classes=3, global_pool="avg")  # avg pool: the empty model still varies
+    hooked = HookedViT(model)
+    split = random_split(n=60)
+    means = means_for(hooked, split)
+    data = C.ClassSets(split, [0, 2], 8, seed=1, what="toy")
+    names = C.node_sites(hooked)
+    on = {n: torch.ones(2, hooked.num_units(n), dtype=torch.bool) for n in names}
+    off = {n: torch.zeros_like(a) for n, a in on.items()}
+    ev_on = C.evaluate_masks(hooked, means, data, on, 5, random_sets=C.random_node_sets(on, data.classes, 2, 0))
+    ev_off = C.evaluate_masks(hooked, means, data, off, 5, random_sets=C.random_node_sets(off, data.classes, 2, 0))
+
+    # the full model's margin, computed directly over each class's positive images
+    for i, c in enumerate(data.classes):
+        pos = data.idx[i][data.y[i].numpy() == 1]
+        with torch.no_grad():
+            z = model(split.dataset.images[torch.from_numpy(split.indices[pos])])
+        s = z[:, c] - torch.cat([z[:, :c], z[:, c + 1:]], 1).logsumexp(1)
+        assert ev_on["margin_full"][i].item() == pytest.approx(s.mean().item(), abs=1e-5)
+    assert not torch.allclose(ev_on["margin_full"], ev_on["margin_empty"])
+    assert torch.equal(ev_on["margin_circuit"], ev_on["margin_full"])
+    assert torch.equal(ev_on["margin_ablated"], ev_on["margin_empty"])
+    assert torch.equal(ev_on["margin_random_ablated"], ev_on["margin_empty"][:, None].expand(2, 2))  # all nodes drawn
+    assert torch.equal(ev_off["margin_circuit"], ev_off["margin_empty"])
+    assert torch.equal(ev_off["margin_ablated"], ev_off["margin_full"])
+    assert torch.equal(ev_off["margin_random_ablated"], ev_off["margin_full"][:, None].expand(2, 2))  # no node drawn
+    assert torch.allclose(C.faithfulness(ev_on["margin_circuit"], ev_on["margin_full"], ev_on["margin_empty"]),
+                          torch.ones(2))
+    assert torch.allclose(C.faithfulness(ev_off["margin_circuit"], ev_off["margin_full"], ev_off["margin_empty"]),
+                          torch.zeros(2))
+
+
+def test_compute_circuits_result_keys_and_summary():
+    from types import SimpleNamespace
+
+    model = tiny_vit(depth=1, dim=8, heads=2, classes=3)
+    hooked = HookedViT(model)
+    split = random_split(n=90)
+    means = means_for(hooked, split)
+    train = C.ClassSets(split, [0, 1, 2], 6, seed=0, what="toy")
+    evals = C.ClassSets(split, [0, 1, 2], 6, seed=1, what="toy")
+    cc = SimpleNamespace(class_chunk=2, epochs=1, lr=0.2, step_size=1, step_gamma=0.5, batch_size=6, tau=1.0,
+                         weight_decay=0.0, init_mean=0.5, init_std=0.01, random_draws=3)
+    res = C.compute_circuits(hooked, means, train, evals, cc, k=1e-3, seed=0)
+    for key in ("acc_full", "acc_circuit", "acc_ablated", "acc_empty", "margin_full", "margin_circuit",
+                "margin_ablated", "margin_empty", "faithfulness", "faithfulness_ablated", "node_fraction", "ncq",
+                "size_dense", "size_remaining"):
+        assert res[key].shape == (3,), key
+    assert res["acc_random_ablated"].shape == res["margin_random_ablated"].shape == (3, 3)
+    want = (res["margin_circuit"] - res["margin_empty"]) / (res["margin_full"] - res["margin_empty"])
+    assert torch.allclose(res["faithfulness"], want)
+    po = {"size_dense": res["size_dense"] / 2, "size_remaining": res["size_remaining"] / 2}
+    summ = C.summary(res, po)
+    assert summ["Random-ablated acc. (%)"][0] == pytest.approx(res["acc_random_ablated"].double().mean().item() * 100)
+    assert summ["Pruning-only size (% dense edges)"][0] == pytest.approx(summ["Size (% dense edges)"][0] / 2)
+    assert "Pruning-only size (% dense edges)" not in C.summary(res)
+
+
+def test_pruning_only_edges_counts_the_dense_circuits_on_pruned_weights(monkeypatch):
+    from impact_core import pipeline
+
+    dense = tiny_vit(depth=2, dim=8, heads=2)
+    pruned = tiny_vit(depth=2, dim=8, heads=2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for blk in pruned.blocks:
+            for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
+                lin.weight.mul_((torch.rand(lin.weight.shape, generator=g) > 0.5).float())
+    hooked = {0.0: HookedViT(dense), 0.5: HookedViT(pruned)}
+    active = {n: torch.rand(2, hooked[0.0].num_units(n), generator=g) > 0.3 for n in C.node_sites(hooked[0.0])}
+    monkeypatch.setattr(C, "circuit_results", lambda cfg, s: {"active": active} if s == 0 else None)
+    monkeypatch.setattr(pipeline, "hooked_model", lambda cfg, s, method="wanda": hooked[s])
+    cfg = load_config("smoke")
+
+    same = C.pruning_only_edges(cfg, 0.0)
+    ref = C.edge_counts(hooked[0.0], active)
+    assert torch.equal(same["edges"], ref["edges"])
+    assert torch.allclose(same["size_dense"], ref["edges"] / ref["dense_total"])
+    cut = C.pruning_only_edges(cfg, 0.5)
+    assert (cut["edges"] < same["edges"]).all()
+    assert (cut["size_remaining"] > cut["size_dense"]).all()  # fewer remaining weights than dense ones
+    with pytest.raises(ValueError, match="control model has nothing pruned"):
+        C.pruning_only_edges(cfg, 0.5, method=pipeline.CONTROL)
 
 
 def test_presets_give_logits_room_to_switch_off_before_the_first_decay():
@@ -235,6 +359,28 @@ def test_bad_settings_fail_before_compute():
     assert C.default_k(cfg, 0.0) == cfg.circuit.k_dense and C.default_k(cfg, 0.7) == cfg.circuit.k_sparse
     with pytest.raises(ValueError, match="k must be"):
         C.circuit_results(cfg, 0.7, k=-1.0)
+    with pytest.raises(ConfigError, match="random_draws"):
+        load_config("smoke", {"circuit.random_draws": 0})
+    with pytest.raises(ValueError, match="control model has nothing pruned"):
+        C.circuit_results(cfg, 0.7, method="control")
+
+
+def test_control_gets_the_pruned_k_and_its_own_cache_identity():
+    from impact_core import pipeline
+
+    cfg = load_config("smoke")
+    assert cfg.circuit.k_dense != cfg.circuit.k_sparse
+    assert C.default_k(cfg, 0.0, pipeline.CONTROL) == cfg.circuit.k_sparse
+    assert C.default_k(cfg, 0.0, "wanda") == cfg.circuit.k_dense
+    ctrl = C.circuit_inputs(cfg, 0.0, cfg.circuit.k_sparse, pipeline.CONTROL)
+    dense = C.circuit_inputs(cfg, 0.0, cfg.circuit.k_sparse, "wanda")
+    assert ctrl["model"] != dense["model"] and ctrl["model"] == {"pruned": pipeline.pruned_inputs(cfg, 0.0, "control")}
+
+
+def test_k_sweep_always_holds_the_dense_k():
+    cfg = load_config("smoke", {"circuit.k_sweep": [6e-5, 4e-5], "circuit.k_dense": 9e-5})
+    assert C.sweep_ks(cfg) == [4e-5, 6e-5, 9e-5]
+    assert C.sweep_ks(load_config("default")) == sorted(load_config("default").circuit.k_sweep)  # already in it
 
 
 def test_paper_tables_follow_the_edge_form_of_ncq():

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from impact_core import pruning
@@ -68,3 +69,24 @@ def test_mask_survives_finetuning(tiny_fmnist):
     for name, layer in pruning.prunable_linears(model).items():
         assert after[name] == before[name] == int(layer.in_features * 0.7) / layer.in_features
     assert all(torch.equal(masks[n], m) for n, m in pruning.masks_from_weights(model).items())
+
+
+def test_control_model_is_dense_fine_tuned_like_a_pruned_model(tiny_fmnist, tmp_path, monkeypatch):
+    """The negative control: exactly the dense model's nonzero count, the same fine-tuning
+    (steps and images) as a pruned model, and weights that differ from dense (it was tuned)."""
+    from impact_core import pipeline, pruning_study
+
+    monkeypatch.setenv("IMPACT_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_config(tiny_fmnist, pruning={"finetune_images": 32, "finetune_batch_size": 16, "sparsities": [0.5]},
+                      data={"eval_images": 20})
+    table = pruning_study.control_check(cfg, sparsity=0.5)
+    dense, control, pruned = table.index
+    assert table.loc[control, "nonzero block weights"] == table.loc[dense, "nonzero block weights"]
+    assert table.loc[pruned, "nonzero block weights"] < table.loc[dense, "nonzero block weights"]
+    assert table.loc[control, "fine-tuning steps"] == table.loc[pruned, "fine-tuning steps"] == 2
+    assert table.loc[control, "fine-tuning images"] == table.loc[pruned, "fine-tuning images"] == 32
+    d, c = pipeline.dense_model(cfg).state_dict(), pipeline.pruned_model(cfg, 0.0, pipeline.CONTROL).state_dict()
+    assert any(not torch.equal(d[k], c[k]) for k in d)
+    assert pipeline.model_inputs(cfg, 0.0, pipeline.CONTROL) != pipeline.model_inputs(cfg, 0.0)
+    with pytest.raises(ValueError, match="nothing pruned"):
+        pipeline.pruned_model(cfg, 0.5, pipeline.CONTROL)
