@@ -37,7 +37,9 @@ DeiT-III adaptations (App. A.3):
 
 Baselines: attention rollout (Abnar & Zuidema 2020: ``prod_b 0.5 (mean_h A_b + I)``),
 the gradient-only generic attention explainability (Chefer et al. 2021b:
-``A_bar = mean_h(clamp(dlogit/dA * A, 0))``, same rollout) and a random ordering.
+``A_bar = mean_h(clamp(dlogit/dA * A, 0))``, same rollout) and a random baseline:
+one U(0, 1) score per patch (seeded), upsampled and normalised exactly as the maps
+are (:func:`to_image_maps`), so it differs from the methods only in the scores.
 
 Everything is batched (many images per call) and equals one image at a time
 (tested). :func:`chefer_reference` is the plain one-image implementation (rules by
@@ -310,6 +312,11 @@ def to_image_maps(patch_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return safe_div(maps - lo, hi - lo)
 
 
+def random_patch_scores(batch: int, grid: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """The random baseline's patch scores: one U(0, 1) draw per patch, (B, gh, gw)."""
+    return torch.rand((batch, *grid), generator=generator)
+
+
 def _attribute_batch(model, images, method, target, layerscale_rule, generator):
     B = images.shape[0]
     grid = model.patch_embed.grid_size
@@ -318,8 +325,8 @@ def _attribute_batch(model, images, method, target, layerscale_rule, generator):
         with torch.no_grad():
             logits = model(images)
         tgt = _targets(target, logits)
-        noise = torch.rand((B, *images.shape[2:]), generator=generator).to(images.device)
-        return noise, noise, tgt
+        patch = random_patch_scores(B, grid, generator).to(images.device)
+        return patch, to_image_maps(patch, tuple(images.shape[2:])), tgt
     if method == "rollout":
         with torch.no_grad():
             logits, trace = forward_trace(model, images)
@@ -351,8 +358,9 @@ def attribute(model: nn.Module, images: torch.Tensor, method: str = "chefer", ta
     """Attribution maps for a batch of normalised images.
 
     Returns ``{"maps": (B, H, W) in [0, 1] on the CPU, "patch": (B, gh, gw) raw rollout row
-    (pixel noise for "random"), "target": (B,)}``. ``target``: class per image (or one
-    for all); default the predicted class. ``batch_size`` splits the work into chunks.
+    (for "random": U(0, 1) patch scores drawn from a generator seeded with ``seed``),
+    "target": (B,)}``. ``target``: class per image (or one for all); default the predicted
+    class. ``batch_size`` splits the work into chunks.
     """
     if method not in METHODS:
         raise AttributionError(f"unknown attribution method {method!r}; use one of {METHODS}")
@@ -511,12 +519,17 @@ def randomized_model(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def spearman_per_image(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """Spearman rank correlation between two maps, per image (pixels as observations)."""
+    """Spearman rank correlation between two maps, per image (pixels as observations).
+
+    NaN where either map is constant: its ranks carry no ordering, so the correlation is
+    undefined (a constant map must not pass the randomisation test as "uncorrelated")."""
     from scipy.stats import spearmanr
 
+    if a.shape != b.shape:
+        raise AttributionError(f"maps of shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
     a, b = a.flatten(1).numpy(), b.flatten(1).numpy()
     out = []
     for x, y in zip(a, b):
-        rho = spearmanr(x, y).statistic if x.std() > 0 and y.std() > 0 else 0.0
+        rho = spearmanr(x, y).statistic if x.min() < x.max() and y.min() < y.max() else float("nan")
         out.append(float(rho))
-    return np.asarray(out)
+    return np.asarray(out, dtype=np.float64)

@@ -11,12 +11,22 @@ The curve is the softmax probability of the target class (the attribution's targ
 the class predicted on the clean image) at each step; the AUC is the trapezoid rule
 over ``x = k / steps`` in [0, 1], so it lies in [0, 1].
 
-The reference ("zero-valued reference image", Sec. 3.5). ``baseline="black"``
-(default): 0 in [0, 1] pixel space, i.e. ``-mean / std`` after normalisation. This is
-the paper's reading: insertion starts "from a blank image", a zero-valued *image*
-is black, and the evaluation code of Chefer et al., whose attribution method the
-paper adopts, zeroes pixels before normalising. ``baseline="mean"``: 0 in
-normalised space (the data mean, grey), as RISE's deletion does.
+References (``attribution.references``; what insertion starts from and what deleted
+pixels become; the first listed is the primary, the Table 4 analogue):
+
+* ``"black"``: the paper's "zero-valued reference image" (Sec. 3.5) read as 0 in [0, 1]
+  pixel space, i.e. ``-mean / std`` after normalisation, for both curves: insertion
+  starts "from a blank image", a zero-valued *image* is black, and the evaluation code
+  of Chefer et al., whose attribution method the paper adopts, zeroes pixels before
+  normalising. On Fashion-MNIST black is also the background, so deleting background
+  changes nothing.
+* ``"rise"``: RISE's substitutes (Petsiuk et al. 2018, ``evaluation.py``): deletion
+  replaces pixels by 0 in normalised space (the data mean); insertion starts from a
+  Gaussian-blurred copy of the image. RISE blurs 224-pixel images with kernel 11 and
+  sigma 5; we scale both to the image: ``sigma = 5 * H / 224`` and kernel
+  ``2 * round(sigma) + 1`` (at least 3), which is 11 / 5 at 224 px and 3 / 0.625 at 28 px
+  (torchvision's ``gaussian_blur``, reflect padding; blur and normalisation commute).
+* ``"mean"``: 0 in normalised space for both curves.
 """
 from __future__ import annotations
 
@@ -34,15 +44,52 @@ from .config import Config, resolve_device
 
 log = logging.getLogger("impact_core")
 
-BASELINES = ("black", "mean")
+REFERENCES = ("black", "mean", "rise")
+RISE_BLUR = {"kernel": 11, "sigma": 5.0, "size": 224}  # RISE's insertion blur at 224 px
+RANDOMISATION_THRESHOLD = 0.5  # the randomisation check fails above this median rank correlation
 
 
-def reference_value(mean, std, baseline: str = "black") -> torch.Tensor:
-    """The reference pixel, per channel, in the model's normalised space."""
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; use one of {BASELINES}")
+def reference_value(mean, std, reference: str = "black") -> torch.Tensor:
+    """A constant reference pixel, per channel, in the model's normalised space:
+    ``"black"`` is ``-mean / std`` (0 in pixel space), ``"mean"`` is 0."""
+    if reference not in ("black", "mean"):
+        raise ValueError(f"no constant reference pixel for {reference!r}; use 'black' or 'mean'")
     mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-    return -mean / std if baseline == "black" else torch.zeros_like(mean)
+    return -mean / std if reference == "black" else torch.zeros_like(mean)
+
+
+def rise_blur_params(size: int) -> tuple[int, float]:
+    """RISE's blur (kernel 11, sigma 5 at 224 px) scaled to ``size`` pixels:
+    ``sigma = 5 * size / 224``, kernel ``2 * round(sigma) + 1``, at least 3."""
+    sigma = RISE_BLUR["sigma"] * size / RISE_BLUR["size"]
+    return max(3, 2 * round(sigma) + 1), sigma
+
+
+def substitutes(images: torch.Tensor, mean, std, reference: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(insertion start, deletion fill)`` of a reference, in normalised space: a (C,)
+    pixel or a (B, C, H, W) image each (see the module docstring)."""
+    if reference not in REFERENCES:
+        raise ValueError(f"unknown reference {reference!r}; use one of {REFERENCES}")
+    if reference == "rise":
+        from torchvision.transforms.functional import gaussian_blur
+
+        (ky, sy), (kx, sx) = rise_blur_params(images.shape[-2]), rise_blur_params(images.shape[-1])
+        return gaussian_blur(images, [kx, ky], [sx, sy]), reference_value(mean, std, "mean")
+    value = reference_value(mean, std, reference)
+    return value, value
+
+
+def _reference_chunk(reference: torch.Tensor, start: int, b: int, device) -> torch.Tensor:
+    """The reference of images ``start:start + b`` shaped (b or 1, 1, C, H or 1, W or 1)."""
+    if reference.ndim == 1:
+        return reference.to(device).reshape(1, 1, -1, 1, 1)
+    return reference[start:start + b].to(device)[:, None]
+
+
+def _check_reference(reference: torch.Tensor, images: torch.Tensor, name: str) -> None:
+    C = images.shape[1]
+    if tuple(reference.shape) not in ((C,), tuple(images.shape)):
+        raise ValueError(f"{name} of shape {tuple(reference.shape)} must be ({C},) or {tuple(images.shape)}")
 
 
 def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
@@ -56,20 +103,25 @@ def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
-                        steps: int, reference: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
+                        steps: int, reference: torch.Tensor, batch_size: int = 64,
+                        insertion_start: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Target-class probability along insertion and deletion, each (B, steps + 1).
 
+    ``reference``: what deleted pixels become; ``insertion_start``: what insertion starts
+    from (default ``reference``); each a (C,) pixel or a (B, C, H, W) image, normalised.
     Perturbed images are built on the model's device, ``batch_size`` images at a time.
     """
     if images.ndim != 4 or maps.shape != (images.shape[0], *images.shape[2:]):
         raise ValueError(f"maps {tuple(maps.shape)} must be (B, H, W) for images {tuple(images.shape)}")
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    insertion_start = reference if insertion_start is None else insertion_start
+    _check_reference(reference, images, "reference")
+    _check_reference(insertion_start, images, "insertion_start")
     device = next(model.parameters()).device
     model.eval()
     B, C, H, W = images.shape
     counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) * (H * W) / steps).long().to(device)
-    ref = reference.to(device).reshape(1, C, 1, 1)
     out = {"insertion": torch.empty(B, steps + 1), "deletion": torch.empty(B, steps + 1)}
     per_chunk = max(1, batch_size // (steps + 1)) if batch_size >= steps + 1 else 1
     for start in range(0, B, per_chunk):
@@ -78,7 +130,10 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
         ranks = pixel_ranks(maps[start:start + per_chunk].to(device))  # (b, HW)
         shown = (ranks[:, None, :] < counts[None, :, None]).reshape(b, steps + 1, 1, H, W)  # top-k per step
         xs = x[:, None]
-        for kind, img in (("insertion", torch.where(shown, xs, ref)), ("deletion", torch.where(shown, ref, xs))):
+        start_ref = _reference_chunk(insertion_start, start, b, device)
+        fill_ref = _reference_chunk(reference, start, b, device)
+        for kind, img in (("insertion", torch.where(shown, xs, start_ref)),
+                          ("deletion", torch.where(shown, fill_ref, xs))):
             flat = img.reshape(b * (steps + 1), C, H, W)
             probs = torch.cat([model(flat[i:i + batch_size]).softmax(-1) for i in range(0, flat.shape[0], batch_size)])
             t = target[start:start + b].to(device).repeat_interleave(steps + 1)
@@ -93,22 +148,12 @@ def auc(curves: torch.Tensor) -> torch.Tensor:
 
 
 def insertion_deletion(model: nn.Module, images: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
-                       steps: int, reference: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Per-image insertion and deletion AUC plus the curves."""
-    curves = perturbation_curves(model, images, maps, target, steps, reference, batch_size)
+                       steps: int, reference: torch.Tensor, batch_size: int = 64,
+                       insertion_start: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """Per-image insertion and deletion AUC (B,) plus the curves (B, steps + 1)."""
+    curves = perturbation_curves(model, images, maps, target, steps, reference, batch_size, insertion_start)
     return {"insertion": auc(curves["insertion"]), "deletion": auc(curves["deletion"]),
             "insertion_curve": curves["insertion"], "deletion_curve": curves["deletion"]}
-
-
-def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean over images."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
 # ----------------------------------------------------------------------------- the chapter's artefact
@@ -144,17 +189,23 @@ def chunk_images(batch_size: int) -> int:
     return 4 * batch_size
 
 
-def score_chunk(model: nn.Module, rand_model: nn.Module, images: torch.Tensor, a, reference: torch.Tensor,
+SCORE_KEYS = ("insertion", "deletion", "insertion_curve", "deletion_curve")
+
+
+def score_chunk(model: nn.Module, rand_model: nn.Module, images: torch.Tensor, a, mean, std,
                 seed: int, figure_rows: list[int]) -> dict:
-    """Every attribution method on one chunk of images: per-image insertion / deletion AUC and
-    curves, the randomisation test's rank correlation, and the maps of ``figure_rows``."""
+    """Every attribution method on one chunk of images: its maps once, then per-image
+    insertion / deletion AUC and curves against every reference in ``a.references``, the
+    randomisation test's rank correlation, and the maps of ``figure_rows``."""
+    subs = {r: substitutes(images, mean, std, r) for r in a.references}
     out = {}
     for m in attr.METHODS:
         maps = attr.attribute(model, images, m, layerscale_rule=a.layerscale_rule, batch_size=a.batch_size, seed=seed)
-        scores = insertion_deletion(model, images, maps["maps"], maps["target"], a.steps, reference,
-                                    batch_size=4 * a.batch_size)
-        row = {key: scores[key] for key in ("insertion", "deletion", "insertion_curve", "deletion_curve")}
-        row["figure_maps"] = maps["maps"][figure_rows]
+        row = {"figure_maps": maps["maps"][figure_rows], "scores": {}}
+        for r, (start, fill) in subs.items():
+            scores = insertion_deletion(model, images, maps["maps"], maps["target"], a.steps, fill,
+                                        batch_size=4 * a.batch_size, insertion_start=start)
+            row["scores"][r] = {key: scores[key] for key in SCORE_KEYS}
         if m != "random":
             rnd = attr.attribute(rand_model, images, m, target=maps["target"], layerscale_rule=a.layerscale_rule,
                                  batch_size=a.batch_size)
@@ -165,21 +216,35 @@ def score_chunk(model: nn.Module, rand_model: nn.Module, images: torch.Tensor, a
 
 
 def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
-    """Insertion / deletion per image for every attribution method at one sparsity level,
-    maps of a few images for figures, the per-layer conservation report (both
-    LayerScale rules) and the parameter-randomisation test (cached).
+    """Insertion / deletion per image for every attribution method at one sparsity level
+    (or the control: ``sparsity=0, method=pipeline.CONTROL``), maps of a few images for
+    figures, the per-layer conservation report (both LayerScale rules) and the
+    parameter-randomisation test (cached).
+
+    Returns, with N images and ``steps + 1`` points per curve:
+
+    * ``"scores"[reference][m]``: ``{"insertion": (N,), "deletion": (N,), "insertion_curve":
+      (steps + 1,), "deletion_curve": (steps + 1,)}`` (curves: mean over images) for every
+      reference in ``attribution.references`` and every method of ``attribution.METHODS``
+      (the random-patch baseline included);
+    * ``"methods"[m]``: the primary (first) reference's scores plus ``"figure_maps"``;
+    * ``"randomisation"[m]``: (N,) Spearman correlation of trained vs randomised maps
+      (NaN for a constant map; methods other than "random"), see :func:`randomisation_check`;
+    * ``"references"``, ``"level"``, ``"targets"``, ``"labels"``, ``"positions"``, ``"conservation"``.
 
     The evaluation images are streamed in chunks of :func:`chunk_images` (at most one
     chunk's images and maps in memory); under torchrun each process scores every
     world_size-th chunk and the per-image results are gathered, equal to one process's
-    (a chunk's random-baseline noise is seeded by the chunk's first position)."""
+    (a chunk's random-baseline scores are seeded by the chunk's first position)."""
     from . import pipeline
 
+    pipeline.check_model_kind(sparsity, method)
     a = cfg.attribution
     inputs = {"model": pipeline.model_inputs(cfg, sparsity, method), "images": a.images, "steps": a.steps,
-              "baseline": a.baseline, "layerscale_rule": a.layerscale_rule, "seed": cfg.seed,
-              "eval_images": cfg.data.eval_images, "data_kind": cfg.data.kind,
-              "figure": [a.figure_classes, a.figure_per_class], "methods": list(attr.METHODS), "version": 2}
+              "references": list(a.references), "rise_blur": RISE_BLUR, "layerscale_rule": a.layerscale_rule,
+              "seed": cfg.seed, "eval_images": cfg.data.eval_images, "data_kind": cfg.data.kind,
+              "figure": [a.figure_classes, a.figure_per_class], "methods": list(attr.METHODS), "version": 3}
+    label = pipeline.level_label(sparsity, method)
 
     def compute():
         model = pipeline.pruned_model(cfg, sparsity, method)
@@ -187,37 +252,40 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
         split = pipeline.splits(cfg)["eval"]
         pos = evaluation_positions(cfg)
         labels = torch.as_tensor(split.labels[pos])
-        ref = reference_value(cfg.model.mean, cfg.model.std, a.baseline)
         fig = figure_positions(labels, a.figure_classes, a.figure_per_class)
         rand_model = attr.randomized_model(model, seed=cfg.seed + 11).to(device)
         chunk = chunk_images(a.batch_size)
         starts = list(range(0, len(pos), chunk))
         mine = distributed.shard(np.arange(len(starts)))  # under torchrun: every world_size-th chunk
         local = {}
-        for c in tqdm(mine, desc=f"attribution {pipeline.level_label(sparsity)}", leave=False):
+        for c in tqdm(mine, desc=f"attribution {label}", leave=False):
             sl = slice(starts[c], starts[c] + chunk)
             images, _ = load_images(split, pos[sl], cfg.data.batch_size)
-            local[int(c)] = score_chunk(model, rand_model, images, a, ref, seed=cfg.seed * 1_000_003 + starts[c],
+            local[int(c)] = score_chunk(model, rand_model, images, a, cfg.model.mean, cfg.model.std,
+                                        seed=cfg.seed * 1_000_003 + starts[c],
                                         figure_rows=[i - starts[c] for i in fig if starts[c] <= i < starts[c] + chunk])
         chunks = {c: r for part in distributed.gather_objects(local) for c, r in part.items()}
         parts = [chunks[c] for c in range(len(starts))]
         figure_images, _ = load_images(split, pos[fig], cfg.data.batch_size)
-        res = {"sparsity": sparsity, "positions": torch.as_tensor(pos), "labels": labels, "figure_positions": fig,
-               "figure_images": figure_images, "methods": {}, "randomisation": {},
-               "targets": torch.cat([p["target"] for p in parts])}
+        res = {"sparsity": sparsity, "level": label, "references": list(a.references),
+               "positions": torch.as_tensor(pos), "labels": labels, "figure_positions": fig,
+               "figure_images": figure_images, "methods": {}, "scores": {r: {} for r in a.references},
+               "randomisation": {}, "targets": torch.cat([p["target"] for p in parts])}
         fig_maps = {m: {} for m in attr.METHODS}  # image position -> map, put back in ``fig`` order
         for c, p in enumerate(parts):
             in_chunk = [i for i in fig if starts[c] <= i < starts[c] + chunk]
             for m in attr.METHODS:
                 fig_maps[m].update(zip(in_chunk, p[m]["figure_maps"]))
         for m in attr.METHODS:
-            cat = {key: torch.cat([p[m][key] for p in parts]) for key in parts[0][m] if key != "figure_maps"}
-            res["methods"][m] = {"insertion": cat["insertion"], "deletion": cat["deletion"],
-                                 "insertion_curve": cat["insertion_curve"].mean(0),
-                                 "deletion_curve": cat["deletion_curve"].mean(0),
+            for r in a.references:
+                cat = {key: torch.cat([p[m]["scores"][r][key] for p in parts]) for key in SCORE_KEYS}
+                res["scores"][r][m] = {"insertion": cat["insertion"], "deletion": cat["deletion"],
+                                       "insertion_curve": cat["insertion_curve"].mean(0),
+                                       "deletion_curve": cat["deletion_curve"].mean(0)}
+            res["methods"][m] = {**res["scores"][a.references[0]][m],
                                  "figure_maps": torch.stack([fig_maps[m][i] for i in fig])}
             if m != "random":
-                res["randomisation"][m] = cat["randomisation"]
+                res["randomisation"][m] = torch.cat([p[m]["randomisation"] for p in parts])
         n_cons = min(len(pos), 16)
         cons_images, _ = load_images(split, pos[:n_cons], cfg.data.batch_size)
         res["conservation"] = {rule: attr.relevance_conservation(model, cons_images, rule)
@@ -225,3 +293,24 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
         return res
 
     return pipeline.cache_for(cfg).get_or_compute("attribution_results", inputs, compute)
+
+
+def randomisation_check(res: dict, threshold: float = RANDOMISATION_THRESHOLD) -> dict[str, dict]:
+    """The model-parameter randomisation test (Adebayo et al. 2018) per method of
+    ``res["randomisation"]``: ``{"median_spearman", "constant_maps", "passed"}``.
+
+    ``constant_maps`` counts images whose rank correlation is undefined (NaN: a trained or
+    randomised map is constant); ``median_spearman`` is the median over the others.
+    ``passed`` needs no constant map and a median at most ``threshold``: a map that does
+    not change when every weight is re-initialised does not explain the model."""
+    out = {}
+    for m, rho in res["randomisation"].items():
+        rho = np.asarray(rho, dtype=np.float64)
+        if rho.size == 0:
+            raise ValueError(f"no randomisation correlations for {m!r}")
+        finite = rho[np.isfinite(rho)]
+        median = float(np.median(finite)) if finite.size else float("nan")
+        constant = int(rho.size - finite.size)
+        out[m] = {"median_spearman": median, "constant_maps": constant,
+                  "passed": bool(constant == 0 and median <= threshold)}
+    return out

@@ -75,3 +75,22 @@ def test_missing_checkpoint(tmp_path, monkeypatch):
         pm.execute_notebook(str(CHAPTER), str(tmp_path / "out.ipynb"), kernel_name="impact",
                             parameters={"preset": "paper"}, cwd=str(REPO_ROOT), progress_bar=False)
     assert "checkpoint" in str(err.value) and "deit3.pth" in str(err.value)
+
+
+def test_chapter_verdicts_equal_the_discussion(smoke_book):
+    """Every claim verdict a chapter glues is the discussion's verdict for that claim (one
+    judging layer), and every level of analysis glues its claims in its own chapter."""
+    out, _ = smoke_book
+    src = out / "_build" / "src" / "book" / "chapters"
+    discussion = read_glued(src / "06_discussion.ipynb")
+    verdicts = {k: v for k, v in discussion.items() if k.startswith("claim_") and k.endswith("_verdict")}
+    assert len(verdicts) >= 15
+    seen = set()
+    for chapter in ("01_pruning", "02_neuron", "03_layer", "04_circuit", "05_model"):
+        glued = {k: v for k, v in read_glued(src / f"{chapter}.ipynb").items()
+                 if k.startswith("claim_") and k.endswith("_verdict")}
+        assert glued, f"{chapter} glues no verdict"
+        for key, value in glued.items():
+            assert discussion[key] == value, (chapter, key)
+        seen |= set(glued)
+    assert seen == set(verdicts)
