@@ -31,8 +31,16 @@ Per class and block, over its top-K units:
 * class variance (Eq. 4-5) and label entropy (Eq. 6-7): means over the units (NaN
   entries, see :mod:`impact_core.unit_metrics`, are skipped).
 
-Validation: on a seeded sample of units per block (half drawn from the top-K sets,
-half from the other units), the attribution estimate per class is compared with the
+Winner's curse: the paper chooses the top-K units and measures them on the same images, which
+biases the metrics towards whatever the selection favoured. The metric images are therefore
+split in two halves, seeded and stratified by class (``unit_metrics.stratified_halves``): the
+top-K are chosen on the *selection* half and all four metrics are measured on the
+*measurement* half (the result keys ``impact``, ``selectivity``, ...). The paper's variant,
+chosen and measured on all images, is kept beside it with the suffix ``_same``. One
+attribution pass feeds one accumulator per half; one ablation pass runs both variants.
+
+Validation: on a seeded sample of units per block (half drawn from the same-image top-K
+sets, half from the other units), the attribution estimate per class is compared with the
 true single-unit mean-ablation effect (Eq. 2 with K = 1) on the same images.
 """
 from __future__ import annotations
@@ -47,13 +55,15 @@ from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum, gather_rows, local_rows
 from .sites import HookedViT, mean_ablate, site_name
-from .unit_metrics import StreamingClassStats, max_over_patches
+from .unit_metrics import (StreamingClassStats, batch_labels, max_over_patches, selected_unit_values,
+                           stratified_halves, top_units)
 
 log = logging.getLogger("impact_core")
 
 UNIT_SITES = ("mlp_act", "heads")
 NEURON_METRICS = ("impact", "selectivity", "class_variance", "label_entropy")
-VERSION = 2  # bump when the computation changes (part of the cache key)
+SAME = "_same"  # suffix of the paper's same-image variant of a result key
+VERSION = 3  # bump when the computation changes (part of the cache key); 3: held-out selection
 
 
 # --- units ----------------------------------------------------------------------------------------------------------
@@ -121,13 +131,17 @@ def _class_mean(sums: Tensor, count: Tensor) -> Tensor:
 # --- pass 1: attribution patching and streaming statistics ------------------------------------------------------------
 
 def attribution_pass(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], blocks: list[int],
-                     num_classes: int, device="cpu", validation_images: int = 0, desc: str = "attribution") -> dict:
+                     num_classes: int, device="cpu", validation_images: int = 0, selection: Optional[Tensor] = None,
+                     desc: str = "attribution") -> dict:
     """One forward + backward per batch: importance ``I[c, u]`` and the per-class unit statistics.
 
-    Returns ``importance`` and ``importance_val`` (the same over the first
-    ``validation_images`` images) as ``{block: (C, U)}``, ``stats`` as
-    ``{block: StreamingClassStats}``, and per image (in batch order) the label, the
-    clean own-class logit ``f_y`` and the clean logit norm ``||f||``.
+    Returns ``importance`` (all images), ``importance_sel`` (the selection half) and
+    ``importance_val`` (the first ``validation_images`` images) as ``{block: (C, U)}``;
+    ``stats`` (all images) and ``stats_meas`` (the measurement half) as
+    ``{block: StreamingClassStats}``; per image (in batch order) the label, the clean
+    own-class logit ``f_y`` and the clean logit norm ``||f||``. ``selection``: bool ``(n,)``
+    in batch order, True for the selection half (see ``unit_metrics.stratified_halves``);
+    None: no split (``importance_sel`` and ``stats_meas`` are then those of all images).
     """
     device = torch.device(device)
     hooked.eval()
@@ -137,9 +151,12 @@ def attribution_pass(hooked: HookedViT, batches: Iterable, means: dict[str, Tens
     f64 = dict(dtype=torch.float64, device=device)
     imp = {b: torch.zeros(num_classes, units, **f64) for b in blocks}
     imp_val = {b: torch.zeros(num_classes, units, **f64) for b in blocks}
+    imp_sel = {b: torch.zeros(num_classes, units, **f64) for b in blocks}
     count = torch.zeros(num_classes, **f64)
     count_val = torch.zeros(num_classes, **f64)
-    stats = {b: StreamingClassStats(units, num_classes, device) for b in blocks}
+    count_sel = torch.zeros(num_classes, **f64)
+    halves = [True, False] if selection is not None else [True]
+    stats = {b: {h: StreamingClassStats(units, num_classes, device) for h in halves} for b in blocks}
     store: dict[str, Tensor] = {}
     own, norms, all_labels = [], [], []
 
@@ -168,6 +185,13 @@ def attribution_pass(hooked: HookedViT, batches: Iterable, means: dict[str, Tens
             count.index_add_(0, y, ones)
             n_val = max(0, min(len(y), validation_images - seen))
             count_val.index_add_(0, y[:n_val], ones[:n_val])
+            if selection is None:
+                sel = torch.ones_like(y, dtype=torch.bool)
+            elif seen + len(y) > len(selection):
+                raise ValueError(f"attribution_pass: selection has {len(selection)} entries, the batches more images")
+            else:
+                sel = selection[seen:seen + len(y)].to(y.device)
+            count_sel.index_add_(0, y[sel], ones[sel])
             with torch.no_grad():
                 for i, b in enumerate(blocks):
                     a_mlp, a_heads = acts[2 * i].detach(), acts[2 * i + 1].detach()
@@ -177,8 +201,12 @@ def attribution_pass(hooked: HookedViT, batches: Iterable, means: dict[str, Tens
                     est = gather_rows(est.double() / norm_local.double()[:, None], total)
                     imp[b].index_add_(0, y, est)
                     imp_val[b].index_add_(0, y[:n_val], est[:n_val])
+                    imp_sel[b].index_add_(0, y[sel], est[sel])
                     u = unit_activation(a_mlp, a_heads)
-                    stats[b].update(gather_rows(max_over_patches(u), total), y, gather_rows(u[:, 0], total))
+                    m, cls = gather_rows(max_over_patches(u), total), gather_rows(u[:, 0], total)
+                    for h in halves:
+                        rows = sel if h else ~sel
+                        stats[b][h].update(m[rows], y[rows], cls[rows])
             own.append(f_y.detach().cpu())
             norms.append(norm.cpu())
             all_labels.append(y.cpu())
@@ -186,40 +214,47 @@ def attribution_pass(hooked: HookedViT, batches: Iterable, means: dict[str, Tens
             store.clear()
     if seen == 0:
         raise ValueError("attribution_pass: no images")
+    if selection is not None and seen != len(selection):
+        raise ValueError(f"attribution_pass: selection has {len(selection)} entries for {seen} images")
     return {"importance": {b: _class_mean(imp[b], count) for b in blocks},
+            "importance_sel": {b: _class_mean(imp_sel[b], count_sel) for b in blocks},
             "importance_val": {b: _class_mean(imp_val[b], count_val) for b in blocks},
-            "stats": stats, "labels": torch.cat(all_labels), "own_logit": torch.cat(own),
-            "logit_norm": torch.cat(norms), "count": count.cpu(), "count_val": count_val.cpu()}
+            "stats": {b: StreamingClassStats.combine(list(stats[b].values())) for b in blocks},
+            "stats_meas": {b: stats[b][halves[-1]] for b in blocks},
+            "labels": torch.cat(all_labels), "own_logit": torch.cat(own), "logit_norm": torch.cat(norms),
+            "count": count.cpu(), "count_val": count_val.cpu(), "count_sel": count_sel.cpu()}
 
 
 # --- pass 2: mean ablation -------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def ablation_jobs(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], jobs: list[tuple[int, Tensor]],
+def ablation_jobs(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], jobs: list[tuple],
                   num_classes: int, device="cpu", limit: Optional[int] = None, clean: Optional[tuple] = None,
                   max_batch: int = 1024, desc: str = "ablation") -> Tensor:
     """Eq. 2 averaged per class for several ablations, shape ``(jobs, C)``:
     ``mean_{x in D_c} (f_c(x) - f_c^abl(x)) / ||f(x)||``.
 
-    A job is ``(block, keep)``: ``keep`` is ``(U,)`` (the same units ablated for every
-    image) or ``(C, U)`` (the units of each image's own class); 0 marks a unit replaced by
-    its per-position dataset mean (``sites.mean_ablate``). Jobs share forward passes: a
-    batch is repeated once per job (up to ``max_batch`` images per forward) and each copy
-    gets its own per-image mask; a unit with keep 1 passes through exactly. ``clean``
-    optionally gives ``(f_y, ||f||)`` per image in batch order (from :func:`attribution_pass`),
-    saving the clean forward. ``limit``: only the first images of ``batches``.
+    A job is ``(block, keep)`` or ``(block, keep, images)``: ``keep`` is ``(U,)`` (the same
+    units ablated for every image) or ``(C, U)`` (the units of each image's own class); 0
+    marks a unit replaced by its per-position dataset mean (``sites.mean_ablate``).
+    ``images`` (bool ``(n,)`` in batch order, None: all) restricts the job to those images
+    (``D_c`` is then the class's images among them). Jobs share forward passes: each job's
+    rows of a batch are stacked (up to ``max_batch`` images per forward) and each row gets
+    its own mask; a unit with keep 1 passes through exactly. ``clean`` optionally gives
+    ``(f_y, ||f||)`` per image in batch order (from :func:`attribution_pass`), saving the
+    clean forward. ``limit``: only the first images of ``batches``.
     """
     device = torch.device(device)
     hooked.eval()
     n_mlp, _ = block_unit_counts(hooked)
     units = sum(block_unit_counts(hooked))
-    jobs = [(b, k.to(device, torch.float32)) for b, k in jobs]
+    jobs = [(j[0], j[1].to(device, torch.float32), j[2] if len(j) > 2 else None) for j in jobs]
     mu = {}
-    for b, _ in jobs:
+    for b, _, _ in jobs:
         for site in UNIT_SITES:
             mu[site_name(b, site)] = means[site_name(b, site)].to(device)
     sums = torch.zeros(len(jobs) * num_classes, dtype=torch.float64, device=device)
-    count = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    count = torch.zeros(len(jobs) * num_classes, dtype=torch.float64, device=device)
     seen = 0
     for images, labels in tqdm(_take(batches, limit), desc=desc, leave=False):
         total = len(labels)  # under torchrun: this process's rows; the sums are all-reduced below
@@ -230,32 +265,41 @@ def ablation_jobs(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor]
             f_y, norm = logits.gather(1, y[:, None]).squeeze(1), logits.norm(dim=1)
         else:
             f_y, norm = (local_rows(t[seen:seen + total]).to(device) for t in clean)
+        every = torch.arange(B, device=device)
+        rows = [every if sub is None else every[local_rows(sub[seen:seen + total]).to(device)] for _, _, sub in jobs]
         seen += total
         if B == 0:
             continue
-        count.index_add_(0, y, torch.ones(B, dtype=torch.float64, device=device))
         per = max(1, max_batch // B)
         for start in range(0, len(jobs), per):
-            chunk = list(range(start, min(start + per, len(jobs))))
+            chunk = [j for j in range(start, min(start + per, len(jobs))) if len(rows[j])]
+            if not chunk:
+                continue
+            r = torch.cat([rows[j] for j in chunk])
+            job = torch.cat([torch.full_like(rows[j], j) for j in chunk])
             keeps: dict[int, Tensor] = {}
-            for i, j in enumerate(chunk):
-                b, keep = jobs[j]
+            offset = 0
+            for j in chunk:
+                b, keep, _ = jobs[j]
                 if b not in keeps:
-                    keeps[b] = torch.ones(len(chunk) * B, units, device=device)
-                keeps[b][i * B:(i + 1) * B] = keep[y] if keep.ndim == 2 else keep
+                    keeps[b] = torch.ones(len(r), units, device=device)
+                n_j = len(rows[j])
+                keeps[b][offset:offset + n_j] = keep[y[rows[j]]] if keep.ndim == 2 else keep
+                offset += n_j
             fns = {}
             for b, k in keeps.items():
                 m_name, h_name = site_name(b, "mlp_act"), site_name(b, "heads")
                 fns[m_name] = mean_ablate(mu[m_name], k[:, None, :n_mlp], m_name)
                 fns[h_name] = mean_ablate(mu[h_name], k[:, None, n_mlp:], h_name)
-            abl = hooked.run_with_hooks(x.repeat(len(chunk), *([1] * (x.ndim - 1))), fns)
-            abl_y = abl.gather(1, y.repeat(len(chunk))[:, None]).view(len(chunk), B)
-            effect = (f_y[None] - abl_y) / norm[None]
-            index = (torch.tensor(chunk, device=device)[:, None] * num_classes + y[None]).reshape(-1)
-            sums.index_add_(0, index, effect.reshape(-1).double())
+            abl = hooked.run_with_hooks(x[r], fns)
+            abl_y = abl.gather(1, y[r][:, None]).squeeze(1)
+            effect = (f_y[r] - abl_y) / norm[r]
+            index = job * num_classes + y[r]
+            sums.index_add_(0, index, effect.double())
+            count.index_add_(0, index, torch.ones_like(effect, dtype=torch.float64))
     all_reduce_sum(sums)
     all_reduce_sum(count)
-    return _class_mean(sums.view(len(jobs), num_classes).T, count).T.cpu()
+    return _class_mean(sums, count).view(len(jobs), num_classes).cpu()
 
 
 def ablation_effect(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], block: int, keep: Tensor,
@@ -281,47 +325,69 @@ def validation_units(top: Tensor, num_units: int, n: int, seed: int) -> list[int
 
 def analyse(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], blocks: Iterable[int], top_k: int,
             num_classes: int, classes: Optional[list[int]] = None, n_validation_units: int = 8,
-            validation_images: int = 0, device="cpu", seed: int = 0, max_batch: int = 1024, desc: str = "") -> dict:
-    """Top-K units per class and block and their four metrics (see the module docstring).
+            validation_images: int = 0, device="cpu", seed: int = 0, max_batch: int = 1024,
+            selection: Optional[Tensor] = None, desc: str = "") -> dict:
+    """Top-K units per class and block and their four metrics, held-out and same-image (module docstring).
 
     ``batches`` must be re-iterable in a fixed order (three passes). ``classes`` are the
     analysed classes (default: all); AUROC, entropy and importance always use all classes.
-    ``max_batch``: images per forward of the ablation passes (a batch repeated per ablation).
-    Returns torch-serialisable values: metric arrays of shape ``(blocks, classes)``.
+    ``selection``: bool ``(n,)`` in batch order, True for the selection half (default:
+    ``stratified_halves(batch_labels(batches), seed)``). ``max_batch``: images per forward of the ablation passes.
+
+    Returns torch-serialisable values. Shape ``(blocks, classes)``: the held-out metrics
+    ``impact``, ``selectivity``, ``class_variance``, ``label_entropy``, ``head_fraction``
+    (units chosen on the selection half, measured on the other), the same with suffix
+    ``_same`` (chosen and measured on all images, the paper's), and ``zero_importance``
+    (how many of the held-out top-K have zero or NaN importance on the selection half).
+    ``topk`` / ``topk_same`` ``(blocks, classes, K)``; ``importance`` (selection half) /
+    ``importance_same`` (all images) ``(blocks, C, U)``; ``selection`` ``(n,)``.
     """
     blocks = check_setup(hooked, blocks, top_k, num_classes)
     classes = list(range(num_classes)) if classes is None else list(classes)
     if not classes or min(classes) < 0 or max(classes) >= num_classes:
         raise ValueError(f"classes must be a non-empty list of indices in [0, {num_classes})")
+    labels = batch_labels(batches)
+    selection = stratified_halves(labels, seed) if selection is None else torch.as_tensor(selection)
+    if selection.dtype != torch.bool or tuple(selection.shape) != (len(labels),):
+        raise ValueError(f"selection must be a bool mask of shape ({len(labels)},) (one per image), "
+                         f"got {selection.dtype} of shape {tuple(selection.shape)}")
     n_mlp, n_heads = block_unit_counts(hooked)
     units = n_mlp + n_heads
     cls_idx = torch.tensor(classes)
-    first = attribution_pass(hooked, batches, means, blocks, num_classes, device,
-                             validation_images=validation_images, desc=f"attribution {desc}".strip())
-    out = {m: torch.full((len(blocks), len(classes)), float("nan"), dtype=torch.float64)
-           for m in NEURON_METRICS + ("head_fraction",)}
-    topk_all, importance, jobs, val_units = [], [], [], []
+    first = attribution_pass(hooked, batches, means, blocks, num_classes, device, validation_images=validation_images,
+                             selection=selection, desc=f"attribution {desc}".strip())
+    keys = NEURON_METRICS + ("head_fraction",)
+    out = {m + suffix: torch.full((len(blocks), len(classes)), float("nan"), dtype=torch.float64)
+           for m in keys for suffix in ("", SAME)}
+    out["zero_importance"] = torch.zeros(len(blocks), len(classes), dtype=torch.long)
+    topk = {"": [], SAME: []}
+    importance = {"": [], SAME: []}
+    jobs, val_units = [], []
     clean = (first["own_logit"], first["logit_norm"])
+    measure = ~selection
     for i, b in enumerate(blocks):
-        imp = first["importance"][b].cpu()
-        importance.append(imp.float())
-        top = imp[cls_idx].nan_to_num(float("-inf")).topk(top_k, dim=1).indices  # (Ca, K)
-        topk_all.append(top)
-        keep = torch.ones(num_classes, units)
-        keep[cls_idx[:, None], top] = 0
-        jobs.append((b, keep))
-        st = first["stats"][b]
-        auroc, cv, ent = st.auroc().cpu(), st.class_variance().cpu(), st.label_entropy().cpu()
-        cols = cls_idx[:, None].expand_as(top)
-        out["selectivity"][i] = auroc[top, cols].mean(1)
-        out["class_variance"][i] = cv[top, cols].nanmean(1)
-        out["label_entropy"][i] = ent[top].nanmean(1)
-        out["head_fraction"][i] = (top >= n_mlp).double().mean(1)
-        if n_validation_units > 0 and validation_images > 0:
-            val_units += [(b, u) for u in validation_units(top, units, n_validation_units, seed + 101 * b)]
+        variants = {"": (first["importance_sel"][b].cpu(), first["stats_meas"][b], measure),
+                    SAME: (first["importance"][b].cpu(), first["stats"][b], None)}
+        for suffix, (imp, stats, images) in variants.items():
+            importance[suffix].append(imp.float())
+            top, zero = top_units(imp[cls_idx], top_k)  # (Ca, K), (Ca,)
+            topk[suffix].append(top)
+            if suffix == "":
+                out["zero_importance"][i] = zero
+            keep = torch.ones(num_classes, units)
+            keep[cls_idx[:, None], top] = 0
+            jobs.append((b, keep, images))
+            values = selected_unit_values(stats, top, classes)
+            out["selectivity" + suffix][i] = values["selectivity"].mean(1)
+            out["class_variance" + suffix][i] = values["class_variance"].nanmean(1)
+            out["label_entropy" + suffix][i] = values["label_entropy"].nanmean(1)
+            out["head_fraction" + suffix][i] = (top >= n_mlp).double().mean(1)
+        if n_validation_units > 0 and validation_images > 0:  # as before: units of the all-image top-K sets
+            val_units += [(b, u) for u in validation_units(topk[SAME][-1], units, n_validation_units, seed + 101 * b)]
     effect = ablation_jobs(hooked, batches, means, jobs, num_classes, device, clean=clean, max_batch=max_batch,
                            desc=f"ablate top-K {desc}".strip())
-    out["impact"] = effect[:, cls_idx]
+    out["impact"] = effect[0::2][:, cls_idx]
+    out["impact" + SAME] = effect[1::2][:, cls_idx]
     val_rows = []
     if val_units:
         single = []
@@ -337,8 +403,10 @@ def analyse(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], bloc
     val = torch.tensor([r[3:] for r in val_rows], dtype=torch.float64).reshape(-1, 2)
     out.update(
         blocks=blocks, classes=classes, top_k=top_k, num_mlp=n_mlp, num_heads=n_heads,
-        topk=torch.stack(topk_all), importance=torch.stack(importance),
-        images_per_class=first["count"], n_images=int(first["count"].sum()),
+        topk=torch.stack(topk[""]), topk_same=torch.stack(topk[SAME]),
+        importance=torch.stack(importance[""]), importance_same=torch.stack(importance[SAME]),
+        selection=selection.clone(), images_per_class=first["count"], n_images=int(first["count"].sum()),
+        selection_images_per_class=first["count_sel"], n_selection_images=int(first["count_sel"].sum()),
         n_validation_images=int(first["count_val"].sum()),
         validation={"block": torch.tensor([r[0] for r in val_rows], dtype=torch.long),
                     "unit": torch.tensor([r[1] for r in val_rows], dtype=torch.long),
@@ -385,13 +453,17 @@ def check_config(cfg) -> None:
 
 
 def neuron_metrics(cfg, sparsity: float, method: str = "wanda") -> dict:
-    """:func:`analyse` on the model at ``sparsity`` (0: dense), cached by model and neuron settings."""
+    """:func:`analyse` on the model at ``sparsity`` (0: dense; ``(0, pipeline.CONTROL)``: the control),
+    cached by model and neuron settings. Every model uses the same images and the same halves
+    (``stratified_halves(labels, cfg.seed)``), so the measurement images are paired across models."""
     from . import pipeline
     from .config import check_sparsity, resolve_device
 
     sparsity = check_sparsity(sparsity, "sparsity")
+    pipeline.check_model_kind(sparsity, method)
     check_config(cfg)
     nc = cfg.neuron
+    label = pipeline.level_label(sparsity, method)
     num_classes = cfg.model.num_classes
     classes = None if nc.classes is None else list(range(min(nc.classes, num_classes)))
 
@@ -403,52 +475,61 @@ def neuron_metrics(cfg, sparsity: float, method: str = "wanda") -> dict:
         from .data import Batches
 
         batches = Batches(split, cfg.data.batch_size, num_workers=cfg.data.num_workers)
-        log.info("neuron metrics %s: %d images, blocks %s, top-%d of %d units per block, %d classes",
-                 pipeline.level_label(sparsity), len(split), list(nc.blocks), nc.top_k,
+        log.info("neuron metrics %s: %d images (half to select, half to measure), blocks %s, top-%d of %d units "
+                 "per block, %d classes", label, len(split), list(nc.blocks), nc.top_k,
                  sum(block_unit_counts(hooked)), num_classes if classes is None else len(classes))
         return analyse(hooked, batches, means, nc.blocks, nc.top_k, num_classes, classes=classes,
                        n_validation_units=nc.validation_units,
                        validation_images=len(split) if nc.validation_images is None else nc.validation_images,
                        device=resolve_device(cfg), seed=cfg.seed, max_batch=4 * cfg.data.batch_size,
-                       desc=pipeline.level_label(sparsity))
+                       desc=label)  # halves: stratified_halves(split labels, cfg.seed)
 
     return pipeline.cache_for(cfg).get_or_compute("neuron_metrics", neuron_inputs(cfg, sparsity, method), compute)
 
 
-def metrics_frame(results: dict[float, dict]):
-    """Long table (level, sparsity, block, class, metric, value) from ``{sparsity: neuron_metrics(...)}``."""
+def metrics_frame(results: dict[float, dict], control: Optional[dict] = None):
+    """Long table from ``{sparsity: neuron_metrics(cfg, sparsity)}`` and optionally the control's result
+    (``neuron_metrics(cfg, 0.0, pipeline.CONTROL)``; its rows have level "control" and sparsity 0).
+
+    Columns: level, sparsity, block, class, metric, value, selection, base. ``metric`` is a
+    result key (``selectivity`` held-out, ``selectivity_same`` the paper's same-image variant);
+    ``selection`` is "held-out" or "same-image" and ``base`` the metric without the suffix.
+    """
     import pandas as pd
 
-    from .pipeline import level_label
+    from .pipeline import CONTROL, level_label
 
+    models = [(s, "wanda", r) for s, r in results.items()] + ([(0.0, CONTROL, control)] if control is not None else [])
     rows = []
-    for s, r in results.items():
-        for i, b in enumerate(r["blocks"]):
-            for j, c in enumerate(r["classes"]):
-                for m in NEURON_METRICS + ("head_fraction",):
-                    rows.append({"level": level_label(s), "sparsity": s, "block": b, "class": c,
-                                 "metric": m, "value": float(r[m][i, j])})
+    for s, method, r in models:
+        for base in NEURON_METRICS + ("head_fraction",):
+            for suffix, selection in (("", "held-out"), (SAME, "same-image")):
+                values = r[base + suffix]
+                for i, b in enumerate(r["blocks"]):
+                    for j, c in enumerate(r["classes"]):
+                        rows.append({"level": level_label(s, method), "sparsity": s, "block": b, "class": c,
+                                     "metric": base + suffix, "value": float(values[i, j]),
+                                     "selection": selection, "base": base})
     return pd.DataFrame(rows)
 
 
 def comparison_table(frame, n_boot: int = 2000, seed: int = 0):
-    """Per metric, block and level: medians over classes vs dense, Wilcoxon p and bootstrap CI."""
+    """Per metric, block and level (the control included when in ``frame``): medians over classes vs dense,
+    Wilcoxon p and bootstrap CI."""
     import pandas as pd
 
-    from .pipeline import level_label
     from .unit_metrics import paired_comparison
 
     rows = []
-    dense = frame[frame.sparsity == 0]
+    dense = frame[frame.level == "dense"]
+    others = frame[frame.level != "dense"].drop_duplicates("level").sort_values("sparsity", kind="stable")
     for (metric, block), d in dense.groupby(["metric", "block"]):
         d = d.set_index("class")["value"]
-        for s in sorted(frame.sparsity.unique()):
-            if s == 0:
-                continue
-            lv = frame[(frame.metric == metric) & (frame.block == block) & (frame.sparsity == s)]
+        for level, s in zip(others.level, others.sparsity):
+            lv = frame[(frame.metric == metric) & (frame.block == block) & (frame.level == level)]
             lv = lv.set_index("class")["value"].reindex(d.index)
             res = paired_comparison(d.values, lv.values, n_boot=n_boot, seed=seed)
-            rows.append({"metric": metric, "block": block, "level": level_label(s), "sparsity": s, **res})
+            rows.append({"metric": metric, "block": block, "level": level, "sparsity": s, **res})
     return pd.DataFrame(rows)
 
 

@@ -33,6 +33,11 @@ Per class, over its top-K latents (``sae.top_k``):
 Per-class means (shape ``(C,)``) and the per-(class, latent) values ``(C, K)`` are returned;
 the chapter shows distributions over the latents.
 
+Winner's curse (as in :mod:`impact_core.neuron`): the evaluation images are split into two
+halves, seeded and stratified by class (``unit_metrics.stratified_halves``); the top-K latents
+are chosen on the selection half and measured on the other (keys ``impact``, ``selectivity``,
+...). The paper's variant, chosen and measured on all images, has the suffix ``_same``.
+
 Memory: the AUROC needs every image's score for every latent, kept as float32 ``(n, U)``; for
 the paper preset (10,000 evaluation images, 24,576 latents) that is 0.98 GB; the per-class sums
 are ``3 x C x U`` float64 (0.59 GB for 1,000 classes). Patch activations are never stored.
@@ -51,7 +56,8 @@ from .sae import BatchTopKSAE, token_positions
 log = logging.getLogger("impact_core")
 
 SAE_METRICS = ("impact", "selectivity", "class_variance", "label_entropy")
-VERSION = 1  # bump when the computation changes (part of the cache key)
+SAME = "_same"  # suffix of the paper's same-image variant of a result key
+VERSION = 2  # bump when the computation changes (part of the cache key); 2: held-out selection
 
 
 def splice_hook(sae: BatchTopKSAE, tokens: str, store: dict, keep: Tensor | None = None, grad: bool = False):
@@ -90,96 +96,171 @@ def scores_of(f: Tensor, tokens: str) -> tuple[Tensor, Tensor]:
 
 
 def feature_pass(hooked, sae: BatchTopKSAE, batches: Iterable, block: int, tokens: str, num_classes: int,
-                 device="cpu", desc: str = "SAE attribution") -> dict:
-    """One forward + backward per batch: importance ``(C, U)`` and the per-class statistics of the latents."""
+                 device="cpu", selection: Tensor | None = None, desc: str = "SAE attribution") -> dict:
+    """One forward + backward per batch: importance ``(C, U)`` and the per-class statistics of the latents.
+
+    Returns ``importance`` and ``stats`` over all images; ``importance_sel`` over the
+    selection half and ``stats_meas`` over the measurement half (``selection``: bool ``(n,)``
+    in batch order, True = selection half; None: no split, both are those of all images).
+    """
     from .unit_metrics import StreamingClassStats
 
     name = f"blocks.{block}.resid_post"
     U = sae.n_latents
-    imp_sum = torch.zeros(num_classes, U, dtype=torch.float64, device=device)
-    count = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    stats = StreamingClassStats(U, num_classes, device=device)
+    f64 = dict(dtype=torch.float64, device=device)
+    imp_sum, imp_sel = torch.zeros(num_classes, U, **f64), torch.zeros(num_classes, U, **f64)
+    count, count_sel = torch.zeros(num_classes, **f64), torch.zeros(num_classes, **f64)
+    halves = [True, False] if selection is not None else [True]
+    stats = {h: StreamingClassStats(U, num_classes, device=device) for h in halves}
     for p in hooked.parameters():
         p.requires_grad_(False)
     hooked.eval()
     sae.eval()
+    seen = 0
     for images, labels in tqdm(batches, desc=desc, leave=False):
         x, y = images.to(device), labels.to(device).long()
+        if selection is None:
+            sel = torch.ones_like(y, dtype=torch.bool)
+        elif seen + len(y) > len(selection):
+            raise ValueError(f"feature_pass: selection has {len(selection)} entries, the batches more images")
+        else:
+            sel = selection[seen:seen + len(y)].to(device)
+        seen += len(y)
         store: dict = {}
         logits = hooked.run_with_hooks(x, {name: splice_hook(sae, tokens, store, grad=True)})
         f = store["f"]
         (g,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), f)
-        est = (f.detach() * g).sum(1) / logits.detach().norm(dim=1, keepdim=True)  # (B, U)
-        imp_sum.index_add_(0, y, est.double())
-        count.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        est = ((f.detach() * g).sum(1) / logits.detach().norm(dim=1, keepdim=True)).double()  # (B, U)
+        ones = torch.ones_like(y, dtype=torch.float64)
+        imp_sum.index_add_(0, y, est)
+        count.index_add_(0, y, ones)
+        imp_sel.index_add_(0, y[sel], est[sel])
+        count_sel.index_add_(0, y[sel], ones[sel])
         cls, m = scores_of(f.detach(), tokens)
-        stats.update(m, y, cls)
-    importance = imp_sum / count.clamp_min(1)[:, None]
-    importance[count == 0] = float("nan")
-    return {"importance": importance.cpu(), "count": count.cpu(), "stats": stats}
+        for h in halves:
+            rows = sel if h else ~sel
+            stats[h].update(m[rows], y[rows], cls[rows])
+    if selection is not None and seen != len(selection):
+        raise ValueError(f"feature_pass: selection has {len(selection)} entries for {seen} images")
+
+    def mean(total, n):
+        out = total / n.clamp_min(1)[:, None]
+        out[n == 0] = float("nan")
+        return out.cpu()
+
+    return {"importance": mean(imp_sum, count), "importance_sel": mean(imp_sel, count_sel),
+            "count": count.cpu(), "count_sel": count_sel.cpu(),
+            "stats": StreamingClassStats.combine(list(stats.values())), "stats_meas": stats[halves[-1]]}
 
 
 @torch.no_grad()
-def ablation_effect(hooked, sae: BatchTopKSAE, batches: Iterable, block: int, tokens: str, keep: Tensor,
-                    num_classes: int, device="cpu", desc: str = "SAE ablation") -> Tensor:
-    """Eq. 2 with zero ablation, per class: mean over ``D_c`` of ``(f_c - f_c^abl) / ||f||``, shape ``(C,)``.
+def ablation_effects(hooked, sae: BatchTopKSAE, batches: Iterable, block: int, tokens: str, jobs: list[tuple],
+                     num_classes: int, device="cpu", desc: str = "SAE ablation") -> Tensor:
+    """Eq. 2 with zero ablation, per job and class: mean over ``D_c`` of ``(f_c - f_c^abl) / ||f||``, ``(jobs, C)``.
 
-    ``keep`` is ``(C, U)``: each image's own class row (0 = latent zeroed). ``f`` are the
-    clean model's logits; the ablated run splices the SAE with the error term kept.
+    A job is ``(keep, images)``: ``keep`` ``(C, U)`` gives each image's own class row (0 =
+    latent zeroed); ``images`` (bool ``(n,)`` in batch order, None: all) are the images the
+    job averages over. ``f`` are the clean model's logits (one clean forward per batch for
+    all jobs); the ablated run splices the SAE with the error term kept.
     """
     name = f"blocks.{block}.resid_post"
-    keep = keep.to(device)
-    sums = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    count = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    jobs = [(keep.to(device), images) for keep, images in jobs]
+    sums = torch.zeros(len(jobs), num_classes, dtype=torch.float64, device=device)
+    count = torch.zeros(len(jobs), num_classes, dtype=torch.float64, device=device)
+    seen = 0
     for images, labels in tqdm(batches, desc=desc, leave=False):
         x, y = images.to(device), labels.to(device).long()
         clean = hooked.model(x)
-        abl = hooked.run_with_hooks(x, {name: splice_hook(sae, tokens, {}, keep=keep[y])})
-        effect = (clean.gather(1, y[:, None]) - abl.gather(1, y[:, None])).squeeze(1) / clean.norm(dim=1)
-        sums.index_add_(0, y, effect.double())
-        count.index_add_(0, y, torch.ones_like(effect, dtype=torch.float64))
+        for j, (keep, subset) in enumerate(jobs):
+            rows = torch.arange(len(y), device=device)
+            if subset is not None:
+                rows = rows[subset[seen:seen + len(y)].to(device)]
+            if len(rows) == 0:
+                continue
+            xr, yr, cr = x[rows], y[rows], clean[rows]
+            abl = hooked.run_with_hooks(xr, {name: splice_hook(sae, tokens, {}, keep=keep[yr])})
+            effect = (cr.gather(1, yr[:, None]) - abl.gather(1, yr[:, None])).squeeze(1) / cr.norm(dim=1)
+            sums[j].index_add_(0, yr, effect.double())
+            count[j].index_add_(0, yr, torch.ones_like(effect, dtype=torch.float64))
+        seen += len(y)
     out = sums / count.clamp_min(1)
     out[count == 0] = float("nan")
     return out.cpu()
 
 
+def ablation_effect(hooked, sae: BatchTopKSAE, batches: Iterable, block: int, tokens: str, keep: Tensor,
+                    num_classes: int, device="cpu", desc: str = "SAE ablation") -> Tensor:
+    """Eq. 2 with zero ablation for one ``keep`` ``(C, U)`` over all images, shape ``(C,)``
+    (see :func:`ablation_effects`)."""
+    return ablation_effects(hooked, sae, batches, block, tokens, [(keep, None)], num_classes, device, desc)[0]
+
+
 def analyse(hooked, sae: BatchTopKSAE, batches: Iterable, block: int, tokens: str, top_k: int, num_classes: int,
-            device="cpu", desc: str = "") -> dict:
-    """Top-K latents per class and their four metrics; ``batches`` must be re-iterable (two passes)."""
-    if not 1 <= top_k <= sae.n_latents:
-        raise ValueError(f"top_k must lie in [1, {sae.n_latents}] (the number of latents), got {top_k}")
-    first = feature_pass(hooked, sae, batches, block, tokens, num_classes, device, desc=f"SAE attribution {desc}")
-    imp = first["importance"]
-    top = imp.nan_to_num(float("-inf")).topk(top_k, dim=1).indices  # (C, K)
-    keep = torch.ones(num_classes, sae.n_latents)
-    keep.scatter_(1, top, 0.0)
-    impact = ablation_effect(hooked, sae, batches, block, tokens, keep, num_classes, device,
-                             desc=f"SAE ablation {desc}")
-    st = first["stats"]
-    auroc, cv, ent = st.auroc().cpu(), st.class_variance().cpu(), st.label_entropy().cpu()
-    cols = torch.arange(num_classes)[:, None].expand_as(top)
-    per_latent = {"selectivity": auroc[top, cols], "class_variance": cv[top, cols], "label_entropy": ent[top]}
-    out = {"impact": impact.double()}
-    for key, v in per_latent.items():
-        out[key] = v.double().nanmean(1)
-    return {**out, "per_latent": {k: v.double() for k, v in per_latent.items()}, "topk": top,
-            "importance": imp.float(), "images_per_class": first["count"], "n_images": int(first["count"].sum()),
-            "top_k": top_k, "all_auroc_max": auroc.nan_to_num(0.5).amax(1).float()}
+            device="cpu", selection: Tensor | None = None, seed: int = 0, desc: str = "") -> dict:
+    """Top-K latents per class and their four metrics, held-out and same-image; ``batches`` must be
+    re-iterable (two passes).
+
+    ``selection``: bool ``(n,)`` in batch order, True for the selection half (default:
+    ``stratified_halves(batch_labels(batches), seed)``). Returns, shape ``(C,)``: the held-out
+    ``impact``, ``selectivity``, ``class_variance``, ``label_entropy`` (chosen on the selection
+    half, measured on the other), the same with suffix ``_same`` (the paper's: all images), and
+    ``zero_importance`` (how many of the held-out top-K have zero or NaN importance on the
+    selection half); ``per_latent`` / ``per_latent_same`` ``{metric: (C, K)}``; ``topk`` /
+    ``topk_same`` ``(C, K)``; ``importance`` (selection half) / ``importance_same`` ``(C, U)``;
+    ``all_auroc_max`` ``(U,)`` (each latent's best AUROC on the measurement half) and
+    ``all_auroc_max_same`` (on all images).
+    """
+    from .unit_metrics import batch_labels, selected_unit_values, stratified_halves, top_units
+
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= sae.n_latents:
+        raise ValueError(f"top_k must be an integer in [1, {sae.n_latents}] (the number of latents), got {top_k!r}")
+    labels = batch_labels(batches)
+    selection = stratified_halves(labels, seed) if selection is None else torch.as_tensor(selection)
+    if selection.dtype != torch.bool or tuple(selection.shape) != (len(labels),):
+        raise ValueError(f"selection must be a bool mask of shape ({len(labels)},) (one per image), "
+                         f"got {selection.dtype} of shape {tuple(selection.shape)}")
+    first = feature_pass(hooked, sae, batches, block, tokens, num_classes, device, selection=selection,
+                         desc=f"SAE attribution {desc}")
+    classes = list(range(num_classes))
+    variants = {"": (first["importance_sel"], first["stats_meas"], ~selection),
+                SAME: (first["importance"], first["stats"], None)}
+    out, jobs = {}, []
+    for suffix, (imp, stats, images) in variants.items():
+        top, zero = top_units(imp, top_k)  # (C, K), (C,)
+        keep = torch.ones(num_classes, sae.n_latents)
+        keep.scatter_(1, top, 0.0)
+        jobs.append((keep, images))
+        auroc = stats.auroc().cpu()
+        per_latent = {k: v.double() for k, v in selected_unit_values(stats, top, classes, auroc).items()}
+        for key, v in per_latent.items():
+            out[key + suffix] = v.nanmean(1)
+        out.update({"per_latent" + suffix: per_latent, "topk" + suffix: top, "importance" + suffix: imp.float(),
+                    "all_auroc_max" + suffix: auroc.nan_to_num(0.5).amax(1).float()})
+        if suffix == "":
+            out["zero_importance"] = zero
+    impact = ablation_effects(hooked, sae, batches, block, tokens, jobs, num_classes, device,
+                              desc=f"SAE ablation {desc}").double()
+    out["impact"], out["impact" + SAME] = impact[0], impact[1]
+    return {**out, "selection": selection.clone(), "images_per_class": first["count"],
+            "n_images": int(first["count"].sum()), "selection_images_per_class": first["count_sel"],
+            "n_selection_images": int(first["count_sel"].sum()), "top_k": top_k}
 
 
 def sae_feature_metrics(cfg, sparsity: float, tokens: str | None = None, k: int | None = None,
-                        expansion: int | None = None, method: str = "wanda") -> dict:
+                        expansion: int | None = None, method: str = "wanda", sae_seed: int = 0) -> dict:
     """:func:`analyse` for the SAE of :func:`impact_core.sae.train_sae` (cached).
 
-    Images: the same ``sae.eval_images`` evaluation images as the SAE's quality metrics.
+    ``method`` may be ``pipeline.CONTROL`` (at sparsity 0); ``sae_seed`` picks which of the
+    model's SAEs is analysed. Images: the same ``sae.eval_images`` evaluation images as the
+    SAE's quality metrics.
     """
     from . import pipeline
     from .data import Batches
     from .sae import _split_images, load_sae, sae_inputs, train_sae
 
-    entry = train_sae(cfg, sparsity, tokens, k, expansion, method)
+    entry = train_sae(cfg, sparsity, tokens, k, expansion, method, sae_seed)
     sae_key = pipeline.cache_for(cfg).key("sae", sae_inputs(cfg, sparsity, entry["tokens"], entry["k"],
-                                                            entry["expansion"], method))
+                                                            entry["expansion"], method, sae_seed))
     inputs = {"sae": sae_key, "top_k": cfg.sae.top_k, "eval_images": cfg.sae.eval_images, "version": VERSION}
 
     def compute():
@@ -189,7 +270,6 @@ def sae_feature_metrics(cfg, sparsity: float, tokens: str | None = None, k: int 
         split = _split_images(pipeline.splits(cfg)["eval"], cfg.sae.eval_images, cfg.seed + 1)
         batches = Batches(split, cfg.data.batch_size)
         return analyse(hooked, sae, batches, entry["block"], entry["tokens"], cfg.sae.top_k,
-                       cfg.model.num_classes, device, desc=pipeline.level_label(sparsity))
+                       cfg.model.num_classes, device, desc=pipeline.level_label(sparsity, method))
 
     return pipeline.cache_for(cfg).get_or_compute("sae_features", inputs, compute)
-

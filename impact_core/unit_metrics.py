@@ -9,7 +9,15 @@ reference beside it (``*_reference``) that the tests compare against.
     class_variance     Eq. 4  CV(n, c) = std / mean of m_n(x) over images of class c
     label_entropy      Eq. 6-7  Shannon entropy of the unit's class distribution of summed m_n(x)
     StreamingClassStats       the inputs of the three metrics above, accumulated batch by batch
+    stratified_halves         seeded split of the images into a selection and a measurement half
+    top_units                 the top-K units per class by importance, and how many have zero importance
+    selected_unit_values      the three metrics above for each selected (class, unit) pair
     paired_comparison         median of a level vs dense over classes, Wilcoxon + bootstrap CI
+
+Winner's curse: choosing the top-K units by importance and measuring them on the same
+images biases every metric towards the selection (a unit that happens to fire more on
+class ``c``'s images is both ranked higher and more "selective" on those very images). The
+held-out variant chooses on one half (:func:`stratified_halves`) and measures on the other.
 
 Choices where the paper is silent (also stated in the chapter text):
 
@@ -33,7 +41,7 @@ from torch import Tensor
 
 __all__ = ["auroc_rank", "auroc_reference", "max_over_patches", "class_variance", "class_variance_reference",
            "label_entropy", "label_entropy_reference", "StreamingClassStats", "paired_comparison",
-           "check_labels"]
+           "check_labels", "stratified_halves", "batch_labels", "top_units", "selected_unit_values"]
 
 
 def check_labels(labels: Tensor, n: int, num_classes: int) -> Tensor:
@@ -298,6 +306,71 @@ class StreamingClassStats:
         """Eq. 3 for every unit and class from the kept CLS activations, shape ``(U, C)``."""
         return auroc_rank(self.cls_scores(), self.labels, self.num_classes)
 
+    @classmethod
+    def combine(cls, parts: list["StreamingClassStats"]) -> "StreamingClassStats":
+        """The statistics of the union of the parts' images: moments summed, CLS rows concatenated
+        (part by part; the kept tensors are shared, not copied)."""
+        if not parts or any((p.num_units, p.num_classes, p.keep_cls) != (parts[0].num_units, parts[0].num_classes,
+                                                                         parts[0].keep_cls) for p in parts):
+            raise ValueError("combine: give one or more StreamingClassStats of the same units, classes and keep_cls")
+        out = cls(parts[0].num_units, parts[0].num_classes, parts[0].device, parts[0].keep_cls)
+        for p in parts:
+            for name in ("count", "sum", "sumsq", "possum"):
+                getattr(out, name).add_(getattr(p, name).to(out.device))
+            out._labels += p._labels
+            out._cls += p._cls
+        return out
+
+
+# --- held-out selection (winner's curse) -----------------------------------------------------------------------------
+
+def stratified_halves(labels, seed: int) -> Tensor:
+    """Boolean mask ``(n,)``, True for the *selection* half of the images, False for the measurement half.
+
+    Per class, a seeded permutation of its images gives the first ``ceil(n_c / 2)`` to the
+    selection half, so both halves hold every class in (almost) equal numbers.
+    """
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be a 1-D integer vector, got {labels.dtype} of shape {tuple(labels.shape)}")
+    y = labels.cpu().numpy()
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        mask[idx[: (len(idx) + 1) // 2]] = True
+    return torch.from_numpy(mask)
+
+
+def batch_labels(batches) -> Tensor:
+    """The labels of re-iterable ``batches`` in batch order; read from a ``data.Batches`` split without
+    loading images, else by iterating once."""
+    split, kw = getattr(batches, "split", None), getattr(batches, "kwargs", {})
+    if split is not None and not kw.get("shuffle"):
+        return torch.from_numpy(np.asarray(split.labels)).long()[: kw.get("limit")]
+    return torch.cat([torch.as_tensor(y) for _, y in batches]).long()
+
+
+def top_units(importance: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest importances per row of ``importance`` ``(C, U)``: indices ``(C, k)`` and, per row,
+    how many of them have zero or NaN importance ``(C,)`` (a NaN row, a class without images, counts ``k``)."""
+    if importance.ndim != 2 or not 1 <= k <= importance.shape[1]:
+        raise ValueError(f"top_units: need a (C, U) importance and 1 <= k <= U, got {tuple(importance.shape)}, k={k}")
+    top = importance.nan_to_num(float("-inf")).topk(k, dim=1).indices
+    chosen = importance.gather(1, top)
+    return top, ((chosen == 0) | chosen.isnan()).sum(1)
+
+
+def selected_unit_values(stats: StreamingClassStats, top: Tensor, classes,
+                         auroc: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Eq. 3, 4 and 6 of each selected unit, ``(len(classes), K)`` each: ``top[j]`` are the units of class
+    ``classes[j]``; selectivity and class variance are those of that class, label entropy is per unit.
+    ``auroc``: ``stats.auroc()`` if already computed."""
+    cols = torch.as_tensor(list(classes))[:, None].expand_as(top)
+    auroc = (stats.auroc() if auroc is None else auroc).cpu()
+    cv, ent = stats.class_variance().cpu(), stats.label_entropy().cpu()
+    return {"selectivity": auroc[top, cols], "class_variance": cv[top, cols], "label_entropy": ent[top]}
+
 
 # --- comparison of a sparsity level with dense, over classes ---------------------------------------------------------
 
@@ -305,9 +378,9 @@ def paired_comparison(dense, level, n_boot: int = 2000, seed: int = 0) -> dict:
     """Paired comparison over classes of a per-class metric: ``level`` vs ``dense``.
 
     Pairs with a NaN on either side are dropped. Returns the medians of both sides, the
-    median of the paired differences ``level - dense`` (``median_diff``), a percentile
-    bootstrap 95% CI of that median (classes resampled with replacement, ``n_boot``
-    resamples, ``seed``), and the two-sided Wilcoxon signed-rank p-value
+    median of the paired differences ``level - dense`` (``median_diff``), a 95% bootstrap
+    interval of that median over classes (:func:`impact_core.stats.bootstrap`: BCa from 10
+    classes, percentile below; ``n_boot`` resamples, ``seed``), and the two-sided Wilcoxon signed-rank p-value
     (``scipy.stats.wilcoxon``; 1.0 when every difference is 0, NaN with < 2 pairs).
     """
     from scipy.stats import wilcoxon
@@ -325,8 +398,12 @@ def paired_comparison(dense, level, n_boot: int = 2000, seed: int = 0) -> dict:
         return dict(median_dense=nan, median_level=nan, median_diff=nan, ci_low=nan, ci_high=nan,
                     wilcoxon_p=nan, n=0)
     diff = s - d
-    rng = np.random.default_rng(seed)
-    boot = np.median(diff[rng.integers(0, diff.size, size=(n_boot, diff.size))], axis=1)
+    from . import stats
+
+    def median(x, axis=-1):
+        return np.median(x, axis=axis)
+
+    ci = stats.bootstrap([diff], median, "classes", seed=seed, n_resamples=n_boot)
     if diff.size < 2:
         p = nan
     elif np.all(diff == 0):
@@ -334,5 +411,4 @@ def paired_comparison(dense, level, n_boot: int = 2000, seed: int = 0) -> dict:
     else:
         p = float(wilcoxon(s, d).pvalue)
     return dict(median_dense=float(np.median(d)), median_level=float(np.median(s)),
-                median_diff=float(np.median(diff)), ci_low=float(np.percentile(boot, 2.5)),
-                ci_high=float(np.percentile(boot, 97.5)), wilcoxon_p=p, n=int(diff.size))
+                median_diff=float(np.median(diff)), ci_low=ci.low, ci_high=ci.high, wilcoxon_p=p, n=int(diff.size))

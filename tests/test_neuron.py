@@ -9,7 +9,8 @@ from impact_core.models import build_model
 from impact_core.sites import HookedViT, compute_site_means, mean_ablate
 from impact_core.unit_metrics import (StreamingClassStats, auroc_rank, auroc_reference, class_variance,
                                       class_variance_reference, label_entropy, label_entropy_reference,
-                                      max_over_patches, paired_comparison)
+                                      max_over_patches, paired_comparison, selected_unit_values, stratified_halves,
+                                      top_units)
 
 
 def _gen(seed=0):
@@ -214,36 +215,46 @@ def _direct_importance(hooked, x, y, means, block):
 
 
 def test_analyse_matches_direct_computation():
+    """Both variants against direct per-image computations: held-out (top-K on the selection half, metrics on
+    the measurement half) and same-image (all images for both)."""
     hooked = _tiny(seed=1, depth=2)
     blocks = [0, 1]
     batches, x, y = _data(n=17, batch=7)
     means = _means(hooked, batches, blocks)
     res = neuron.analyse(hooked, batches, means, blocks, top_k=4, num_classes=3, classes=[0, 2],
-                         n_validation_units=3, validation_images=10)
+                         n_validation_units=3, validation_images=10, seed=4)
+    sel = res["selection"]
+    assert torch.equal(sel, stratified_halves(y, 4)) and 0 < int(sel.sum()) < 17
     acts = _direct_unit_acts(hooked, x, blocks)
+    every = torch.ones(17, dtype=torch.bool)
+    variants = {"": (sel, ~sel), "_same": (every, every)}
     for i, b in enumerate(blocks):
-        imp = _direct_importance(hooked, x, y, means, b)
-        torch.testing.assert_close(res["importance"][i], imp.float(), rtol=1e-4, atol=1e-6)
-        top = res["topk"][i]
-        assert torch.equal(top, imp[[0, 2]].topk(4, dim=1).indices)
-        u = acts[b]
-        maxact, cls = u[:, 1:].amax(1), u[:, 0]
-        auroc, cv = auroc_reference(cls, y, 3), class_variance_reference(maxact, y, 3)
-        ent = label_entropy_reference(maxact, y, 3)
-        for j, c in enumerate([0, 2]):
-            t = top[j]
-            assert res["selectivity"][i, j].item() == pytest.approx(auroc[t, c].mean().item(), abs=1e-9)
-            assert res["class_variance"][i, j].item() == pytest.approx(np.nanmean(cv[t, c].numpy()), rel=1e-5)
-            assert res["label_entropy"][i, j].item() == pytest.approx(ent[t].mean().item(), rel=1e-5)
-            keep = torch.ones(u.shape[-1])
-            keep[t] = 0  # the top-K units of class c ablated together, with sites.mean_ablate directly
-            xc = x[y == c]
-            clean = hooked.model(xc)
-            m_name, h_name = f"blocks.{b}.mlp_act", f"blocks.{b}.heads"
-            abl = hooked.run_with_hooks(xc, {m_name: mean_ablate(means[m_name], keep[:hooked.mlp_dim], m_name),
-                                             h_name: mean_ablate(means[h_name], keep[hooked.mlp_dim:], h_name)})
-            impact = ((clean[:, c] - abl[:, c]) / clean.norm(dim=1)).mean()
-            assert res["impact"][i, j].item() == pytest.approx(impact.item(), rel=1e-4, abs=1e-7)
+        for suffix, (chosen_on, measured_on) in variants.items():
+            imp = _direct_importance(hooked, x[chosen_on], y[chosen_on], means, b)
+            torch.testing.assert_close(res["importance" + suffix][i], imp.float(), rtol=1e-4, atol=1e-6)
+            top = res["topk" + suffix][i]
+            assert torch.equal(top, imp[[0, 2]].topk(4, dim=1).indices)
+            u, ym, xm = acts[b][measured_on], y[measured_on], x[measured_on]
+            maxact, cls = u[:, 1:].amax(1), u[:, 0]
+            auroc, cv = auroc_reference(cls, ym, 3), class_variance_reference(maxact, ym, 3)
+            ent = label_entropy_reference(maxact, ym, 3)
+            for j, c in enumerate([0, 2]):
+                t = top[j]
+                assert res["selectivity" + suffix][i, j].item() == pytest.approx(auroc[t, c].mean().item(), abs=1e-9)
+                assert res["class_variance" + suffix][i, j].item() == pytest.approx(np.nanmean(cv[t, c].numpy()),
+                                                                                    rel=1e-5)
+                assert res["label_entropy" + suffix][i, j].item() == pytest.approx(ent[t].mean().item(), rel=1e-5)
+                keep = torch.ones(u.shape[-1])
+                keep[t] = 0  # the top-K units of class c ablated together, with sites.mean_ablate directly
+                xc = xm[ym == c]
+                clean = hooked.model(xc)
+                m_name, h_name = f"blocks.{b}.mlp_act", f"blocks.{b}.heads"
+                abl = hooked.run_with_hooks(xc, {m_name: mean_ablate(means[m_name], keep[:hooked.mlp_dim], m_name),
+                                                 h_name: mean_ablate(means[h_name], keep[hooked.mlp_dim:], h_name)})
+                impact = ((clean[:, c] - abl[:, c]) / clean.norm(dim=1)).mean()
+                assert res["impact" + suffix][i, j].item() == pytest.approx(impact.item(), rel=1e-4, abs=1e-7)
+    assert not torch.equal(res["topk"], res["topk_same"])  # the two selections differ here: the check has teeth
+    assert res["zero_importance"].shape == (2, 2) and (res["zero_importance"] == 0).all()
     v = res["validation"]
     assert len(v["true"]) == 2 * 3 * 2 and torch.isfinite(v["estimate"]).all() and torch.isfinite(v["true"]).all()
     first10 = [(x[:10], y[:10])]
@@ -254,11 +265,108 @@ def test_analyse_matches_direct_computation():
         one = neuron.ablation_effect(hooked, first10, means, b, keep, 3)
         assert v["true"][row].item() == pytest.approx(one[c].item(), rel=1e-4, abs=1e-7)
     small = neuron.analyse(hooked, batches, means, blocks, top_k=4, num_classes=3, classes=[0, 2],
-                           n_validation_units=3, validation_images=10, max_batch=7)  # one ablation per forward
-    for key in ("impact", "selectivity"):
+                           n_validation_units=3, validation_images=10, max_batch=7, seed=4)  # one job per forward
+    for key in ("impact", "impact_same", "selectivity"):
         torch.testing.assert_close(small[key], res[key], rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(small["validation"]["true"], v["true"], rtol=1e-5, atol=1e-8)
-    assert res["n_images"] == 17 and res["n_validation_images"] == 10
+    assert res["n_images"] == 17 and res["n_validation_images"] == 10 and res["n_selection_images"] == int(sel.sum())
+
+
+def test_ablation_jobs_on_image_subsets():
+    """A job restricted to some images equals the same ablation run on those images alone."""
+    hooked = _tiny(seed=2)
+    batches, x, y = _data(n=20, batch=6)
+    means = _means(hooked, batches, [1])
+    keep = torch.ones(3, hooked.mlp_dim + hooked.num_heads)
+    keep[:, :7] = 0
+    keep[1, hooked.mlp_dim] = 0
+    subset = torch.arange(20) % 4 != 1
+    both = neuron.ablation_jobs(hooked, batches, means, [(1, keep, subset), (1, keep)], 3, max_batch=9)
+    alone = neuron.ablation_effect(hooked, [(x[subset], y[subset])], means, 1, keep, 3)
+    full = neuron.ablation_effect(hooked, batches, means, 1, keep, 3)
+    torch.testing.assert_close(both[0], alone, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(both[1], full, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(both[0], both[1])
+
+
+# --- winner's curse: held-out selection -----------------------------------------------------------------------------
+
+def test_stratified_halves_are_disjoint_seeded_and_stratified():
+    y = torch.tensor([0] * 11 + [1] * 6 + [2] * 1 + [3] * 20)[torch.randperm(38, generator=_gen(7))]
+    sel = stratified_halves(y, 3)
+    assert sel.dtype == torch.bool and sel.shape == (38,)  # a mask: the halves sel / ~sel are disjoint, cover all
+    for c, n in ((0, 11), (1, 6), (2, 1), (3, 20)):
+        assert int(sel[y == c].sum()) == (n + 1) // 2 and int((~sel)[y == c].sum()) == n // 2
+    assert torch.equal(sel, stratified_halves(y, 3))
+    assert not torch.equal(sel, stratified_halves(y, 4))
+    with pytest.raises(ValueError, match="integer"):
+        stratified_halves(torch.rand(5), 0)
+
+
+def test_top_units_counts_zero_and_nan_importance():
+    imp = torch.tensor([[0.5, 0.0, -1.0, 0.2, 0.0],   # top-3: 0.5, 0.2, 0.0 -> one zero
+                        [0.0, 0.0, 0.0, 0.0, 0.0],    # all zero -> three
+                        [3.0, 2.0, 1.0, 0.5, 0.1],    # none
+                        [float("nan")] * 5,           # a class without images -> all three
+                        [1.0, float("nan"), 2.0, -3.0, -1.0]])  # top-3: 2, 1, -1 (NaN ranked last) -> none
+    top, zero = top_units(imp, 3)
+    assert zero.tolist() == [1, 3, 0, 3, 0]
+    assert set(top[0].tolist()) in ({0, 3, 1}, {0, 3, 4}) and top[2].tolist() == [0, 1, 2]
+    assert set(top[4].tolist()) == {2, 0, 4}
+    with pytest.raises(ValueError):
+        top_units(imp, 6)
+
+
+def _null_units(n=400, units=200, classes=4, seed=0):
+    """Units independent of the labels: CLS and max-over-patch activations are pure noise."""
+    g = _gen(seed)
+    y = torch.arange(n) % classes
+    return torch.randn(n, units, generator=g) + 2.0, y
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_winners_curse_same_image_selectivity_biased_held_out_not(seed):
+    """Top-K by importance (here the class mean of the unit's activation) chosen and measured on the same
+    images: AUROC well above 0.5 for label-independent units. Chosen on one half, measured on the other: 0.5."""
+    act, y = _null_units(seed=seed)
+    sel = stratified_halves(y, seed)
+    halves = {}
+    for h in (True, False):
+        st = StreamingClassStats(act.shape[1], 4)
+        rows = sel == h
+        st.update(act[rows], y[rows], act[rows])
+        halves[h] = st
+    every = StreamingClassStats.combine([halves[True], halves[False]])
+
+    def importance(st):
+        return st.sum / st.count[:, None]
+
+    classes = range(4)
+    top_same, _ = top_units(importance(every), 5)
+    top_held, _ = top_units(importance(halves[True]), 5)
+    same = selected_unit_values(every, top_same, classes)["selectivity"].mean().item()
+    held = selected_unit_values(halves[False], top_held, classes)["selectivity"].mean().item()
+    assert same > 0.55  # ~0.58: the winner's curse
+    assert abs(held - 0.5) < 0.035  # sd of the mean of 20 held-out AUROCs ~0.01
+
+
+def test_combined_stats_equal_one_accumulator():
+    act, y = _null_units(n=60, units=5, classes=3)
+    m = act + torch.randn(act.shape, generator=_gen(9))
+    sel = stratified_halves(y, 0)
+    parts = []
+    for h in (True, False):
+        st = StreamingClassStats(5, 3)
+        st.update(m[sel == h], y[sel == h], act[sel == h])
+        parts.append(st)
+    both = StreamingClassStats.combine(parts)
+    one = StreamingClassStats(5, 3)
+    one.update(m, y, act)
+    assert both.n == 60
+    torch.testing.assert_close(both.auroc(), one.auroc())
+    torch.testing.assert_close(both.class_variance(), one.class_variance())
+    torch.testing.assert_close(both.label_entropy(), one.label_entropy())
+    assert not torch.allclose(parts[0].auroc(), one.auroc())
 
 
 def test_analyse_with_many_classes_some_absent():
@@ -272,11 +380,16 @@ def test_analyse_with_many_classes_some_absent():
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 30, 16)]
     res = neuron.analyse(hooked, batches, _means(hooked, batches, [0]), [0], top_k=3, num_classes=40,
                          n_validation_units=2, validation_images=30)
-    present = torch.bincount(y, minlength=40) > 0
-    assert res["impact"].shape == (1, 40)
-    assert res["impact"][0, ~present].isnan().all() and torch.isfinite(res["impact"][0, present]).all()
+    n = torch.bincount(y, minlength=40)
+    present, measured = n > 0, n > 1  # a class with one image has it in the selection half only
+    assert res["impact"].shape == (1, 40) and (present & ~measured).any()
+    for suffix, finite in (("_same", present), ("", measured)):
+        impact = res["impact" + suffix][0]
+        assert impact[~finite].isnan().all() and torch.isfinite(impact[finite]).all()
+        assert res["selectivity" + suffix][0, ~finite].isnan().all()
+        assert torch.isfinite(res["selectivity" + suffix][0, finite]).all()
     assert torch.isfinite(res["label_entropy"][0, present]).all()
-    assert torch.isfinite(res["selectivity"][0, present]).all() and res["selectivity"][0, ~present].isnan().all()
+    assert (res["zero_importance"][0, ~present] == 3).all()  # no selection images: NaN importance, counted
 
 
 def test_bad_setup_rejected_before_compute():
@@ -296,3 +409,88 @@ def test_bad_setup_rejected_before_compute():
     with pytest.raises(ConfigError, match="neuron.top_k"):
         neuron.check_config(load_config("smoke", {"neuron.top_k": 131}))
     neuron.check_config(load_config("smoke", {"neuron.top_k": 130}))  # 128 neurons + 2 heads
+
+
+# --- SAE latents: the same held-out selection ------------------------------------------------------------------------
+
+def test_sae_analyse_held_out_and_same_image():
+    from impact_core import sae as S
+    from impact_core import sae_features as SF
+
+    hooked = _tiny(seed=3)
+    x, y = torch.randn(24, 1, 8, 8, generator=_gen(8)), torch.arange(24) % 3
+    with torch.no_grad():
+        _, cache = hooked.run_with_cache(x, ["blocks.1.resid_post"])
+    sae = S.BatchTopKSAE(16, 32, k=4)
+    sae.init_from_batch(cache["blocks.1.resid_post"].reshape(-1, 16), True)
+    sae.threshold.fill_(0.0)  # inference mode: every positive pre-activation fires
+    sae.eval()
+    batches = [(x[i:i + 7], y[i:i + 7]) for i in range(0, 24, 7)]
+    res = SF.analyse(hooked, sae, batches, 1, "cls", 3, 3, seed=5)
+    sel = stratified_halves(y, 5)
+    assert torch.equal(res["selection"], sel)
+    chosen, measured = SF.feature_pass(hooked, sae, [(x[sel], y[sel])], 1, "cls", 3), \
+        SF.feature_pass(hooked, sae, [(x[~sel], y[~sel])], 1, "cls", 3)
+    every = SF.feature_pass(hooked, sae, batches, 1, "cls", 3)
+    for suffix, imp_from, stats_from, xs, ys in (("", chosen, measured, x[~sel], y[~sel]),
+                                                 ("_same", every, every, x, y)):
+        torch.testing.assert_close(res["importance" + suffix], imp_from["importance"].float(), rtol=1e-4, atol=1e-6)
+        top, zero = top_units(imp_from["importance"], 3)
+        assert torch.equal(res["topk" + suffix], top)
+        values = selected_unit_values(stats_from["stats"], top, range(3))
+        for key, v in values.items():
+            torch.testing.assert_close(res["per_latent" + suffix][key], v.double(), rtol=1e-4, atol=1e-6,
+                                       equal_nan=True)
+            torch.testing.assert_close(res[key + suffix], v.double().nanmean(1), rtol=1e-4, atol=1e-6,
+                                       equal_nan=True)
+        keep = torch.ones(3, 32).scatter_(1, top, 0.0)
+        impact = SF.ablation_effect(hooked, sae, [(xs, ys)], 1, "cls", keep, 3)
+        torch.testing.assert_close(res["impact" + suffix], impact.double(), rtol=1e-4, atol=1e-6)
+        if suffix == "":
+            assert torch.equal(res["zero_importance"], zero) and res["zero_importance"].shape == (3,)
+    assert res["n_images"] == 24 and res["n_selection_images"] == int(sel.sum())
+    with pytest.raises(ValueError, match="top_k"):
+        SF.analyse(hooked, sae, batches, 1, "cls", 33, 3)
+
+
+# --- the control model and the long table -----------------------------------------------------------------------
+
+def test_control_has_its_own_cache_identity():
+    from impact_core import pipeline
+
+    cfg = load_config("smoke")
+    dense, control = neuron.neuron_inputs(cfg, 0.0), neuron.neuron_inputs(cfg, 0.0, pipeline.CONTROL)
+    assert dense["model"] != control["model"] and control["model"] == pipeline.model_inputs(cfg, 0.0, pipeline.CONTROL)
+    with pytest.raises(ValueError, match="control"):
+        neuron.neuron_metrics(cfg, 0.5, pipeline.CONTROL)
+
+
+def _fake_result(shift):
+    out = {"blocks": [2, 7], "classes": [0, 1, 2, 3, 4]}
+    base = torch.arange(10, dtype=torch.float64).view(2, 5)
+    for key in neuron.NEURON_METRICS + ("head_fraction",):
+        out[key] = base + shift
+        out[key + "_same"] = base + 2 * shift + 100
+    return out
+
+
+def test_metrics_frame_and_comparison_with_control():
+    frame = neuron.metrics_frame({0.0: _fake_result(0.0), 0.7: _fake_result(1.0)}, control=_fake_result(0.5))
+    assert set(frame.level) == {"dense", "70%", "control"}
+    assert len(frame) == 3 * 5 * 2 * 2 * 5  # models x metrics x variants x blocks x classes
+    ctl = frame[(frame.level == "control") & (frame.metric == "selectivity")]
+    assert (ctl.sparsity == 0).all() and ctl.value.tolist()[:2] == [0.5, 1.5]
+    same = frame[(frame.level == "70%") & (frame.metric == "selectivity_same")]
+    assert (same.selection == "same-image").all() and (same.base == "selectivity").all() and same.value.min() == 102
+    table = neuron.comparison_table(frame[frame.metric == "impact"], n_boot=50)
+    assert table.level.tolist() == ["control", "70%", "control", "70%"]  # per block: the control, then the levels
+    assert table.median_diff.tolist() == [0.5, 1.0, 0.5, 1.0]
+
+
+def test_bad_selection_rejected_before_compute():
+    hooked = _tiny()
+    batches, _, _ = _data(n=9, batch=4)
+    means = _means(hooked, batches, [0])
+    for bad in (torch.ones(8, dtype=torch.bool), torch.ones(9)):
+        with pytest.raises(ValueError, match="selection must be a bool mask of shape"):
+            neuron.analyse(hooked, batches, means, [0], 2, 3, selection=bad)
