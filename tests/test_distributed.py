@@ -67,7 +67,7 @@ def test_prepare_under_torchrun_caches_what_one_process_would(tiny_fmnist, tmp_p
                           "finetune_batch_size": 16},
               "neuron": {"sparsities": [0.5], "blocks": [11], "top_k": 2, "images": 20, "validation_units": 2,
                          "validation_images": 10},
-              "sae": {"sparsities": [0.5], "k": 4, "expansion": 2, "batch_size": 16, "steps": 3, "aux_k": 4,
+              "sae": {"sparsities": [0.5], "k": 4, "expansion": 2, "batch_size": 16, "steps": 3, "aux_k": 4, "top_k": 2,
                       "train_images": 40, "eval_images": 20},
               "attribution": {"sparsities": [0.5], "images": 6, "steps": 2, "batch_size": 1,  # 2 chunks: 4 + 2
                               "figure_classes": 2, "figure_per_class": 1},
