@@ -54,14 +54,16 @@ class Claim:
     claim: str
     paper: str         # the paper's number (DeiT-III B/16, ImageNet)
     ours: str          # our numbers, dense -> level
-    effect: str        # the judged quantity with its interval and unit
+    effect: str        # the judged quantity with its interval and unit (level minus control where there is one)
     control: str       # what the control alone does (control minus dense), or n/a
     margin: str        # the smallest effect of interest
     verdict: str
     rule: str
+    vs_dense: str = "n/a"  # level minus dense, beside the control's effect
     magnitude: str = "n/a"
     trend: str = "n/a"
     why: str = ""
+    seeds: str = ""        # with several training seeds: for how many the claim holds on its own
     curve: list = field(default_factory=list, repr=False)  # [(label, sparsity, Estimate)] for figures
 
     def to_dict(self) -> dict:
@@ -251,7 +253,7 @@ def change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metri
     l_mean = float(np.mean(np.concatenate([np.ravel(x) for x in at_level]))) * scale
     c = Claim(id=id, level=level, claim=claim, paper=paper, ours=f"{d_mean:{fmt}} -> {l_mean:{fmt}}",
               effect=(beyond or eff).scaled(scale).text(f), control=ctl.scaled(scale).text(f) if ctl else "n/a",
-              margin=f"+-{margin * scale:g}", verdict=verdict, why=why,
+              margin=f"+-{margin * scale:g}", verdict=verdict, why=why, vs_dense=eff.scaled(scale).text(f),
               rule=("level minus control, paired; " if ctl else "level minus dense, paired; ") + judge_change.__name__)
     if magnitude is not None:
         how, stated = magnitude
@@ -596,7 +598,7 @@ def level_claims(cfg, level: str) -> list[Claim]:
         per_seed = [judge(level, [r], dataclasses.replace(Judge.from_config(cfg), seed=s)) for r, s in zip(runs, seeds)]
         for i, c in enumerate(claims):
             vs = [p[i].verdict for p in per_seed]
-            c.why += f" | per seed: {sum(v == REPRODUCED for v in vs)}/{len(vs)} reproduced"
+            c.seeds = f"{sum(v == c.verdict for v in vs)}/{len(vs)} seeds alone: {c.verdict}"
     return claims
 
 

@@ -28,6 +28,20 @@ def survival(claims: list[C.Claim]) -> dict[str, list[str]]:
     return groups
 
 
+def dose_groups(claims: list[C.Claim]) -> dict[str, list[str]]:
+    """Change claims by their dose-response reading and by whether the control shows the effect."""
+    groups = {"grows": [], "flat": [], "reverses": [], "undecided": [], "in the control": []}
+    for c in claims:
+        if not c.curve:
+            continue
+        reading = c.trend.split(":")[0]
+        key = {"grows with sparsity": "grows", "reverses with sparsity": "reverses"}.get(reading, reading)
+        groups[key if key in groups else "undecided"].append(c.claim)
+        if c.verdict == C.PIPELINE:
+            groups["in the control"].append(c.claim)
+    return groups
+
+
 def dose_response(claims: list[C.Claim]) -> pd.DataFrame:
     """One row per (change claim, model): the judged quantity's mean and 95% interval against
     sparsity (the control at 0), and the claim's trend reading."""

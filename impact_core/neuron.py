@@ -55,8 +55,8 @@ from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum, gather_rows, local_rows
 from .sites import HookedViT, mean_ablate, site_name
-from .unit_metrics import (StreamingClassStats, batch_labels, max_over_patches, selected_unit_values,
-                           stratified_halves, top_units)
+from .unit_metrics import (StreamingClassStats, max_over_patches, selected_unit_values, selection_mask,
+                           top_units)
 
 log = logging.getLogger("impact_core")
 
@@ -346,11 +346,7 @@ def analyse(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], bloc
     classes = list(range(num_classes)) if classes is None else list(classes)
     if not classes or min(classes) < 0 or max(classes) >= num_classes:
         raise ValueError(f"classes must be a non-empty list of indices in [0, {num_classes})")
-    labels = batch_labels(batches)
-    selection = stratified_halves(labels, seed) if selection is None else torch.as_tensor(selection)
-    if selection.dtype != torch.bool or tuple(selection.shape) != (len(labels),):
-        raise ValueError(f"selection must be a bool mask of shape ({len(labels)},) (one per image), "
-                         f"got {selection.dtype} of shape {tuple(selection.shape)}")
+    selection = selection_mask(batches, selection, seed)
     n_mlp, n_heads = block_unit_counts(hooked)
     units = n_mlp + n_heads
     cls_idx = torch.tensor(classes)

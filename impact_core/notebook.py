@@ -55,13 +55,13 @@ def glue(key: str, value: Any, display: bool = False) -> Any:
     return value
 
 
-CLAIM_FIELDS = ("claim", "paper", "ours", "effect", "control", "margin", "verdict", "magnitude", "trend", "why")
+CLAIM_FIELDS = ("claim", "paper", "ours", "effect", "vs_dense", "control", "margin", "verdict", "magnitude", "trend",
+                "why", "seeds")
 
 
-def glue_claims(claims) -> "pd.DataFrame":
+def glue_claims(claims):
     """Glue every field of each claim as ``claim_<id>_<field>`` (the chapter's verdict sentences
     read these keys, so they are the same objects the discussion shows) and return the table."""
-    import pandas as pd
 
     for c in claims:
         for f in CLAIM_FIELDS:
@@ -69,7 +69,7 @@ def glue_claims(claims) -> "pd.DataFrame":
     return claims_frame(claims)
 
 
-def claims_frame(claims) -> "pd.DataFrame":
+def claims_frame(claims):
     """The claims as a table (one row each), the verdict coloured when shown."""
     import pandas as pd
 

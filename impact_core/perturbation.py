@@ -212,7 +212,21 @@ def score_chunk(model: nn.Module, rand_model: nn.Module, images: torch.Tensor, a
             row["randomisation"] = torch.as_tensor(attr.spearman_per_image(maps["maps"], rnd["maps"]))
         out[m] = row
     out["target"] = maps["target"]
+    # Chefer's maps under the other LayerScale rule (the paper's Eq. 14 vs the conserving z-rule)
+    other = other_rule(a.layerscale_rule)
+    maps = attr.attribute(model, images, "chefer", target=out["target"], layerscale_rule=other,
+                          batch_size=a.batch_size)
+    out["chefer_other_rule"] = {"scores": {}}
+    for r, (start, fill) in subs.items():
+        scores = insertion_deletion(model, images, maps["maps"], maps["target"], a.steps, fill,
+                                    batch_size=4 * a.batch_size, insertion_start=start)
+        out["chefer_other_rule"]["scores"][r] = {key: scores[key] for key in SCORE_KEYS}
     return out
+
+
+def other_rule(rule: str) -> str:
+    """The LayerScale rule that is not ``rule`` (see ``attribution.LAYERSCALE_RULES``)."""
+    return next(r for r in attr.LAYERSCALE_RULES if r != rule)
 
 
 def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
@@ -230,6 +244,9 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
     * ``"methods"[m]``: the primary (first) reference's scores plus ``"figure_maps"``;
     * ``"randomisation"[m]``: (N,) Spearman correlation of trained vs randomised maps
       (NaN for a constant map; methods other than "random"), see :func:`randomisation_check`;
+    * ``"other_rule"``: ``{"rule", "scores": {reference: {"insertion": (N,), "deletion": (N,)}}}``,
+      Chefer's maps under the LayerScale rule that ``attribution.layerscale_rule`` is not (so the
+      chapter shows whether the rule decides the result);
     * ``"references"``, ``"level"``, ``"targets"``, ``"labels"``, ``"positions"``, ``"conservation"``.
 
     The evaluation images are streamed in chunks of :func:`chunk_images` (at most one
@@ -243,7 +260,7 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
     inputs = {"model": pipeline.model_inputs(cfg, sparsity, method), "images": a.images, "steps": a.steps,
               "references": list(a.references), "rise_blur": RISE_BLUR, "layerscale_rule": a.layerscale_rule,
               "seed": cfg.seed, "eval_images": cfg.data.eval_images, "data_kind": cfg.data.kind,
-              "figure": [a.figure_classes, a.figure_per_class], "methods": list(attr.METHODS), "version": 3}
+              "figure": [a.figure_classes, a.figure_per_class], "methods": list(attr.METHODS), "version": 4}
     label = pipeline.level_label(sparsity, method)
 
     def compute():
@@ -286,6 +303,9 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
                                  "figure_maps": torch.stack([fig_maps[m][i] for i in fig])}
             if m != "random":
                 res["randomisation"][m] = torch.cat([p[m]["randomisation"] for p in parts])
+        res["other_rule"] = {"rule": other_rule(a.layerscale_rule), "scores": {
+            r: {key: torch.cat([p["chefer_other_rule"]["scores"][r][key] for p in parts]) for key in ("insertion", "deletion")}
+            for r in a.references}}
         n_cons = min(len(pos), 16)
         cons_images, _ = load_images(split, pos[:n_cons], cfg.data.batch_size)
         res["conservation"] = {rule: attr.relevance_conservation(model, cons_images, rule)

@@ -210,15 +210,11 @@ def analyse(hooked, sae: BatchTopKSAE, batches: Iterable, block: int, tokens: st
     ``all_auroc_max`` ``(U,)`` (each latent's best AUROC on the measurement half) and
     ``all_auroc_max_same`` (on all images).
     """
-    from .unit_metrics import batch_labels, selected_unit_values, stratified_halves, top_units
+    from .unit_metrics import selected_unit_values, selection_mask, top_units
 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= sae.n_latents:
         raise ValueError(f"top_k must be an integer in [1, {sae.n_latents}] (the number of latents), got {top_k!r}")
-    labels = batch_labels(batches)
-    selection = stratified_halves(labels, seed) if selection is None else torch.as_tensor(selection)
-    if selection.dtype != torch.bool or tuple(selection.shape) != (len(labels),):
-        raise ValueError(f"selection must be a bool mask of shape ({len(labels)},) (one per image), "
-                         f"got {selection.dtype} of shape {tuple(selection.shape)}")
+    selection = selection_mask(batches, selection, seed)
     first = feature_pass(hooked, sae, batches, block, tokens, num_classes, device, selection=selection,
                          desc=f"SAE attribution {desc}")
     classes = list(range(num_classes))

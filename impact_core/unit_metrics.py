@@ -342,6 +342,17 @@ def stratified_halves(labels, seed: int) -> Tensor:
     return torch.from_numpy(mask)
 
 
+def selection_mask(batches, selection, seed: int) -> Tensor:
+    """The selection half of ``batches``' images: ``selection`` as given (checked: a bool mask,
+    one per image) or :func:`stratified_halves` of their labels at ``seed``."""
+    labels = batch_labels(batches)
+    selection = stratified_halves(labels, seed) if selection is None else torch.as_tensor(selection)
+    if selection.dtype != torch.bool or tuple(selection.shape) != (len(labels),):
+        raise ValueError(f"selection must be a bool mask of shape ({len(labels)},) (one per image), "
+                         f"got {selection.dtype} of shape {tuple(selection.shape)}")
+    return selection
+
+
 def batch_labels(batches) -> Tensor:
     """The labels of re-iterable ``batches`` in batch order; read from a ``data.Batches`` split without
     loading images, else by iterating once."""

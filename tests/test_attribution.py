@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
 from timm.models.vision_transformer import VisionTransformer
 
 from impact_core import attribution as attr
@@ -366,6 +366,9 @@ def test_attribution_results_for_the_control_has_every_reference(tiny_fmnist, tm
     assert not torch.allclose(res["scores"]["black"]["chefer"]["insertion_curve"][0],
                               res["scores"]["rise"]["chefer"]["insertion_curve"][0])
     assert set(pert.randomisation_check(res)) == {"chefer", "rollout", "generic"}
+    # Chefer under the other LayerScale rule (Eq. 14): the same images, its own maps and scores
+    assert res["other_rule"]["rule"] == "inverse" and set(res["other_rule"]["scores"]) == {"black", "rise"}
+    assert res["other_rule"]["scores"]["black"]["deletion"].shape == (5,)
     dense = pert.attribution_results(cfg, 0.0)
     assert dense["level"] == "dense"
     assert not torch.allclose(dense["scores"]["black"]["chefer"]["insertion"],
