@@ -114,8 +114,12 @@ def judge_change(effect: Estimate, control: Optional[Estimate], beyond_control: 
         return NOT_REPRODUCED, "it changes the other way"
     if _claimed(r_beyond, expected):
         return REPRODUCED, "the level differs from the control in the claimed direction"
-    if _claimed(r_ctl, expected) or (_claimed(r_eff, expected) and r_beyond in (EQUIVALENT, UNDECIDED)):
+    if _claimed(r_ctl, expected):
         return PIPELINE, "the control (nothing pruned) shows the effect too"
+    if _claimed(r_eff, expected) and r_beyond in (EQUIVALENT, UNDECIDED):
+        return PIPELINE, "the level differs from dense but not from the control"
+    if r_beyond == EQUIVALENT:
+        return NOT_REPRODUCED, f"no change beyond the control (within +-{margin:g})"
     if _opposite(r_beyond, expected):
         return NOT_REPRODUCED, "beyond the control it changes the other way"
     return INCONCLUSIVE, _needed(beyond_control, margin)
@@ -139,7 +143,8 @@ def judge_no_change(family: Sequence[Estimate], margin: float, alpha: float = 0.
         return INCONCLUSIVE, {"equivalent": 0, "changed": 0, "n": 0, "needed": None}
     eq = S.holm([S.equivalence_pvalue(e, margin) for e in fam], alpha)
     ch = S.holm([S.change_pvalue(e, margin) for e in fam], alpha)
-    needed = [S.samples_needed(e, margin) for e, a, b in zip(fam, eq, ch) if not (a or b)]
+    needed = [S.samples_needed(e, margin, "equivalence", family=len(fam)) for e, a, b in zip(fam, eq, ch)
+              if not (a or b)]
     info = {"equivalent": int(eq.sum()), "changed": int(ch.sum()), "n": len(fam),
             "needed": max((x for x in needed if x), default=None)}
     if ch.any():
@@ -402,7 +407,8 @@ def layer_claims(runs: list[dict], j: Judge) -> list[Claim]:
 
 def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
     """``runs[g] = {"levels": {s: circuit_results}, "control": circuit_results or None,
-    "equal_k": circuits of the sparsest level at the dense k or None, "pruning_only": dict or None}``."""
+    "equal_k": circuits of the sparsest level at the dense k or None, "equal_k_control": the
+    control's circuits at the dense k or None, "pruning_only": dict or None}``."""
     first = runs[0]
     levels = sorted(first["levels"])
     top = levels[-1]
@@ -448,7 +454,9 @@ def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
                                 claim=f"node fraction rises from {tag} at the dense model's k",
                                 paper="29.0% -> 40.0% (Table 7, k = 8e-5)", metric="node_fraction", expected="+",
                                 dense=arrays("node_fraction", 0.0),
-                                at_level=[_arr(r["equal_k"]["node_fraction"]) for r in runs], control=None,
+                                at_level=[_arr(r["equal_k"]["node_fraction"]) for r in runs],
+                                control=([_arr(r["equal_k_control"]["node_fraction"]) for r in runs]
+                                         if first.get("equal_k_control") is not None else None),
                                 scale=100, fmt=".2f", **common))
     out.append(change_claim(j, id="circuit.ncq", claim=f"NCQ (Eq. 12, node form) rises from {tag}",
                             paper="0.602 -> 0.780", metric="ncq", expected="+", dense=arrays("ncq", 0.0),
@@ -571,6 +579,7 @@ def gather(cfg, level: str) -> dict:
         return {"levels": {s: circuits.circuit_results(cfg, s) for s in levels},
                 "control": circuits.circuit_results(cfg, 0.0, method=CONTROL),
                 "equal_k": circuits.circuit_results(cfg, top, k=cfg.circuit.k_dense) if top > 0 else None,
+                "equal_k_control": circuits.circuit_results(cfg, 0.0, k=cfg.circuit.k_dense, method=CONTROL),
                 "pruning_only": circuits.pruning_only_edges(cfg, top) if top > 0 else None}
     if level == "model":
         from . import perturbation

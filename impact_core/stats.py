@@ -206,18 +206,25 @@ def side(est: Estimate, margin: float) -> str:
     return UNDECIDED
 
 
-def samples_needed(est: Estimate, margin: float) -> Optional[int]:
+def samples_needed(est: Estimate, margin: float, kind: str = "direction", family: int = 1) -> Optional[int]:
     """Units needed (same spread, same estimate) for the interval to decide, or None.
 
-    The interval's half-width shrinks as 1/sqrt(n). To show equivalence it must fit inside
-    ``margin - |value|``; to show a direction it must be below ``|value|``; we return the
-    smaller n of the two (None when neither can happen at this estimate)."""
+    The interval's half-width shrinks as 1/sqrt(n). ``kind="direction"``: decided when the
+    interval excludes 0 (half-width below ``|value|``) or lies inside the margin (below
+    ``margin - |value|``); ``kind="equivalence"``: inside the margin, or wholly beyond it
+    (below ``|value| - margin``). ``family``: comparisons corrected together (Holm), accounted
+    for by Bonferroni's z (conservative). None when no target is reachable or the answer would
+    not exceed the units already used (the interval is then undecided for another reason)."""
     if not est.finite or est.n < 2 or est.half_width <= 0:
         return None
-    targets = [t for t in (margin - abs(est.value), abs(est.value)) if t > 0]
+    v = abs(est.value)
+    targets = (v, margin - v) if kind == "direction" else (margin - v, v - margin)
+    targets = [t for t in targets if t > 0]
     if not targets:
         return None
-    return int(math.ceil(est.n * (est.half_width / max(targets)) ** 2))
+    z = sps.norm.ppf(1 - (1 - LEVEL) / (2 * family)) / sps.norm.ppf(1 - (1 - LEVEL) / 2)
+    n = int(math.ceil(est.n * (z * est.half_width / max(targets)) ** 2))
+    return n if n > est.n else None
 
 
 def equivalence_pvalue(est: Estimate, margin: float) -> float:

@@ -42,6 +42,10 @@ def test_side_and_samples_needed():
     wide = est(0.02, -0.2, 0.24, n=10)
     assert S.side(wide, 0.05) == S.UNDECIDED
     assert S.samples_needed(wide, 0.05) > 10
+    # equivalence needs the interval inside the margin; a family needs more units than one comparison
+    near = est(0.01, -0.08, 0.1, n=10)
+    assert S.samples_needed(near, 0.05, "equivalence", family=12) > S.samples_needed(near, 0.05, "equivalence") > 10
+    assert S.samples_needed(est(0.3, 0.2, 0.4), 0.05) is None  # already decided: nothing to ask for
 
 
 def test_holm_is_step_down():
@@ -76,6 +80,10 @@ def test_judge_change_every_outcome():
     # too little data: inconclusive, saying how much would decide
     verdict, why = C.judge_change(wide, wide, wide, "+", m)
     assert verdict == C.INCONCLUSIVE and "would decide" in why
+    # no change beyond the control, though not shown against dense: not reproduced
+    assert C.judge_change(wide, wide, zero, "+", m)[0] == C.NOT_REPRODUCED
+    # the level differs from dense but not from the control: explained by the pipeline
+    assert C.judge_change(up, wide, wide, "+", m)[0] == C.PIPELINE
     # without a control: the direction rule
     assert C.judge_change(up, None, None, "+", m)[0] == C.REPRODUCED
     assert C.judge_change(down, None, None, "-", m)[0] == C.REPRODUCED
