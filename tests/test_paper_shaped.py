@@ -48,13 +48,13 @@ def paper_shaped_preset(tmp_path_factory) -> Path:
         "data": {"root": str(root / "imagenet"), "calib_images": 4, "batch_size": 4, "num_workers": 0},
         "model": {"checkpoint": str(checkpoint)},
         "pruning": {"methods": ["wanda"], "sparsities": [0.7], "finetune_images": 2, "finetune_batch_size": 2},
-        "neuron": {"sparsities": [0.7], "top_k": 2, "images": 6, "validation_units": 2, "validation_images": 2},
+        "neuron": {"sparsities": [0.7], "top_k": 2, "images": 4, "validation_units": 2, "validation_images": 2},
         "sae": {"sparsities": [0.7], "k": 8, "expansion": 2, "batch_size": 8, "steps": 3, "aux_k": 4,
-                "train_images": 8, "eval_images": 6},
+                "train_images": 8, "eval_images": 6, "seeds": 2},
         "circuit": {"sparsities": [0.7], "classes": [0, 1], "epochs": 1, "step_size": 1, "k_sweep": [0.00004],
-                    "train_images_per_class": 1, "eval_images_per_class": 1},
-        "attribution": {"sparsities": [0.7], "images": 2, "steps": 4, "batch_size": 2,
-                        "figure_classes": 1, "figure_per_class": 1},
+                    "train_images_per_class": 1, "eval_images_per_class": 1, "random_draws": 1},
+        "attribution": {"sparsities": [0.7], "images": 1, "steps": 4, "batch_size": 1, "references": ["black"],
+                        "figure_classes": 1, "figure_per_class": 1},  # the RISE substitute runs in the smoke book
     }
     path = root / "paper_shaped.yaml"
     path.write_text(yaml.safe_dump(preset))
