@@ -107,16 +107,15 @@ def judge_change(effect: Estimate, control: Optional[Estimate], beyond_control: 
     (all paired over the same units)."""
     if control is None or beyond_control is None:
         return judge_direction(effect, expected, margin)
-    r_eff, r_ctl, r_beyond = (S.side(e, margin) for e in (effect, control, beyond_control))
-    if r_eff == EQUIVALENT:
-        return NOT_REPRODUCED, f"no change from dense beyond +-{margin:g} (equivalent)"
-    if _opposite(r_eff, expected):
-        return NOT_REPRODUCED, "it changes the other way"
+    verdict, why = judge_direction(effect, expected, margin)
+    if verdict == NOT_REPRODUCED:  # no relevant change from dense, or a change the other way
+        return verdict, why
+    r_ctl, r_beyond = S.side(control, margin), S.side(beyond_control, margin)
     if _claimed(r_beyond, expected):
         return REPRODUCED, "the level differs from the control in the claimed direction"
     if _claimed(r_ctl, expected):
         return PIPELINE, "the control (nothing pruned) shows the effect too"
-    if _claimed(r_eff, expected) and r_beyond in (EQUIVALENT, UNDECIDED):
+    if verdict == REPRODUCED and r_beyond in (EQUIVALENT, UNDECIDED):
         return PIPELINE, "the level differs from dense but not from the control"
     if r_beyond == EQUIVALENT:
         return NOT_REPRODUCED, f"no change beyond the control (within +-{margin:g})"
