@@ -40,7 +40,7 @@ def _sha256(path: Path) -> str:
 def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
     """Write through ``write(fileobj)`` into a temporary file beside ``path``, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -51,6 +51,34 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_temporaries(folder: Path, quiet_seconds: float = 60.0) -> list[Path]:
+    """Temporary files of :func:`atomic_write_bytes` whose writer is gone: the process id in
+    the name (``.<name>.<pid>.<random>.tmp``) is not running on this host and the file has not
+    been written for ``quiet_seconds`` (a write in progress on another host sharing the folder
+    keeps touching it). A write killed mid-way (``kill -9``) leaves such a file behind."""
+    out = []
+    for tmp in folder.glob(".*.tmp"):
+        parts = tmp.name.split(".")
+        try:
+            pid = int(parts[-3])
+            age = time.time() - tmp.stat().st_mtime
+        except (ValueError, IndexError, FileNotFoundError):
+            continue
+        if not _alive(pid) and age > quiet_seconds:
+            out.append(tmp)
+    return out
 
 
 class ResultCache:
@@ -66,10 +94,6 @@ class ResultCache:
     def paths(self, kind: str, key: str) -> tuple[Path, Path]:
         base = self.root / kind
         return base / f"{key}.pt", base / f"{key}.json"
-
-    def has(self, kind: str, inputs: dict) -> bool:
-        payload, meta = self.paths(kind, self.key(kind, inputs))
-        return payload.exists() and meta.exists()
 
     def load(self, kind: str, key: str) -> Any:
         """Load an entry; raise :class:`CacheError` if it is partial or corrupt, KeyError if absent."""
@@ -115,6 +139,9 @@ class ResultCache:
         except CacheError as err:
             log.warning("cache: %s; recomputing", err)
             self.remove(kind, key)
+        for tmp in stale_temporaries(self.root / kind):
+            log.warning("cache: removing %s, left by a write that was killed", tmp)
+            tmp.unlink(missing_ok=True)
         log.info("cache: computing %s/%s", kind, key)
         start = time.time()
         value = compute()

@@ -73,11 +73,6 @@ def block_unit_counts(hooked: HookedViT) -> tuple[int, int]:
     return hooked.mlp_dim, hooked.num_heads
 
 
-def unit_labels(hooked: HookedViT) -> list[str]:
-    m, h = block_unit_counts(hooked)
-    return [f"neuron {i}" for i in range(m)] + [f"head {i}" for i in range(h)]
-
-
 def unit_activation(mlp_act: Tensor, heads: Tensor) -> Tensor:
     """Per-token unit activations ``(B, N, M + H)``: MLP neurons, then head-output L2 norms."""
     return torch.cat([mlp_act, heads.norm(dim=-1)], dim=-1)

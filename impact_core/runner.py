@@ -65,7 +65,7 @@ def notebook_errors(path: Path) -> Optional[str]:
     return None
 
 
-def execute_chapter(chapter: str, src: Path, preset: str, parameters: dict, log_dir: Path, jobs: int = 1) -> float:
+def execute_chapter(chapter: str, src: Path, preset: str, log_dir: Path, jobs: int = 1) -> float:
     """Run one chapter template with papermill into the staging folder; return seconds.
 
     With ``jobs`` chapters at once, each kernel gets ``cores // jobs`` threads (OpenMP threads
@@ -78,8 +78,6 @@ def execute_chapter(chapter: str, src: Path, preset: str, parameters: dict, log_
     target.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "papermill", str(template), str(target), "-k", KERNEL,
            "--cwd", str(REPO_ROOT), "-p", "preset", preset, "--log-output", "--no-progress-bar"]
-    for key, value in parameters.items():
-        cmd += ["-y", yaml.safe_dump({key: value})]
     start = time.time()
     log_file = log_dir / f"{Path(chapter).name}.log"
     with open(log_file, "w") as log:
@@ -120,7 +118,7 @@ def build_html(src: Path, out: Path) -> Path:
 
 
 def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None, out: Path | str = ".",
-               jobs: int = 1, parameters: Optional[dict] = None) -> Path:
+               jobs: int = 1) -> Path:
     """Execute the chapters on ``preset`` and build the HTML book; return the HTML folder."""
     cfg = load_config(preset)  # validates the preset before any compute
     from .pipeline import preflight
@@ -140,19 +138,19 @@ def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None
         # every other chapter takes from the cache; the last (discussion) reads every other
         # chapter's results. The chapters between run side by side.
         first, middle, last = selected[0], selected[1:-1], selected[-1]
-        timings[first] = execute_chapter(first, src, preset, parameters or {}, log_dir)
+        timings[first] = execute_chapter(first, src, preset, log_dir)
         print(f"[impact]   {first}: {timings[first]:.0f} s", flush=True)
         with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job is its own OS process
-            futures = {c: pool.submit(execute_chapter, c, src, preset, parameters or {}, log_dir, jobs)
+            futures = {c: pool.submit(execute_chapter, c, src, preset, log_dir, jobs)
                        for c in middle}
             for c, f in futures.items():
                 timings[c] = f.result()
                 print(f"[impact]   {c}: {timings[c]:.0f} s", flush=True)
-        timings[last] = execute_chapter(last, src, preset, parameters or {}, log_dir)
+        timings[last] = execute_chapter(last, src, preset, log_dir)
         print(f"[impact]   {last}: {timings[last]:.0f} s", flush=True)
     else:
         for c in selected:
-            timings[c] = execute_chapter(c, src, preset, parameters or {}, log_dir)
+            timings[c] = execute_chapter(c, src, preset, log_dir)
             print(f"[impact]   {c}: {timings[c]:.0f} s", flush=True)
     print("[impact] building HTML (jupyter-book build -W)", flush=True)
     html = build_html(src, out)

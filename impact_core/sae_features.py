@@ -57,7 +57,7 @@ log = logging.getLogger("impact_core")
 
 SAE_METRICS = ("impact", "selectivity", "class_variance", "label_entropy")
 SAME = "_same"  # suffix of the paper's same-image variant of a result key
-VERSION = 2  # bump when the computation changes (part of the cache key); 2: held-out selection
+VERSION = 3  # bump when the computation changes (part of the cache key); 2: held-out selection; 3: no all_auroc_max
 
 
 def splice_hook(sae: BatchTopKSAE, tokens: str, store: dict, keep: Tensor | None = None, grad: bool = False):
@@ -206,9 +206,7 @@ def analyse(hooked, sae: BatchTopKSAE, batches: Iterable, block: int, tokens: st
     half, measured on the other), the same with suffix ``_same`` (the paper's: all images), and
     ``zero_importance`` (how many of the held-out top-K have zero or NaN importance on the
     selection half); ``per_latent`` / ``per_latent_same`` ``{metric: (C, K)}``; ``topk`` /
-    ``topk_same`` ``(C, K)``; ``importance`` (selection half) / ``importance_same`` ``(C, U)``;
-    ``all_auroc_max`` ``(U,)`` (each latent's best AUROC on the measurement half) and
-    ``all_auroc_max_same`` (on all images).
+    ``topk_same`` ``(C, K)``; ``importance`` (selection half) / ``importance_same`` ``(C, U)``.
     """
     from .unit_metrics import selected_unit_values, selection_mask, top_units
 
@@ -230,8 +228,7 @@ def analyse(hooked, sae: BatchTopKSAE, batches: Iterable, block: int, tokens: st
         per_latent = {k: v.double() for k, v in selected_unit_values(stats, top, classes, auroc).items()}
         for key, v in per_latent.items():
             out[key + suffix] = v.nanmean(1)
-        out.update({"per_latent" + suffix: per_latent, "topk" + suffix: top, "importance" + suffix: imp.float(),
-                    "all_auroc_max" + suffix: auroc.nan_to_num(0.5).amax(1).float()})
+        out.update({"per_latent" + suffix: per_latent, "topk" + suffix: top, "importance" + suffix: imp.float()})
         if suffix == "":
             out["zero_importance"] = zero
     impact = ablation_effects(hooked, sae, batches, block, tokens, jobs, num_classes, device,

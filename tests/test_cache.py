@@ -68,3 +68,32 @@ def test_failed_write_leaves_no_temporary(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         cache.get_or_compute("thing", {"x": 1}, lambda: torch.ones(2))
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_stale_temporaries_are_cleaned_but_not_a_write_in_progress(tmp_path):
+    """A write killed mid-way leaves ``.<name>.<pid>.<random>.tmp``; the next computation of
+    that kind removes it when its writer is gone, and leaves a live writer's file alone."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from impact_core.cache import ResultCache
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    folder = tmp_path / "thing"
+    folder.mkdir()
+    killed = folder / f".abc.pt.{dead}.x1y2.tmp"
+    live = folder / f".def.pt.{os.getpid()}.z3w4.tmp"
+    recent = folder / f".ghi.pt.{dead}.q5r6.tmp"  # writer gone, but touched a moment ago: kept for now
+    for f in (killed, live, recent):
+        f.write_bytes(b"partial")
+    old = time.time() - 3600
+    os.utime(killed, (old, old))
+    os.utime(live, (old, old))
+    cache = ResultCache(tmp_path)
+    assert cache.get_or_compute("thing", {"a": 1}, lambda: {"x": 1}) == {"x": 1}
+    assert not killed.exists() and live.exists() and recent.exists()
+    assert set(folder.glob(f".*.{os.getpid()}.*.tmp")) == {live}  # this entry's own writes were renamed away
+    assert len(list(folder.glob("*.json"))) == 1
