@@ -258,7 +258,7 @@ def change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metri
     c = Claim(id=id, level=level, claim=claim, paper=paper, ours=f"{d_mean:{fmt}} -> {l_mean:{fmt}}",
               effect=(beyond or eff).scaled(scale).text(f), control=ctl.scaled(scale).text(f) if ctl else "n/a",
               margin=f"+-{margin * scale:g}", verdict=verdict, why=why, vs_dense=eff.scaled(scale).text(f),
-              rule=("level minus control, paired; " if ctl else "level minus dense, paired; ") + judge_change.__name__)
+              rule="judge_change: level minus control, paired" if ctl else "judge_direction: level minus dense, paired")
     if magnitude is not None:
         how, stated = magnitude
         if how == "ratio":  # "N x fewer": mean(dense) / mean(level)

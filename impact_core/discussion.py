@@ -6,16 +6,10 @@ the chapters are the same :class:`~impact_core.claims.Claim` objects.
 """
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import claims as C
-from .config import Config
-
-
-def claims_table(cfg: Config) -> tuple[pd.DataFrame, list[C.Claim]]:
-    """Every claim of every level, judged over all training seeds of ``cfg``."""
-    claims = C.all_claims(cfg)
-    return pd.DataFrame([c.to_dict() for c in claims]), claims
 
 
 def survival(claims: list[C.Claim]) -> dict[str, list[str]]:
@@ -51,3 +45,60 @@ def dose_response(claims: list[C.Claim]) -> pd.DataFrame:
             rows.append({"claim": c.id, "level": c.level, "sparsity": s, "mean": est.value, "low": est.low,
                          "high": est.high, "unit": est.unit, "trend": c.trend.split(":")[0]})
     return pd.DataFrame(rows)
+
+
+VERDICT_COLOURS = {C.REPRODUCED: "#d8f0d8", C.NOT_REPRODUCED: "#f6d5d5", C.INCONCLUSIVE: "#f3f0d0",
+                   C.PIPELINE: "#dde4f6", C.PRUNING: "#e8dcf2"}
+
+
+def glue_values(claims: list[C.Claim], seeds) -> dict:
+    """Everything the discussion's prose states: counts per verdict, the claims of each
+    :func:`survival` and :func:`dose_groups` group, and the note on training seeds."""
+    counts = C.verdict_counts(claims)
+    names = {C.REPRODUCED: "reproduced", C.NOT_REPRODUCED: "not_reproduced", C.INCONCLUSIVE: "inconclusive",
+             C.PIPELINE: "pipeline", C.PRUNING: "pruning"}
+    out = {"n_claims": len(claims), "n_seeds": len(seeds), **{f"n_{names[v]}": n for v, n in counts.items()}}
+    joined = lambda items: "; ".join(items) if items else "none"  # noqa: E731
+    out.update({f"list_{k}": joined(v) for k, v in survival(claims).items()})
+    out.update({f"dose_{k.replace(' ', '_')}": joined(v) for k, v in dose_groups(claims).items()})
+    if len(seeds) > 1:
+        out["seeds_note"] = (f"This build trained {len(seeds)} dense models (seeds {list(seeds)}) and pruned and "
+                             "analysed each; every interval above is a hierarchical bootstrap (training seeds, then "
+                             "the units within a seed), and the 'seeds' column counts the seeds for which the claim "
+                             "holds on its own.")
+    else:
+        out["seeds_note"] = ("This build used one training seed, as the paper used one model per sparsity level. "
+                             "Build with PRESET=seeds to judge every claim over three training seeds.")
+    return out
+
+
+def styled_table(claims: list[C.Claim]):
+    """The claims table for display, the verdict cells coloured."""
+    shown = pd.DataFrame([c.to_dict() for c in claims]).drop(columns=["rule"]).set_index("id")
+    shown = shown.rename(columns={"paper": "paper (DeiT-III B/16)"})
+    return shown.style.map(lambda v: f"background-color: {VERDICT_COLOURS[v]}" if v in VERDICT_COLOURS else "",
+                           subset=["verdict"])
+
+
+def trend_table(claims: list[C.Claim]) -> pd.DataFrame:
+    """Each change claim's dose-response reading and verdict."""
+    return pd.DataFrame([{"claim": c.claim, "trend": c.trend, "verdict": c.verdict} for c in claims if c.curve])
+
+
+def dose_figure(claims: list[C.Claim], cols: int = 4):
+    """One panel per change claim: the judged quantity against sparsity (control at 0) with the
+    95% intervals of :func:`dose_response`, titled with the trend reading."""
+    dose = dose_response(claims)
+    ids = list(dict.fromkeys(dose["claim"]))
+    rows = -(-len(ids) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, cid in zip(axes.flat, ids):
+        d = dose[dose.claim == cid].sort_values("sparsity")
+        ax.errorbar(d.sparsity, d["mean"], yerr=[d["mean"] - d.low, d.high - d["mean"]], marker="o", capsize=3)
+        ax.plot(d.sparsity.iloc[:1], d["mean"].iloc[:1], "s", color="black", label="control")
+        ax.set_title(f"{cid}\n{d.trend.iloc[0]}", fontsize=8)
+        ax.set_xlabel("sparsity (control at 0)", fontsize=8)
+    for ax in list(axes.flat)[len(ids):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

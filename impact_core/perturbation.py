@@ -334,3 +334,94 @@ def randomisation_check(res: dict, threshold: float = RANDOMISATION_THRESHOLD) -
         out[m] = {"median_spearman": median, "constant_maps": constant,
                   "passed": bool(constant == 0 and median <= threshold)}
     return out
+
+
+# ----------------------------------------------------------------------------- the chapter's tables
+# Every interval and check the model chapter shows is computed here (intervals by impact_core.stats),
+# so the notebook only displays and glues. ``by_model`` maps a row label to an attribution_results entry.
+
+CONSERVATION_TOLERANCE = 1e-2  # a rule "conserves" relevance when every ratio (z) or the product over blocks (Eq. 14) is within this of 1
+
+
+def table4(by_model: dict[str, dict], references, seed: int = 0):
+    """Table 4 analogue per reference: one row per model, each method's insertion and deletion
+    as "mean [95% interval over images]" and Chefer minus random (paired over images).
+    Returns ``({reference: DataFrame}, long DataFrame of means with model, level, method, metric)``."""
+    import pandas as pd
+
+    from . import stats
+
+    def cell(v):
+        e = stats.mean([np.asarray(v, dtype=np.float64)], "images", seed=seed)
+        return f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]", e
+
+    tables, rows = {}, []
+    for ref in references:
+        table = {}
+        for model, res in by_model.items():
+            sc, line = res["scores"][ref], {}
+            for metric in ("insertion", "deletion"):
+                for m in attr.METHODS:
+                    text, e = cell(sc[m][metric].numpy())
+                    line[(metric, attr.METHOD_LABELS[m])] = text
+                    rows.append({"reference": ref, "model": model, "level": res["level"], "method": m,
+                                 "metric": metric, "mean": e.value, "low": e.low, "high": e.high})
+                line[(metric, "Chefer vs random")] = cell(sc["chefer"][metric].numpy() - sc["random"][metric].numpy())[0]
+            table[model] = line
+        tables[ref] = pd.DataFrame.from_dict(table, orient="index")
+        tables[ref].columns = pd.MultiIndex.from_tuples(tables[ref].columns)
+    return tables, pd.DataFrame(rows)
+
+
+def layerscale_rule_table(by_model: dict[str, dict], references, rule: str, seed: int = 0):
+    """Chefer's AUCs under ``rule`` and under the other LayerScale rule on the same images, and
+    their paired difference (other minus ``rule``) with its 95% interval over images."""
+    import pandas as pd
+
+    from . import stats
+
+    other, rows = other_rule(rule), []
+    for model, res in by_model.items():
+        for ref in references:
+            for metric in ("insertion", "deletion"):
+                ours = res["scores"][ref]["chefer"][metric].double().numpy()
+                alt = res["other_rule"]["scores"][ref][metric].double().numpy()
+                d = stats.mean_difference([(ours, alt)], "images", seed=seed)
+                rows.append({"model": model, "reference": ref, "metric": metric, f"{rule}-rule": f"{ours.mean():.3f}",
+                             f"{other} rule": f"{alt.mean():.3f}", "difference": d.text("+.3f")})
+    return pd.DataFrame(rows).set_index(["model", "reference", "metric"])
+
+
+def randomisation_summary(by_model: dict[str, dict], method: str = "chefer"):
+    """:func:`randomisation_check` of every model as a table, and what the chapter states about
+    ``method``: the largest median rank correlation, constant maps, failing models, pass / fail."""
+    import pandas as pd
+
+    checks = {model: randomisation_check(res) for model, res in by_model.items()}
+    table = pd.DataFrame([{"model": model, "method": attr.METHOD_LABELS[m], **c}
+                          for model, per in checks.items() for m, c in per.items()]).set_index(["model", "method"])
+    ours = {model: per[method] for model, per in checks.items()}
+    medians = np.array([c["median_spearman"] for c in ours.values()], dtype=np.float64)
+    return table, {"rand_threshold": RANDOMISATION_THRESHOLD,
+                   "rand_rho": float(np.nanmax(medians)) if np.isfinite(medians).any() else float("nan"),
+                   "rand_constant": int(sum(c["constant_maps"] for c in ours.values())),
+                   "rand_failed": ", ".join(m for m, c in ours.items() if not c["passed"]) or "none",
+                   "rand_pass": "passes" if all(c["passed"] for c in ours.values()) else "fails"}
+
+
+def conservation_summary(conservation: dict[str, list[dict]]):
+    """The per-layer conservation report of both LayerScale rules as one frame, its whole-block
+    rows, and what the chapter states: the z-rule's largest deviation of a ratio from 1, the
+    product of Eq. 14's per-block ratios, and whether each conserves (within
+    :data:`CONSERVATION_TOLERANCE`)."""
+    import pandas as pd
+
+    cons = pd.concat([pd.DataFrame(conservation[r]) for r in attr.LAYERSCALE_RULES], ignore_index=True)
+    cons["rule"] = cons["rule"].map({"z": "z-rule (R_in = R_out)", "inverse": "Eq. 14 (R_out / (gamma + eps))"})
+    blocks = cons[cons.layer.str.fullmatch(r"blocks\.\d+")].copy()
+    blocks["block"] = blocks.layer.str.split(".").str[1].astype(int)
+    z_dev = float((cons[cons.rule.str.startswith("z")]["ratio"] - 1).abs().max())
+    inv_total = float(np.prod(blocks[blocks.rule.str.startswith("Eq")]["ratio"]))
+    word = lambda ok: "conserves" if ok else "does not conserve"  # noqa: E731
+    return cons, blocks, {"z_dev": z_dev, "inv_total": inv_total, "z_conserves": word(z_dev < CONSERVATION_TOLERANCE),
+                          "inv_conserves": word(abs(inv_total - 1) < CONSERVATION_TOLERANCE)}

@@ -37,10 +37,6 @@ what the pipeline alone does, so a sparsity effect is judged against it (issue "
 control")."""
 
 
-def is_control(sparsity: float, method: str) -> bool:
-    return method == CONTROL
-
-
 def check_model_kind(sparsity: float, method: str) -> None:
     """``method`` is a pruning method, or ``CONTROL`` at sparsity 0."""
     if method == CONTROL:

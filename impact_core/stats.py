@@ -59,9 +59,6 @@ class Estimate:
             return f"{self.value:{fmt}} (no interval: {self.method})"
         return f"{self.value:{fmt}} [{self.low:{fmt}}, {self.high:{fmt}}] ({self.unit}, n={self.n}, {self.method})"
 
-    def interval_text(self, fmt: str = "+.3f") -> str:
-        return f"[{self.low:{fmt}}, {self.high:{fmt}}]" if self.finite else "n/a"
-
 
 def _clean(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Paired arrays as float64 with every unit that is not finite in all of them dropped."""

@@ -34,6 +34,13 @@ def random_split(n=60, classes=3, seed=0, img=8):
     return Split("train", InMemoryImages(images, labels, [0.5], [0.25]), np.arange(n), list(range(classes)))
 
 
+def toy(n=60, **vit):
+    """A tiny hooked ViT, a random split of ``n`` images and its site means."""
+    hooked = HookedViT(tiny_vit(**vit))
+    split = random_split(n=n)
+    return hooked, split, means_for(hooked, split)
+
+
 def means_for(hooked, split):
     x = split.dataset.images[torch.from_numpy(split.indices)]
     return compute_site_means(hooked, [(x, None)], hooked.site_names(sites=PAPER_SITES))
@@ -51,10 +58,8 @@ def test_ste_forward_binary_and_surrogate_gradient():
 
 
 def test_all_on_is_the_model_bit_for_bit_and_all_off_gives_means():
-    model = tiny_vit()
-    hooked = HookedViT(model)
-    split = random_split()
-    means = means_for(hooked, split)
+    hooked, split, means = toy()
+    model = hooked.model
     x = split.dataset.images[:10]
     with torch.no_grad():
         names = C.node_sites(hooked)
@@ -184,10 +189,8 @@ def test_mask_training_finds_the_planted_path():
 
 
 def test_batched_classes_equal_sequential_training():
-    model = tiny_vit(depth=2, dim=8, heads=2, classes=3)
-    hooked = HookedViT(model)
-    split = random_split(n=90)
-    means = means_for(hooked, split)
+    hooked, split, means = toy(n=90, depth=2, dim=8, heads=2, classes=3)
+    model = hooked.model
     data = C.ClassSets(split, [0, 1, 2], 10, seed=3, what="toy")
     kw = dict(k=1e-3, epochs=3, lr=0.2, step_size=2, gamma=0.5, batch_size=8, seed=5, progress=False)
     fast, fast_loss = C.train_masks(hooked, means, data, **kw)
@@ -241,10 +244,8 @@ def test_random_node_sets_have_the_circuits_per_site_counts():
 
 
 def test_margins_of_all_on_and_all_off_circuits():
-    model = tiny_vit(depth=2, dim=8, heads=2, classes=3, global_pool="avg")  # avg pool: the empty model still varies
-    hooked = HookedViT(model)
-    split = random_split(n=60)
-    means = means_for(hooked, split)
+    hooked, split, means = toy(n=60, depth=2, dim=8, heads=2, classes=3, global_pool="avg")  # avg pool: the empty model still varies
+    model = hooked.model
     data = C.ClassSets(split, [0, 2], 8, seed=1, what="toy")
     names = C.node_sites(hooked)
     on = {n: torch.ones(2, hooked.num_units(n), dtype=torch.bool) for n in names}
@@ -275,10 +276,7 @@ def test_margins_of_all_on_and_all_off_circuits():
 def test_compute_circuits_result_keys_and_summary():
     from types import SimpleNamespace
 
-    model = tiny_vit(depth=1, dim=8, heads=2, classes=3)
-    hooked = HookedViT(model)
-    split = random_split(n=90)
-    means = means_for(hooked, split)
+    hooked, split, means = toy(n=90, depth=1, dim=8, heads=2, classes=3)
     train = C.ClassSets(split, [0, 1, 2], 6, seed=0, what="toy")
     evals = C.ClassSets(split, [0, 1, 2], 6, seed=1, what="toy")
     cc = SimpleNamespace(class_chunk=2, epochs=1, lr=0.2, step_size=1, step_gamma=0.5, batch_size=6, tau=1.0,
