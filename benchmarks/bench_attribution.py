@@ -4,7 +4,7 @@ Default preset's architecture (random weights: timing does not depend on them).
 """
 import torch
 
-from impact_core import attribution as attr
+from impact_core.methods import attribution as attr
 from impact_core.bench import best_time, entry
 from impact_core.config import load_config
 from impact_core.models import build_model

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from impact_core import bench
-from impact_core import circuits as C
+from impact_core.methods import circuits as C
 from impact_core.config import load_config
 from impact_core.data import InMemoryImages, Split
 from impact_core.models import build_model
-from impact_core.sites import PAPER_SITES, HookedViT, compute_site_means
+from impact_core.methods.sites import PAPER_SITES, HookedViT, compute_site_means
 
 CLASSES = 10
 PER_CLASS = 32  # positives per class (same number of negatives): 64 images per class

@@ -6,8 +6,8 @@ import torch
 from impact_core.bench import best_time, entry
 from impact_core.config import load_config
 from impact_core.models import build_model
-from impact_core.pruning import row_mask, row_mask_reference
-from impact_core.sites import ALL_SITES, HookedViT
+from impact_core.methods.pruning import row_mask, row_mask_reference
+from impact_core.methods.sites import ALL_SITES, HookedViT
 
 
 def benchmarks(device: str) -> list[dict]:

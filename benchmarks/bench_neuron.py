@@ -9,7 +9,7 @@ import torch
 
 from impact_core.bench import best_time, entry
 from impact_core.config import load_config
-from impact_core.unit_metrics import (auroc_rank, auroc_reference, class_variance, class_variance_reference,
+from impact_core.methods.unit_metrics import (auroc_rank, auroc_reference, class_variance, class_variance_reference,
                                       label_entropy, label_entropy_reference)
 
 

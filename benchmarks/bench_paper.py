@@ -19,12 +19,13 @@ import time
 import numpy as np
 import torch
 
-from impact_core import bench, neuron, pruning
+from impact_core import bench
+from impact_core.methods import neuron, pruning
 from impact_core.config import REPO_ROOT, load_config
 from impact_core.models import build_model
 from impact_core.precision import autocast
-from impact_core.sae import activation_chunks
-from impact_core.sites import ALL_SITES, HookedViT, compute_site_means
+from impact_core.methods.sae import activation_chunks
+from impact_core.methods.sites import ALL_SITES, HookedViT, compute_site_means
 
 
 def batches(n_images: int, batch: int, device: str):

@@ -11,7 +11,7 @@ follows that. No target is set: the entry reports throughput.
 """
 import torch
 
-from impact_core import sae as S
+from impact_core.methods import sae as S
 from impact_core.bench import best_time, entry
 from impact_core.config import load_config
 

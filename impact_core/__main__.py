@@ -8,16 +8,14 @@ import sys
 from .config import ConfigError
 
 
-PREPARE_STAGES = ("pruning", "neuron", "sae", "circuit", "attribution")
-
-
 def prepare(preset: str, stages, seed=None) -> None:
-    """Fill the result cache for ``stages`` at every level of the preset, e.g. on several GPUs:
-    ``torchrun --nproc_per_node 8 -m impact_core prepare --preset paper --stages pruning neuron sae circuit attribution``
-    then ``make book PRESET=paper`` reads everything from the cache. Under torchrun the passes
-    over data (calibration, fine-tuning, evaluation, means, neuron statistics, SAE activations,
-    attribution) are split between the processes, and circuits by chunks of classes."""
-    from . import claims, distributed, pipeline
+    """Fill the result cache for the levels ``stages`` (names of :mod:`impact_core.levels`), e.g. on
+    several GPUs: ``torchrun --nproc_per_node 8 -m impact_core prepare --preset paper --stages pruning
+    neuron layer circuit model``; then ``make book PRESET=paper`` reads everything from the cache.
+    Each level computes exactly what its claims read (the control model included). Under torchrun
+    the passes over data (calibration, fine-tuning, evaluation, means, neuron statistics, SAE
+    activations, attribution) are split between the processes, and circuits by chunks of classes."""
+    from . import distributed, levels, pipeline
     from .config import load_config, resolve_device
 
     pipeline.setup_logging()
@@ -27,13 +25,17 @@ def prepare(preset: str, stages, seed=None) -> None:
     pipeline.preflight(cfg)
     distributed.init_from_env(resolve_device(cfg))
     say = print if distributed.is_main() else (lambda *a, **k: None)
-    # each stage computes exactly what its level's claims read (the control model included)
-    level_of = {"pruning": "pruning", "neuron": "neuron", "sae": "layer", "circuit": "circuit", "attribution": "model"}
-    for stage in PREPARE_STAGES:
-        if stage in stages:
-            claims.gather(cfg, level_of[stage])
-            say(stage, "cached")
+    for name in levels.level_names():
+        if name in stages:
+            levels.prepare(cfg, [name])
+            say(name, "cached")
     distributed.barrier()
+
+
+def level_names() -> list[str]:
+    from .levels import level_names
+
+    return level_names()
 
 
 def main(argv=None) -> int:
@@ -54,12 +56,21 @@ def main(argv=None) -> int:
     warm = sub.add_parser("prepare", help="compute and cache a preset's results before the book is built "
                           "(under torchrun the data-parallel passes are split between the processes)")
     warm.add_argument("--preset", default="default")
-    warm.add_argument("--stages", nargs="*", default=["pruning"], choices=list(PREPARE_STAGES),
-                      help="what to compute (default: the dense and pruned models and their accuracy)")
+    warm.add_argument("--stages", nargs="*", default=["pruning"], metavar="LEVEL",
+                      help="levels of analysis to compute, of: " + ", ".join(level_names())
+                      + " (default: pruning, the dense and pruned models and their accuracy)")
     warm.add_argument("--seed", type=int, default=None,
                       help="another training seed (e.g. one of the seeds preset's, to fill them side by side)")
 
+    compare = sub.add_parser("compare", help="compare every glued value of two executed books (their _build/src)")
+    compare.add_argument("old")
+    compare.add_argument("new")
+
     args = parser.parse_args(argv)
+    if args.command == "prepare":
+        unknown = [s for s in args.stages if s not in level_names()]
+        if unknown:
+            parser.error(f"--stages: unknown level {unknown[0]!r}; known: {', '.join(level_names())}")
     try:
         if args.command == "book":
             from .runner import ChapterError, build_book
@@ -75,6 +86,18 @@ def main(argv=None) -> int:
             run_all(args.device, args.only)
         elif args.command == "prepare":
             prepare(args.preset, args.stages, args.seed)
+        elif args.command == "compare":
+            from .notebook import compare_glued
+
+            diff = compare_glued(args.old, args.new)
+            for chapter, key, old, new in diff["differ"]:
+                print(f"{chapter}: {key}: {old!r} -> {new!r}")
+            for what in ("only_old", "only_new"):
+                for chapter, key in diff[what]:
+                    print(f"{chapter}: {key}: {what.replace('_', ' in ')}")
+            n = sum(len(v) for v in diff.values())
+            print(f"[impact] {n} glued value(s) differ" if n else "[impact] every glued value is identical")
+            return 1 if n else 0
     except (ConfigError, FileNotFoundError) as err:
         print(f"[impact] ERROR: {err}", file=sys.stderr)
         return 2

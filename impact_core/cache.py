@@ -5,6 +5,12 @@ Layout: ``<root>/<kind>/<key>.pt`` (the payload, ``torch.save``) and ``<key>.jso
 file and renamed; the JSON is written last, so an entry without it is partial.
 On load the payload's checksum is verified; a partial or corrupt entry is
 logged, removed and recomputed, never loaded.
+
+Every kind of entry is declared once with the version of the code that computes it
+(:func:`artefact`, beside its entry point) and the version is part of every key, so an entry
+computed by older code is never served as new: bump the version when the computation
+changes. Entries built on others carry those entries' keys in their inputs, so a bump
+recomputes the kind and everything built on it, and nothing else.
 """
 from __future__ import annotations
 
@@ -27,6 +33,18 @@ log = logging.getLogger("impact_core")
 
 class CacheError(RuntimeError):
     """A cache entry is corrupt or partial."""
+
+
+VERSIONS: dict[str, int] = {}
+"""Kind of cached artefact -> version of the code that computes it (filled by :func:`artefact`)."""
+
+
+def artefact(kind: str, version: int) -> str:
+    """Declare a cached kind and its code version; returns ``kind`` (``NEURON = artefact("neuron_metrics", 3)``)."""
+    if VERSIONS.get(kind, version) != version:
+        raise ValueError(f"cache kind {kind!r} is declared twice, with versions {VERSIONS[kind]} and {version}")
+    VERSIONS[kind] = version
+    return kind
 
 
 def _sha256(path: Path) -> str:
@@ -89,7 +107,10 @@ class ResultCache:
         self.salt = salt or {}  # settings every key records (e.g. bf16 precision); none by default
 
     def key(self, kind: str, inputs: dict) -> str:
-        return config_hash({"kind": kind, "inputs": {**inputs, **self.salt}})
+        """The entry's name: a hash of its kind, the kind's code version and its inputs."""
+        if kind not in VERSIONS:
+            raise KeyError(f"cache kind {kind!r} is not declared: declare it with cache.artefact({kind!r}, version)")
+        return config_hash({"kind": kind, "version": VERSIONS[kind], "inputs": {**inputs, **self.salt}})
 
     def paths(self, kind: str, key: str) -> tuple[Path, Path]:
         base = self.root / kind

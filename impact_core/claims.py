@@ -1,8 +1,9 @@
 """Sec. 5: the paper's claims, each judged by a rule on our numbers (the judging layer).
 
-Every verdict of the book comes from here: the chapters glue the :class:`Claim` objects of
-their level (:func:`level_claims`) and the discussion shows all of them (:func:`all_claims`),
-so a chapter and the discussion can never disagree. Intervals come from
+Every verdict of the book comes from these rules: each level of :mod:`impact_core.levels`
+builds its :class:`Claim` objects with them, the chapters glue their level's
+(:func:`impact_core.levels.level_claims`) and the discussion shows all of them
+(:func:`impact_core.levels.all_claims`), so a chapter and the discussion can never disagree. Intervals come from
 :mod:`impact_core.stats` and name the unit they resample.
 
 The rules (each tested on inputs that produce each of its outcomes):
@@ -29,7 +30,6 @@ The rules (each tested on inputs that produce each of its outcomes):
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -42,7 +42,6 @@ REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inco
 PIPELINE = "explained by the pipeline"
 PRUNING = "explained by pruning alone"
 VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, PIPELINE, PRUNING)
-LEVELS_OF_ANALYSIS = ("pruning", "neuron", "layer", "circuit", "model")
 
 
 @dataclass
@@ -232,7 +231,8 @@ class Judge:
         return S.mean(samples, unit, seed=self.seed, n_resamples=self.n_resamples)
 
 
-def _arr(x) -> np.ndarray:
+def as_array(x) -> np.ndarray:
+    """A tensor or array-like as float64 NumPy (what the statistics take)."""
     return np.asarray(x.double().numpy() if hasattr(x, "double") else x, dtype=np.float64)
 
 
@@ -295,323 +295,6 @@ def no_change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, me
 def not_measured(id: str, level: str, claim: str, paper: str, why: str) -> Claim:
     return Claim(id=id, level=level, claim=claim, paper=paper, ours=why, effect="n/a", control="n/a",
                  margin="n/a", verdict=INCONCLUSIVE, rule="not measured", why=why)
-
-
-# ---------------------------------------------------------------------------------------------
-# the claims of each level; ``runs`` is one gathered dict per training seed (see gather_*)
-# ---------------------------------------------------------------------------------------------
-def pruning_claims(runs: list[dict], j: Judge) -> list[Claim]:
-    """``runs[g] = {"accuracy": {(method, sparsity): accuracy dict}, "control": accuracy dict}``."""
-    out = []
-    acc0 = runs[0]["accuracy"]
-    title = "Wanda at 70% keeps more than 96% of dense top-1"
-    if ("wanda", 0.7) in acc0:
-        pairs = [(_arr(r["accuracy"][("wanda", 0.7)]["correct"]), _arr(r["accuracy"][("wanda", 0.0)]["correct"]))
-                 for r in runs]
-        est = j.ratio(pairs, "images")
-        ctl = j.ratio([(_arr(r["control"]["correct"]), _arr(r["accuracy"][("wanda", 0.0)]["correct"]))
-                       for r in runs], "images") if runs[0].get("control") else None
-        verdict = judge_threshold(est, 0.96)
-        out.append(Claim(id="pruning.retained", level="pruning", claim=title, paper="96.1%",
-                         ours=f"{est.value:.1%} of dense", effect=est.text(".4f"),
-                         control=f"control / dense: {ctl.text('.4f')}" if ctl else "n/a", margin="threshold 0.96",
-                         verdict=verdict, rule="ratio of top-1 (70% / dense) over images above 0.96; judge_threshold",
-                         magnitude="the claim is the threshold",
-                         why={REPRODUCED: "the whole interval is above 96%", NOT_REPRODUCED: "the whole interval "
-                              "is below 96%"}.get(verdict, "the interval covers 96%")))
-    else:
-        out.append(not_measured("pruning.retained", "pruning", title, "96.1%", "70% not in this preset"))
-    levels = sorted({s for _, s in acc0})
-    hi = max(levels)
-    if ("magnitude", hi) in acc0 and hi > 0:
-        pairs = [(_arr(r["accuracy"][("magnitude", hi)]["correct"]), _arr(r["accuracy"][("wanda", hi)]["correct"]))
-                 for r in runs]
-        eff = j.diff(pairs, "images")
-        verdict, why = judge_direction(eff, "+", j.margins["top1"])
-        out.append(Claim(id="pruning.wanda_vs_magnitude", level="pruning",
-                         claim=f"Wanda beats magnitude at the highest sparsity ({hi:.0%})", paper="+6.34 pts at 90%",
-                         ours=f"{100 * eff.value:+.2f} pts", effect=eff.scaled(100).text("+.2f"), control="n/a",
-                         margin=f"+-{100 * j.margins['top1']:g} pts", verdict=verdict, why=why,
-                         rule="top-1 difference (Wanda - magnitude) over images; judge_direction",
-                         magnitude=(f"{judge_magnitude(eff.scaled(100), 6.34, j.tolerance)}: vs +6.34 pts"
-                                    if hi == 0.9 else "paper's level (90%) not in this preset")))
-    return out
-
-
-def neuron_claims(runs: list[dict], j: Judge, metrics=("selectivity", "label_entropy", "class_variance", "impact"),
-                  kind: str = "neuron") -> list[Claim]:
-    """``runs[g] = {"levels": {sparsity: neuron_metrics}, "control": neuron_metrics}``; metric
-    arrays are (blocks, classes), held-out selection. Judged on level minus control per block."""
-    names = {"selectivity": "selectivity", "label_entropy": "label entropy", "class_variance": "class variance",
-             "impact": "mean-ablation impact"}
-    out = []
-    first = runs[0]
-    levels = sorted(s for s in first["levels"] if s > 0)
-    blocks = list(first["levels"][0.0]["blocks"])
-    for metric in metrics:
-        comparisons = {}
-        for i, b in enumerate(blocks):
-            for s in levels:
-                comparisons[(b, s)] = ([_arr(r["control"][metric][i]) for r in runs],
-                                       [_arr(r["levels"][s][metric][i]) for r in runs])
-        c = no_change_claim(j, id=f"{kind}.{metric}", level=kind,
-                            claim=f"{names[metric]} shows no systematic change with sparsity",
-                            paper="no systematic change", metric=metric, comparisons=comparisons, unit="classes")
-        dense_ctl = [j.diff([(_arr(r["levels"][0.0][metric][i]), _arr(r["control"][metric][i])) for r in runs],
-                            "classes") for i in range(len(blocks))]
-        c.control = "; ".join(f"block {b}: {e.text('+.3f')}" for b, e in zip(blocks, dense_ctl))
-        out.append(c)
-    return out
-
-
-def layer_claims(runs: list[dict], j: Judge) -> list[Claim]:
-    """``runs[g] = {"levels": {sparsity: [quality row per SAE seed]}, "control": [...]}``."""
-    first = runs[0]
-    levels = sorted(first["levels"])
-    top = levels[-1]
-    tag = f"dense to {top:.0%}"
-
-    def per_seed(rows, key, scale=1.0):
-        return np.array([row[key] * scale for row in rows], dtype=np.float64)
-
-    def series(key, scale=1.0):
-        curve = {s: [per_seed(r["levels"][s], key, scale) for r in runs] for s in levels if s > 0}
-        curve[0.0] = [per_seed(r["control"], key, scale) for r in runs]
-        return curve
-
-    out = [change_claim(j, id="layer.nmse", level="layer", claim=f"SAE NMSE rises from {tag}",
-                        paper="0.0075 -> 0.0594", metric="nmse", expected="+",
-                        dense=[per_seed(r["levels"][0.0], "NMSE") for r in runs],
-                        at_level=[per_seed(r["levels"][top], "NMSE") for r in runs],
-                        control=[per_seed(r["control"], "NMSE") for r in runs], unit="SAE seeds", fmt=".4f",
-                        curve=series("NMSE"))]
-    out.append(change_claim(j, id="layer.dead", level="layer", claim=f"dead latents fall from {tag} (fraction of latents)",
-                            paper="85.9 -> 68.3 (of 24,576)", metric="dead_fraction", expected="-",
-                            dense=[per_seed(r["levels"][0.0], "dead %", 0.01) for r in runs],
-                            at_level=[per_seed(r["levels"][top], "dead %", 0.01) for r in runs],
-                            control=[per_seed(r["control"], "dead %", 0.01) for r in runs], unit="SAE seeds",
-                            fmt=".4f", curve=series("dead %", 0.01)))
-    if first.get("features") is not None:  # Fig. 3: the four metrics on SAE latents, per class
-        def as_blocks(f):
-            return {"blocks": [-1], **{m: _arr(f[m])[None] for m in ("selectivity", "label_entropy",
-                                                                      "class_variance", "impact")}}
-        feature_runs = [{"levels": {s: as_blocks(f) for s, f in r["features"]["levels"].items()},
-                         "control": as_blocks(r["features"]["control"])} for r in runs]
-        out += neuron_claims(feature_runs, j, kind="layer")
-        for c in out[-4:]:
-            c.claim = "SAE latents: " + c.claim
-            c.paper = "not consistently more selective, monosemantic or class-consistent"
-    return out
-
-
-def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
-    """``runs[g] = {"levels": {s: circuit_results}, "control": circuit_results or None,
-    "equal_k": circuits of the sparsest level at the dense k or None, "equal_k_control": the
-    control's circuits at the dense k or None, "pruning_only": dict or None}``."""
-    first = runs[0]
-    levels = sorted(first["levels"])
-    top = levels[-1]
-    tag = f"dense to {top:.0%}"
-    has_control = first.get("control") is not None
-
-    def get(res, key):
-        if key == "ncq_edges":  # the form the paper's tables print: Acc x (1 - edge size)
-            return _arr(res["acc_circuit"]) * (1 - _arr(res["size_dense"]))
-        return _arr(res[key])
-
-    def arrays(key, which):
-        if which == "control":
-            return [get(r["control"], key) for r in runs] if has_control else None
-        return [get(r["levels"][which], key) for r in runs]
-
-    def curve(key):
-        c = {s: arrays(key, s) for s in levels if s > 0}
-        if has_control:
-            c[0.0] = arrays(key, "control")
-        return c
-
-    common = dict(level="circuit", unit="classes")
-    out = []
-    cf = [_arr(r["pruning_only"]["size_dense"]) for r in runs] if first.get("pruning_only") else None
-    out.append(change_claim(j, id="circuit.edges", claim=f"circuit edges fall from {tag} (% of dense edges)",
-                            paper="32.4% -> 12.9% (2.5x fewer)", metric="edge_size", expected="-",
-                            dense=arrays("size_dense", 0.0), at_level=arrays("size_dense", top),
-                            control=arrays("size_dense", "control"), scale=100, fmt=".2f", curve=curve("size_dense"),
-                            counterfactual=cf, magnitude=("ratio", 2.5), **common))
-    out.append(change_claim(j, id="circuit.edges_remaining",
-                            claim=f"circuit edges fall from {tag} as a share of the weights the model still has",
-                            paper="32.4% -> 43.1% implied by Table 3 (rises)", metric="edge_size", expected="-",
-                            dense=arrays("size_remaining", 0.0), at_level=arrays("size_remaining", top),
-                            control=arrays("size_remaining", "control"), scale=100, fmt=".2f",
-                            curve=curve("size_remaining"), **common))
-    out.append(change_claim(j, id="circuit.nodes", claim=f"node fraction rises from {tag}", paper="29.0% -> 41.6%",
-                            metric="node_fraction", expected="+", dense=arrays("node_fraction", 0.0),
-                            at_level=arrays("node_fraction", top), control=arrays("node_fraction", "control"),
-                            scale=100, fmt=".2f", curve=curve("node_fraction"), **common))
-    if first.get("equal_k") is not None:
-        out.append(change_claim(j, id="circuit.nodes_equal_k",
-                                claim=f"node fraction rises from {tag} at the dense model's k",
-                                paper="29.0% -> 40.0% (Table 7, k = 8e-5)", metric="node_fraction", expected="+",
-                                dense=arrays("node_fraction", 0.0),
-                                at_level=[_arr(r["equal_k"]["node_fraction"]) for r in runs],
-                                control=([_arr(r["equal_k_control"]["node_fraction"]) for r in runs]
-                                         if first.get("equal_k_control") is not None else None),
-                                scale=100, fmt=".2f", **common))
-    out.append(change_claim(j, id="circuit.ncq", claim=f"NCQ (Eq. 12, node form) rises from {tag}",
-                            paper="0.602 -> 0.780", metric="ncq", expected="+", dense=arrays("ncq", 0.0),
-                            at_level=arrays("ncq", top), control=arrays("ncq", "control"), curve=curve("ncq"),
-                            **common))
-    out.append(change_claim(j, id="circuit.ncq_edges",
-                            claim=f"NCQ as the paper's tables print it, Acc x (1 - edge size), rises from {tag}",
-                            paper="0.602 -> 0.780", metric="ncq", expected="+", dense=arrays("ncq_edges", 0.0),
-                            at_level=arrays("ncq_edges", top), control=arrays("ncq_edges", "control"),
-                            curve=curve("ncq_edges"), **common))
-    if first.get("equal_k") is not None:
-        out.append(change_claim(j, id="circuit.collapse",
-                                claim=f"at {top:.0%}, the dense model's k lowers circuit accuracy (circuit collapse)",
-                                paper="89.64% -> 83.03% (Table 7)", metric="circuit_accuracy", expected="-",
-                                dense=arrays("acc_circuit", top), at_level=[_arr(r["equal_k"]["acc_circuit"]) for r in runs],
-                                control=None, scale=100, fmt=".2f", **common))
-    margin = j.margins["ablated_accuracy"]
-    for s in levels:
-        abl = [_arr(r["levels"][s]["acc_ablated"]) - 0.5 for r in runs]
-        vs_chance = j.mean(abl, "classes")
-        gap = None
-        if "acc_random_ablated" in first["levels"][s]:
-            gap = j.diff([(_arr(r["levels"][s]["acc_ablated"]), _arr(r["levels"][s]["acc_random_ablated"]).mean(-1))
-                          for r in runs], "classes")
-        verdict, why = judge_chance(vs_chance, gap, margin)
-        faith = ""
-        if "faithfulness" in first["levels"][s]:
-            faith = f"; logit-difference faithfulness of the circuit {j.mean([_arr(r['levels'][s]['faithfulness']) for r in runs], 'classes').text('.2f')}"
-        name = "dense" if s == 0 else f"{s:.0%}"
-        out.append(Claim(id=f"circuit.ablation_{name.rstrip('%')}", level="circuit",
-                         claim=f"ablating the circuit returns one-vs-rest accuracy to chance ({name})", paper="50%",
-                         ours=f"{vs_chance.value + 0.5:.1%} ablated" + (
-                             f", {gap.value + vs_chance.value + 0.5:.1%} with random sets of the same size" if gap else ""),
-                         effect=f"ablated - 0.5: {vs_chance.text('+.3f')}" + (
-                             f"; random - circuit ablated: {gap.text('+.3f')}" if gap else "") + faith,
-                         control="random node sets (same size per site)" if gap else "n/a",
-                         margin=f"+-{margin:g}", verdict=verdict, why=why, rule="judge_chance, per model"))
-    return out
-
-
-def model_claims(runs: list[dict], j: Judge, method: str = "chefer") -> list[Claim]:
-    """``runs[g] = {"levels": {s: attribution_results}, "control": attribution_results or None}``.
-
-    Judged on each map's AUC minus the random-order (random patch scores) AUC of the same
-    model and substitute, per image, for every substitute (reference) computed."""
-    first = runs[0]
-    levels = sorted(first["levels"])
-    has_control = first.get("control") is not None
-
-    def scores(res):
-        return res.get("scores") or {"primary": res["methods"]}
-
-    refs = list(scores(first["levels"][0.0]))
-
-    def gain(res, ref, metric):
-        sc = scores(res)[ref]
-        return _arr(sc[method][metric]) - _arr(sc["random"][metric])
-
-    out = []
-    light = [s for s in levels if 0 < s <= 0.3]
-    targets = []
-    if light:
-        targets.append(("insertion", 0.3 if 0.3 in light else max(light), "+",
-                        "insertion AUC improves at light sparsity (the paper's peak: 30%)", "0.600 -> 0.714 (30%)"))
-    targets.append(("deletion", levels[-1], "-", f"deletion AUC improves (falls) at {levels[-1]:.0%}", "0.212 -> 0.175"))
-    for metric, s, expected, title, paper in targets:
-        for ref in refs:
-            curve = {x: [gain(r["levels"][x], ref, metric) for r in runs] for x in levels if x > 0}
-            if has_control:
-                curve[0.0] = [gain(r["control"], ref, metric) for r in runs]
-            raw = [float(np.mean(_arr(scores(r["levels"][x])[ref][method][metric]))) for r in runs[:1] for x in (0.0, s)]
-            c = change_claim(j, id=f"model.{metric}_{ref}", level="model",
-                             claim=f"{title}, above random order ({ref} substitute)", paper=paper, metric=metric,
-                             expected=expected, dense=[gain(r["levels"][0.0], ref, metric) for r in runs],
-                             at_level=[gain(r["levels"][s], ref, metric) for r in runs],
-                             control=[gain(r["control"], ref, metric) for r in runs] if has_control else None,
-                             unit="images", curve=curve)
-            c.ours = f"AUC {raw[0]:.3f} -> {raw[1]:.3f}; above random: {c.ours}"
-            out.append(c)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# gathering the cached results (one dict per training seed) and the single entry points
-# ---------------------------------------------------------------------------------------------
-def analysis_levels(sparsities) -> list[float]:
-    return [0.0] + sorted(float(s) for s in sparsities if s > 0)
-
-
-def for_seed(cfg, seed: int):
-    """The same configuration with another training seed (and its own cache entries)."""
-    return dataclasses.replace(cfg, seed=seed)
-
-
-def gather(cfg, level: str) -> dict:
-    """Everything ``level``'s claims need, from the cached entry points (computed on first use)."""
-    from . import pipeline
-    from .pipeline import CONTROL
-
-    if level == "pruning":
-        acc = {(m, s): pipeline.accuracy(cfg, s, m) for m in cfg.pruning.methods
-               for s in analysis_levels(cfg.pruning.sparsities)}
-        return {"accuracy": acc, "control": pipeline.accuracy(cfg, 0.0, CONTROL)}
-    if level == "neuron":
-        from . import neuron
-        return {"levels": {s: neuron.neuron_metrics(cfg, s) for s in analysis_levels(cfg.neuron.sparsities)},
-                "control": neuron.neuron_metrics(cfg, 0.0, method=CONTROL)}
-    if level == "layer":
-        from . import sae
-        from . import sae_features
-        levels = analysis_levels(cfg.sae.sparsities)
-        return {"levels": {s: sae.quality_over_seeds(cfg, s) for s in levels},
-                "control": sae.quality_over_seeds(cfg, 0.0, method=CONTROL),
-                "features": {"levels": {s: sae_features.sae_feature_metrics(cfg, s) for s in levels},
-                             "control": sae_features.sae_feature_metrics(cfg, 0.0, method=CONTROL)}}
-    if level == "circuit":
-        from . import circuits
-        levels = analysis_levels(cfg.circuit.sparsities)
-        top = levels[-1]
-        return {"levels": {s: circuits.circuit_results(cfg, s) for s in levels},
-                "control": circuits.circuit_results(cfg, 0.0, method=CONTROL),
-                "equal_k": circuits.circuit_results(cfg, top, k=cfg.circuit.k_dense) if top > 0 else None,
-                "equal_k_control": circuits.circuit_results(cfg, 0.0, k=cfg.circuit.k_dense, method=CONTROL),
-                "pruning_only": circuits.pruning_only_edges(cfg, top) if top > 0 else None}
-    if level == "model":
-        from . import perturbation
-        return {"levels": {s: perturbation.attribution_results(cfg, s)
-                           for s in analysis_levels(cfg.attribution.sparsities)},
-                "control": perturbation.attribution_results(cfg, 0.0, method=CONTROL)}
-    raise ValueError(f"unknown level of analysis {level!r}; known: {LEVELS_OF_ANALYSIS}")
-
-
-CLAIMS = {"pruning": pruning_claims, "neuron": neuron_claims, "layer": layer_claims, "circuit": circuit_claims,
-          "model": model_claims}
-
-
-def judge(level: str, runs: list[dict], j: Judge) -> list[Claim]:
-    return CLAIMS[level](runs, j)
-
-
-def level_claims(cfg, level: str) -> list[Claim]:
-    """The claims of one level of analysis, over every training seed of ``cfg`` (the same
-    objects the discussion shows; chapters glue them with :func:`impact_core.notebook.glue_claims`)."""
-    seeds = cfg.seeds or [cfg.seed]
-    runs = [gather(for_seed(cfg, s), level) for s in seeds]
-    claims = judge(level, runs, Judge.from_config(cfg))
-    if len(seeds) > 1:  # per-seed verdicts as a column
-        per_seed = [judge(level, [r], dataclasses.replace(Judge.from_config(cfg), seed=s)) for r, s in zip(runs, seeds)]
-        for i, c in enumerate(claims):
-            vs = [p[i].verdict for p in per_seed]
-            c.seeds = f"{sum(v == c.verdict for v in vs)}/{len(vs)} seeds alone: {c.verdict}"
-    return claims
-
-
-def all_claims(cfg, levels: Sequence[str] = LEVELS_OF_ANALYSIS) -> list[Claim]:
-    return [c for level in levels for c in level_claims(cfg, level)]
 
 
 def verdict_counts(claims) -> dict[str, int]:

@@ -121,9 +121,9 @@ class DataConfig(Section):
 
 @dataclass
 class ModelConfig(Section):
-    """The backbone. ``small_deit3`` is the project's own DeiT-III-style ViT."""
+    """The backbone: an architecture of ``impact_core.models.ARCHITECTURES``."""
 
-    arch: str = "small_deit3"  # or "deit3_base_patch16_224" (timm), loaded from `checkpoint`
+    arch: str = "small_deit3"  # the project's own ViT, trained here; "deit3_base_patch16_224" is loaded from `checkpoint`
     checkpoint: Optional[str] = None  # local weights file (required for the timm DeiT-III)
     img_size: int = 28
     in_chans: int = 1
@@ -138,8 +138,10 @@ class ModelConfig(Section):
     std: list = field(default_factory=lambda: [0.3530])
 
     def validate(self, prefix: str) -> None:
-        if self.arch not in ("small_deit3", "deit3_base_patch16_224"):
-            raise ConfigError(f"{prefix}arch: unknown architecture {self.arch!r}")
+        from .models import ARCHITECTURES
+
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(f"{prefix}arch: unknown architecture {self.arch!r}; registered: {list(ARCHITECTURES)}")
         if self.checkpoint is not None:
             self.checkpoint = os.path.expandvars(str(self.checkpoint))
         for key in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth", "num_heads"):
@@ -178,9 +180,11 @@ class PruningConfig(Section):
     finetune_batch_size: int = 128
 
     def validate(self, prefix: str) -> None:
+        from .methods.pruning import PRUNING_METHODS
+
         for m in self.methods:
-            if m not in ("wanda", "magnitude"):
-                raise ConfigError(f"{prefix}methods: unknown pruning method {m!r} (use 'wanda' or 'magnitude')")
+            if m not in PRUNING_METHODS:
+                raise ConfigError(f"{prefix}methods: unknown pruning method {m!r} (registered: {list(PRUNING_METHODS)})")
         self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
         _positive(self.finetune_images, prefix + "finetune_images", allow_zero=True)
         _positive(self.finetune_lr, prefix + "finetune_lr")
@@ -247,6 +251,9 @@ class SAEConfig(Section):
             raise ConfigError(f"{prefix}tokens: must be 'cls', 'patch' or 'all', got {self.tokens!r}")
         for key in ("k", "expansion", "lr", "batch_size", "steps"):
             _positive(getattr(self, key), prefix + key)
+        for key in ("k", "expansion", "block"):
+            if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), int):
+                raise ConfigError(f"{prefix}{key}: must be an integer, got {getattr(self, key)!r}")
 
 
 @dataclass
@@ -411,6 +418,28 @@ class Config(Section):
             if not isinstance(self.seeds, list) or not self.seeds or not all(isinstance(x, int) for x in self.seeds):
                 raise ConfigError(f"{prefix}seeds: must be a non-empty list of integers, got {self.seeds!r}")
             self.seed = self.seeds[0]
+        self._check_against_model(prefix)
+
+    def _check_against_model(self, prefix: str) -> None:
+        """The analysis settings that depend on the model: blocks exist, K and k fit, classes exist.
+        Checked here, once; the code below config loading trusts a loaded config."""
+        m, nc, sc = self.model, self.neuron, self.sae
+        for b in nc.blocks:
+            if b >= m.depth:
+                raise ConfigError(f"{prefix}neuron.blocks: block {b} is not in [0, {m.depth}) for model.depth={m.depth}")
+        units = int(m.embed_dim * m.mlp_ratio) + m.num_heads
+        if isinstance(nc.top_k, bool) or not isinstance(nc.top_k, int) or nc.top_k > units:
+            raise ConfigError(f"{prefix}neuron.top_k: must be an integer <= {units} (MLP neurons + heads per block), "
+                              f"got {nc.top_k!r}")
+        if not -m.depth <= sc.block < m.depth:
+            raise ConfigError(f"{prefix}sae.block: {sc.block} is not a block of a {m.depth}-block model (-1: the last)")
+        latents = m.embed_dim * sc.expansion
+        if sc.k > latents:
+            raise ConfigError(f"{prefix}sae.k: {sc.k} exceeds the number of latents ({latents} = "
+                              f"{m.embed_dim} x {sc.expansion})")
+        bad = [c for c in self.circuit.classes or [] if c >= m.num_classes]
+        if bad:
+            raise ConfigError(f"{prefix}circuit.classes: {bad} out of range for a model with {m.num_classes} classes")
 
     @property
     def cache_path(self) -> Path:

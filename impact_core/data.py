@@ -138,11 +138,20 @@ class FolderImages:
         return self.folder[int(i)]
 
 
-def _capped(n_total: int, cap: Optional[int], seed: int) -> np.ndarray:
-    if cap is None or cap >= n_total:
+def seeded_positions(n_total: int, n: Optional[int], seed: int) -> np.ndarray:
+    """``n`` of ``range(n_total)``: the first ``n`` of a permutation seeded by ``seed``, sorted
+    (all of them when ``n`` is None or at least ``n_total``). Every seeded sample of images in
+    the project (training cap, evaluation cap, each level's images) is drawn by this."""
+    if n is None or n >= n_total:
         return np.arange(n_total)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.permutation(n_total)[:cap])
+    return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
+
+
+def seeded_subset(split: "Split", n: Optional[int], seed: int, name: Optional[str] = None) -> "Split":
+    """The :func:`seeded_positions` sample of a split (the split itself when it has at most ``n`` images)."""
+    if n is None or n >= len(split):
+        return split
+    return split.subset(seeded_positions(len(split), n, seed), name=name)
 
 
 def load_splits(cfg: Config) -> dict[str, Split]:
@@ -159,12 +168,14 @@ def load_splits(cfg: Config) -> dict[str, Split]:
         train = FolderImages(root / "train", mcfg.img_size, mcfg.mean, mcfg.std)
         evals = FolderImages(root / "val", mcfg.img_size, mcfg.mean, mcfg.std)
         classes = list(train.classes)
-    if len(classes) != mcfg.num_classes and cfg.model.arch == "small_deit3":
+    from .models import architecture
+
+    if len(classes) != mcfg.num_classes and architecture(mcfg).trained_here:  # a loaded model keeps its head
         raise ConfigError(f"model.num_classes={mcfg.num_classes} but the data set has {len(classes)} classes")
-    train_idx = _capped(len(train), cfg.data.train_images, cfg.seed)
+    train_idx = seeded_positions(len(train), cfg.data.train_images, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     calib_idx = np.sort(rng.permutation(train_idx)[: cfg.data.calib_images])
-    eval_idx = _capped(len(evals), cfg.data.eval_images, cfg.seed + 1)
+    eval_idx = seeded_positions(len(evals), cfg.data.eval_images, cfg.seed + 1)
     return {
         "train": Split("train", train, train_idx, classes),
         "calib": Split("calib", train, calib_idx, classes),

@@ -1,6 +1,6 @@
-"""Sec. 5: the four levels side by side, from the claims of :mod:`impact_core.claims`.
+"""Sec. 5: the four levels side by side, from the claims of :mod:`impact_core.levels`.
 
-The discussion recomputes nothing a chapter cached: :func:`claims.all_claims` reads the same
+The discussion recomputes nothing a chapter cached: :func:`impact_core.levels.all_claims` reads the same
 cached results and applies the same rules, so the table here and the verdict sentences of
 the chapters are the same :class:`~impact_core.claims.Claim` objects.
 """
@@ -9,20 +9,20 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from . import claims as C
+from .claims import INCONCLUSIVE, NOT_REPRODUCED, PIPELINE, PRUNING, REPRODUCED, Claim, verdict_counts
 
 
-def survival(claims: list[C.Claim]) -> dict[str, list[str]]:
+def survival(claims: list[Claim]) -> dict[str, list[str]]:
     """Which claims survive the controls, in plain groups for the discussion's opening."""
     groups = {"survive": [], "pipeline": [], "pruning": [], "not": [], "open": []}
     for c in claims:
-        key = {C.REPRODUCED: "survive", C.PIPELINE: "pipeline", C.PRUNING: "pruning",
-               C.NOT_REPRODUCED: "not"}.get(c.verdict, "open")
+        key = {REPRODUCED: "survive", PIPELINE: "pipeline", PRUNING: "pruning",
+               NOT_REPRODUCED: "not"}.get(c.verdict, "open")
         groups[key].append(c.claim)
     return groups
 
 
-def dose_groups(claims: list[C.Claim]) -> dict[str, list[str]]:
+def dose_groups(claims: list[Claim]) -> dict[str, list[str]]:
     """Change claims by their dose-response reading and by whether the control shows the effect."""
     groups = {"grows": [], "flat": [], "reverses": [], "undecided": [], "in the control": []}
     for c in claims:
@@ -31,12 +31,12 @@ def dose_groups(claims: list[C.Claim]) -> dict[str, list[str]]:
         reading = c.trend.split(":")[0]
         key = {"grows with sparsity": "grows", "reverses with sparsity": "reverses"}.get(reading, reading)
         groups[key if key in groups else "undecided"].append(c.claim)
-        if c.verdict == C.PIPELINE:
+        if c.verdict == PIPELINE:
             groups["in the control"].append(c.claim)
     return groups
 
 
-def dose_response(claims: list[C.Claim]) -> pd.DataFrame:
+def dose_response(claims: list[Claim]) -> pd.DataFrame:
     """One row per (change claim, model): the judged quantity's mean and 95% interval against
     sparsity (the control at 0), and the claim's trend reading."""
     rows = []
@@ -47,16 +47,16 @@ def dose_response(claims: list[C.Claim]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-VERDICT_COLOURS = {C.REPRODUCED: "#d8f0d8", C.NOT_REPRODUCED: "#f6d5d5", C.INCONCLUSIVE: "#f3f0d0",
-                   C.PIPELINE: "#dde4f6", C.PRUNING: "#e8dcf2"}
+VERDICT_COLOURS = {REPRODUCED: "#d8f0d8", NOT_REPRODUCED: "#f6d5d5", INCONCLUSIVE: "#f3f0d0",
+                   PIPELINE: "#dde4f6", PRUNING: "#e8dcf2"}
 
 
-def glue_values(claims: list[C.Claim], seeds) -> dict:
+def glue_values(claims: list[Claim], seeds) -> dict:
     """Everything the discussion's prose states: counts per verdict, the claims of each
     :func:`survival` and :func:`dose_groups` group, and the note on training seeds."""
-    counts = C.verdict_counts(claims)
-    names = {C.REPRODUCED: "reproduced", C.NOT_REPRODUCED: "not_reproduced", C.INCONCLUSIVE: "inconclusive",
-             C.PIPELINE: "pipeline", C.PRUNING: "pruning"}
+    counts = verdict_counts(claims)
+    names = {REPRODUCED: "reproduced", NOT_REPRODUCED: "not_reproduced", INCONCLUSIVE: "inconclusive",
+             PIPELINE: "pipeline", PRUNING: "pruning"}
     out = {"n_claims": len(claims), "n_seeds": len(seeds), **{f"n_{names[v]}": n for v, n in counts.items()}}
     joined = lambda items: "; ".join(items) if items else "none"  # noqa: E731
     out.update({f"list_{k}": joined(v) for k, v in survival(claims).items()})
@@ -72,7 +72,7 @@ def glue_values(claims: list[C.Claim], seeds) -> dict:
     return out
 
 
-def styled_table(claims: list[C.Claim]):
+def styled_table(claims: list[Claim]):
     """The claims table for display, the verdict cells coloured."""
     shown = pd.DataFrame([c.to_dict() for c in claims]).drop(columns=["rule"]).set_index("id")
     shown = shown.rename(columns={"paper": "paper (DeiT-III B/16)"})
@@ -80,12 +80,12 @@ def styled_table(claims: list[C.Claim]):
                            subset=["verdict"])
 
 
-def trend_table(claims: list[C.Claim]) -> pd.DataFrame:
+def trend_table(claims: list[Claim]) -> pd.DataFrame:
     """Each change claim's dose-response reading and verdict."""
     return pd.DataFrame([{"claim": c.claim, "trend": c.trend, "verdict": c.verdict} for c in claims if c.curve])
 
 
-def dose_figure(claims: list[C.Claim], cols: int = 4):
+def dose_figure(claims: list[Claim], cols: int = 4):
     """One panel per change claim: the judged quantity against sparsity (control at 0) with the
     95% intervals of :func:`dose_response`, titled with the trend reading."""
     dose = dose_response(claims)

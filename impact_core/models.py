@@ -4,6 +4,11 @@ Both are timm ``VisionTransformer``s with the DeiT-III traits the methods rely o
 LayerScale (``init_values``), a class token, ``no_embed_class=True`` (position
 embedding added to patches only), a fused ``qkv`` Linear and 12 blocks, so the
 paper's early / middle / late blocks 2 / 7 / 11 keep their meaning.
+
+An architecture is one :func:`register_architecture` declaration: the timm model name
+(``small_deit3`` is registered in timm's own registry, so ``timm.create_model("small_deit3")``
+builds it), whether the project trains it (``trained_here``) or loads ``model.checkpoint``, and
+the ``timm.create_model`` arguments it takes from the ``model:`` section.
 """
 from __future__ import annotations
 
@@ -14,8 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import timm
+from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
+
+from dataclasses import dataclass
+from typing import Callable
 
 from .config import Config, ModelConfig, ConfigError
 from .data import Batches, Split
@@ -29,6 +39,52 @@ class CheckpointError(FileNotFoundError):
     """A model checkpoint is missing or does not fit the architecture."""
 
 
+@register_model
+def small_deit3(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The project's DeiT-III-style ViT (LayerScale, class token, position embedding on patches
+    only); its size comes from ``kwargs`` (the ``model:`` section)."""
+    if pretrained:
+        raise ValueError("small_deit3 has no pretrained weights: the project trains it")
+    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # create_model's own
+        kwargs.pop(timm_only, None)
+    return VisionTransformer(**{"qkv_bias": True, "class_token": True, "no_embed_class": True,
+                                "global_pool": "token", **kwargs})
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """name: a timm model name; trained_here: trained by :func:`train_dense` (else loaded from
+    ``model.checkpoint``); kwargs: its ``timm.create_model`` arguments from the ``model:`` section."""
+
+    name: str
+    trained_here: bool
+    kwargs: Callable[[ModelConfig], dict]
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(name: str, trained_here: bool, kwargs: Callable[[ModelConfig], dict]) -> Architecture:
+    if name in ARCHITECTURES:
+        raise ValueError(f"architecture {name!r} is already registered")
+    ARCHITECTURES[name] = Architecture(name, trained_here, kwargs)
+    return ARCHITECTURES[name]
+
+
+register_architecture("small_deit3", trained_here=True, kwargs=lambda m: dict(
+    img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans, num_classes=m.num_classes,
+    embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+    init_values=m.init_values))
+register_architecture("deit3_base_patch16_224", trained_here=False, kwargs=lambda m: dict(num_classes=m.num_classes))
+
+
+def architecture(mcfg: ModelConfig) -> Architecture:
+    try:
+        return ARCHITECTURES[mcfg.arch]
+    except KeyError:
+        raise ConfigError(f"model.arch: unknown architecture {mcfg.arch!r}; registered: {list(ARCHITECTURES)}") from None
+
+
 def build_model(mcfg: ModelConfig) -> VisionTransformer:
     """An untrained model of the configured architecture (weights not loaded).
 
@@ -36,32 +92,15 @@ def build_model(mcfg: ModelConfig) -> VisionTransformer:
     ``TIMM_FUSED_ATTN`` says: no forward through the model needs the attention probabilities;
     the attribution chapter, which does, computes them in :func:`attribution.forward_trace`.
     """
-    return _fused_attention(_build(mcfg))
-
-
-def _fused_attention(model: VisionTransformer) -> VisionTransformer:
+    model = timm.create_model(mcfg.arch, pretrained=False, **architecture(mcfg).kwargs(mcfg))
     for blk in model.blocks:
         blk.attn.fused_attn = True
     return model
 
 
-def _build(mcfg: ModelConfig) -> VisionTransformer:
-    if mcfg.arch == "small_deit3":
-        return VisionTransformer(
-            img_size=mcfg.img_size, patch_size=mcfg.patch_size, in_chans=mcfg.in_chans,
-            num_classes=mcfg.num_classes, embed_dim=mcfg.embed_dim, depth=mcfg.depth,
-            num_heads=mcfg.num_heads, mlp_ratio=mcfg.mlp_ratio, qkv_bias=True,
-            class_token=True, no_embed_class=True, init_values=mcfg.init_values,
-            global_pool="token",
-        )
-    import timm
-
-    return timm.create_model(mcfg.arch, pretrained=False, num_classes=mcfg.num_classes)
-
-
 def check_checkpoint(mcfg: ModelConfig) -> None:
     """Fail fast when the configured checkpoint file is absent."""
-    if mcfg.arch != "small_deit3" and not mcfg.checkpoint:
+    if not architecture(mcfg).trained_here and not mcfg.checkpoint:
         raise CheckpointError(f"model.checkpoint: {mcfg.arch} needs a local checkpoint file (no downloads here)")
     if mcfg.checkpoint and not Path(mcfg.checkpoint).is_file():
         raise CheckpointError(f"model.checkpoint: file not found: {mcfg.checkpoint}")
@@ -171,9 +210,8 @@ def train_classifier(model: torch.nn.Module, split: Split, *, images: int, batch
 
 def train_dense(cfg: Config, splits: dict[str, Split], device: torch.device | str = "cpu"):
     """Train the small DeiT-III-style model from scratch on the training split."""
-    if cfg.model.arch != "small_deit3":
-        raise ConfigError(f"model.arch={cfg.model.arch}: only the small model is trained here; "
-                          "the paper preset loads model.checkpoint")
+    if not architecture(cfg.model).trained_here:
+        raise ConfigError(f"model.arch={cfg.model.arch} is not trained here; it is loaded from model.checkpoint")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     t = cfg.train

@@ -1,11 +1,13 @@
-"""Helpers for the chapter notebooks: parameter checking, glue, provenance.
+"""Helpers for the chapter notebooks: parameters, glue, provenance.
 
 papermill only *warns* about a parameter the notebook does not declare, so each
 chapter checks its own: the first cell records the names it has
 (``_names = nb.names_before(globals())``), the ``parameters`` cell assigns the
 defaults, papermill injects its cell after it, and
-``nb.read_parameters(globals(), _names, declared)`` rejects any new name that is
-not declared (with a "did you mean" hint).
+``cfg = nb.chapter_config("neuron", globals(), _names)`` rejects any new name that the
+level does not declare (with a "did you mean" hint), turns the others into config
+overrides (the level's ``parameters`` of :mod:`impact_core.levels`) and checks the
+result once, before any compute.
 """
 from __future__ import annotations
 
@@ -43,6 +45,38 @@ def read_parameters(namespace: dict, before: set[str], declared: Iterable[str]) 
         msg += f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ParameterError(msg + f"; this chapter takes: {', '.join(declared)}")
     return {n: namespace[n] for n in declared}
+
+
+def chapter_config(level: str | None, namespace: dict, before: set[str]) -> Config:
+    """The configuration of one chapter run: ``preset`` plus the level's parameters that are not
+    None as overrides (``papermill ... -p sparsity 0.7`` -> ``neuron.sparsities: 0.7``); a
+    parameter may set several keys (the circuit chapter's ``k`` sets ``k_dense`` and ``k_sparse``)
+    and a single value given for a list setting becomes a one-element list. Then the checks that
+    must pass before any compute: :func:`impact_core.pipeline.preflight` and the level's ``check``.
+    ``level=None``: a chapter of no level (the discussion), whose only parameter is ``preset``."""
+    from . import levels
+    from .config import load_config
+    from .pipeline import preflight
+
+    lv = levels.get_level(level) if level is not None else None
+    mapping = dict(lv.parameters) if lv else {}
+    params = read_parameters(namespace, before, ["preset", *mapping])
+    base = load_config(params["preset"])
+    overrides = {}
+    for name, keys in mapping.items():
+        if params[name] is None:
+            continue
+        for key in (keys,) if isinstance(keys, str) else keys:
+            section, field = key.split(".")
+            value = params[name]
+            if isinstance(getattr(getattr(base, section), field), list) and not isinstance(value, (list, tuple)):
+                value = [value]
+            overrides[key] = list(value) if isinstance(value, tuple) else value
+    cfg = load_config(params["preset"], overrides) if overrides else base
+    preflight(cfg)
+    if lv is not None and lv.check is not None:
+        lv.check(cfg)
+    return cfg
 
 
 def glue(key: str, value: Any, display: bool = False) -> Any:
@@ -136,3 +170,22 @@ def read_glued(path) -> dict[str, str]:
                 text = out.get("data", {}).get(meta.get("mime_prefix", "") + "text/plain", "")
                 values[meta["name"]] = "".join(text) if isinstance(text, list) else text
     return values
+
+
+def compare_glued(old_src, new_src) -> dict[str, list]:
+    """Every glued value of two executed books (their ``_build/src`` folders), chapter by chapter:
+    ``{"differ": [(chapter, key, old, new)], "only_old": [(chapter, key)], "only_new": [...]}``.
+    ``python -m impact_core compare OLD NEW`` prints it: a refactor must leave every number as it was."""
+    from pathlib import Path
+
+    out = {"differ": [], "only_old": [], "only_new": []}
+    old_src, new_src = Path(old_src), Path(new_src)
+    for old_nb in sorted(old_src.rglob("*.ipynb")):
+        rel = old_nb.relative_to(old_src)
+        new_nb = new_src / rel
+        old = read_glued(old_nb)
+        new = read_glued(new_nb) if new_nb.exists() else {}
+        out["differ"] += [(str(rel), k, old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
+        out["only_old"] += [(str(rel), k) for k in sorted(old.keys() - new.keys())]
+        out["only_new"] += [(str(rel), k) for k in sorted(new.keys() - old.keys())]
+    return out

@@ -19,15 +19,20 @@ from pathlib import Path
 
 import torch
 
-from . import pruning
-from .cache import CacheError, ResultCache
+from .methods import pruning
+from .cache import CacheError, ResultCache, artefact
 from .config import Config, check_sparsity, config_hash, resolve_device
 from .data import Batches, check_data, load_splits
-from .models import (build_model, check_checkpoint, evaluate, load_checkpoint, train_classifier,
+from .models import (architecture, build_model, check_checkpoint, evaluate, load_checkpoint, train_classifier,
                      train_dense)
-from .sites import ALL_SITES, HookedViT, compute_site_means
+from .methods.sites import ALL_SITES, HookedViT, compute_site_means
 
 log = logging.getLogger("impact_core")
+
+DENSE_MODEL = artefact("dense_model", 1)
+PRUNED_MODEL = artefact("pruned_model", 2)  # 2: fine-tuning steps stored; the control model
+ACCURACY = artefact("accuracy", 2)  # 2: per-image ``correct``
+SITE_MEANS = artefact("site_means", 1)
 
 CONTROL = "control"
 """The negative-control model kind: the dense model taken through a pruned model's pipeline
@@ -37,13 +42,16 @@ what the pipeline alone does, so a sparsity effect is judged against it (issue "
 control")."""
 
 
-def check_model_kind(sparsity: float, method: str) -> None:
-    """``method`` is a pruning method, or ``CONTROL`` at sparsity 0."""
+def check_model_kind(sparsity: float, method: str) -> float:
+    """The one check of a model's identity: ``sparsity`` in [0, 1) and ``method`` a registered
+    pruning method, or ``CONTROL`` at sparsity 0. Returns the sparsity as a float."""
+    sparsity = check_sparsity(sparsity, "sparsity")
     if method == CONTROL:
         if sparsity != 0:
             raise ValueError(f"the control model has nothing pruned: sparsity must be 0, got {sparsity}")
-    elif method not in pruning.METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; known: {pruning.METHODS} (or {CONTROL!r})")
+    elif method not in pruning.PRUNING_METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; known: {list(pruning.PRUNING_METHODS)} (or {CONTROL!r})")
+    return sparsity
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -55,11 +63,19 @@ def setup_logging(level: int = logging.INFO) -> None:
     log.setLevel(level)
 
 
+_PREFLIGHT_PASSED: set[str] = set()
+
+
 def preflight(cfg: Config) -> None:
-    """All checks that must pass before any compute: data, checkpoint, device."""
+    """All checks that must pass before any compute: data, checkpoint, device (once per
+    configuration and process: the entry points call it, the code below them trusts it)."""
+    key = config_hash(cfg.to_dict())
+    if key in _PREFLIGHT_PASSED:
+        return
     check_data(cfg)
     check_checkpoint(cfg.model)
     resolve_device(cfg)
+    _PREFLIGHT_PASSED.add(key)
 
 
 def cache_for(cfg: Config) -> ResultCache:
@@ -81,7 +97,7 @@ def splits(cfg: Config):
 
 def dense_inputs(cfg: Config) -> dict:
     inputs = {"model": cfg.model.to_dict(), "seed": cfg.seed}
-    if cfg.model.arch == "small_deit3":
+    if architecture(cfg.model).trained_here:
         inputs.update(train=cfg.train.to_dict(), data={"kind": cfg.data.kind, "train_images": cfg.data.train_images})
     else:
         ckpt = Path(cfg.model.checkpoint)
@@ -93,17 +109,31 @@ def dense_inputs(cfg: Config) -> dict:
 
 def pruned_inputs(cfg: Config, sparsity: float, method: str) -> dict:
     p = cfg.pruning
-    return {"dense": cache_for(cfg).key("dense_model", dense_inputs(cfg)), "method": method, "version": 2,
+    return {"dense": cache_for(cfg).key(DENSE_MODEL, dense_inputs(cfg)), "method": method,
             "sparsity": sparsity, "calib_images": cfg.data.calib_images, "seed": cfg.seed,
             "finetune": {"images": p.finetune_images, "lr": p.finetune_lr, "batch_size": p.finetune_batch_size,
                          "weight_decay": cfg.train.weight_decay}}
 
 
 def model_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
-    """Inputs that identify a model: the dense one at sparsity 0, else the pruned one (or the control)."""
+    """What identifies a model in the inputs of the artefacts built on it: the cache key of the
+    dense model at sparsity 0, else of the pruned one (or the control). Every artefact computes
+    this first, so a bad sparsity or method fails here, before any compute."""
+    sparsity = check_model_kind(sparsity, method)
+    cache = cache_for(cfg)
     if sparsity == 0 and method != CONTROL:
-        return {"dense": dense_inputs(cfg)}
-    return {"pruned": pruned_inputs(cfg, sparsity, method)}
+        return {"dense": cache.key(DENSE_MODEL, dense_inputs(cfg))}
+    return {"pruned": cache.key(PRUNED_MODEL, pruned_inputs(cfg, sparsity, method))}
+
+
+def site_means_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
+    return {"model": model_inputs(cfg, sparsity, method), "calib_images": cfg.data.calib_images,
+            "sites": list(ALL_SITES)}
+
+
+def site_means_key(cfg: Config, sparsity: float, method: str = "wanda") -> str:
+    """The key of :func:`site_means`' entry (in the inputs of the artefacts that mean-ablate with them)."""
+    return cache_for(cfg).key(SITE_MEANS, site_means_inputs(cfg, sparsity, method))
 
 
 def _state_to_model(cfg: Config, state: dict, device) -> torch.nn.Module:
@@ -116,24 +146,24 @@ def dense_model(cfg: Config) -> torch.nn.Module:
     """The dense model: trained by the project (small preset) or loaded from ``model.checkpoint``."""
     preflight(cfg)
     device = resolve_device(cfg)
-    if cfg.model.arch != "small_deit3":
+    if not architecture(cfg.model).trained_here:
         return load_checkpoint(build_model(cfg.model), cfg.model.checkpoint).to(device).eval()
 
     def compute():
         model, losses = train_dense(cfg, splits(cfg), device=device)
         return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "losses": losses}
 
-    entry = cache_for(cfg).get_or_compute("dense_model", dense_inputs(cfg), compute)
+    entry = cache_for(cfg).get_or_compute(DENSE_MODEL, dense_inputs(cfg), compute)
     return _state_to_model(cfg, entry["state"], device)
 
 
 def dense_training_losses(cfg: Config) -> list[float]:
     """Loss per step of the dense training run; empty when the model was loaded, not trained here."""
-    if cfg.model.arch != "small_deit3":
+    if not architecture(cfg.model).trained_here:
         return []
     cache = cache_for(cfg)
     try:
-        return cache.load("dense_model", cache.key("dense_model", dense_inputs(cfg)))["losses"]
+        return cache.load(DENSE_MODEL, cache.key(DENSE_MODEL, dense_inputs(cfg)))["losses"]
     except (KeyError, CacheError):
         return []
 
@@ -142,11 +172,9 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
     """Prune the dense model at ``sparsity`` with ``method``, fine-tune with the mask kept.
 
     ``method=CONTROL`` (sparsity 0): the same fine-tuning with nothing pruned (no mask)."""
-    sparsity = check_sparsity(sparsity, "sparsity")
-    check_model_kind(sparsity, method)
+    sparsity = check_model_kind(sparsity, method)
     if sparsity == 0 and method != CONTROL:
         return dense_model(cfg)
-    preflight(cfg)
     device = resolve_device(cfg)
 
     def compute():
@@ -155,7 +183,7 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
         masks = None
         if method != CONTROL:
             norms = None
-            if method == "wanda":
+            if pruning.pruning_method(method).needs_input_norms:
                 norms = pruning.input_norms(model, Batches(data["calib"], cfg.data.batch_size), device=device,
                                             precision=cfg.precision)
             masks = pruning.prune_model(model, method, sparsity, norms)
@@ -169,20 +197,20 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
                                       desc=f"fine-tune {method} {sparsity:g}")
         return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "finetune_steps": len(losses)}
 
-    entry = cache_for(cfg).get_or_compute("pruned_model", pruned_inputs(cfg, sparsity, method), compute)
+    entry = cache_for(cfg).get_or_compute(PRUNED_MODEL, pruned_inputs(cfg, sparsity, method), compute)
     return _state_to_model(cfg, entry["state"], device)
 
 
 def accuracy(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
     """Top-1 / top-5 on the eval split (cached)."""
-    inputs = {"model": model_inputs(cfg, sparsity, method), "eval_images": cfg.data.eval_images, "version": 2}
+    inputs = {"model": model_inputs(cfg, sparsity, method), "eval_images": cfg.data.eval_images}
 
     def compute():
         model = pruned_model(cfg, sparsity, method)
         return evaluate(model, splits(cfg)["eval"], cfg.data.batch_size, resolve_device(cfg),
                         desc=f"evaluate {method} {sparsity:g}", precision=cfg.precision)
 
-    return cache_for(cfg).get_or_compute("accuracy", inputs, compute)
+    return cache_for(cfg).get_or_compute(ACCURACY, inputs, compute)
 
 
 def hooked_model(cfg: Config, sparsity: float, method: str = "wanda") -> HookedViT:
@@ -195,8 +223,7 @@ def site_means(cfg: Config, sparsity: float, method: str = "wanda") -> dict[str,
     Eq. 11 replaces inactive nodes by "their mean activation over the training
     distribution": we take it over the calibration images (a seeded sample of train).
     """
-    inputs = {"model": model_inputs(cfg, sparsity, method), "calib_images": cfg.data.calib_images,
-              "sites": list(ALL_SITES)}
+    inputs = site_means_inputs(cfg, sparsity, method)
 
     def compute():
         hooked = hooked_model(cfg, sparsity, method)
@@ -205,17 +232,17 @@ def site_means(cfg: Config, sparsity: float, method: str = "wanda") -> dict[str,
                                   device=resolve_device(cfg), desc=f"site means {sparsity:g}",
                                   precision=cfg.precision)
 
-    return cache_for(cfg).get_or_compute("site_means", inputs, compute)
+    return cache_for(cfg).get_or_compute(SITE_MEANS, inputs, compute)
 
 
 def finetune_steps(cfg: Config, sparsity: float, method: str = "wanda") -> int:
     """Optimiser steps of a pruned (or control) model's fine-tuning, read from its cache entry."""
     pruned_model(cfg, sparsity, method)
     cache = cache_for(cfg)
-    return int(cache.load("pruned_model", cache.key("pruned_model", pruned_inputs(cfg, sparsity, method)))["finetune_steps"])
+    return int(cache.load(PRUNED_MODEL, cache.key(PRUNED_MODEL, pruned_inputs(cfg, sparsity, method)))["finetune_steps"])
 
 
-def level_label(sparsity: float, method: str = "wanda") -> str:
+def model_label(sparsity: float, method: str = "wanda") -> str:
     if method == CONTROL:
         return "control"
     return "dense" if sparsity == 0 else f"{sparsity:.0%}"

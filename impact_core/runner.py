@@ -93,6 +93,26 @@ def execute_chapter(chapter: str, src: Path, preset: str, log_dir: Path, jobs: i
     return time.time() - start
 
 
+def chapter_waves(chapters: list[str]) -> list[list[str]]:
+    """The chapters in waves that may run side by side, from the level registry: a level's chapter
+    runs after the chapters of the levels it names in ``after`` (pruning builds the models every
+    other level takes from the cache); chapters of no level (the discussion, which reads every
+    level's results) run last, one wave each, in table-of-contents order."""
+    from .levels import level_of_chapter
+
+    level_chapters = [c for c in chapters if level_of_chapter(c) is not None]
+    done: set[str] = set()
+    waves = []
+    while len(done) < len(level_chapters):
+        names_done = {level_of_chapter(c).name for c in done}
+        selected = {level_of_chapter(c).name for c in level_chapters}
+        wave = [c for c in level_chapters if c not in done
+                and all(a in names_done or a not in selected for a in level_of_chapter(c).after)]
+        waves.append(wave)
+        done.update(wave)
+    return waves + [[c] for c in chapters if level_of_chapter(c) is None]
+
+
 def stage_book(src: Path, keep_executed: bool = False) -> None:
     """Copy the book's sources (config, toc, pages; not the chapter templates) into ``src``.
 
@@ -133,25 +153,13 @@ def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None
     selected = list(chapters) if chapters else toc_chapters()
     print(f"[impact] preset {preset}: executing {len(selected)} chapter(s) -> {src}", flush=True)
     timings = {}
-    if jobs > 1 and len(selected) > 2:
-        # The first chapter (pruning) runs alone: it builds the dense and pruned models that
-        # every other chapter takes from the cache; the last (discussion) reads every other
-        # chapter's results. The chapters between run side by side.
-        first, middle, last = selected[0], selected[1:-1], selected[-1]
-        timings[first] = execute_chapter(first, src, preset, log_dir)
-        print(f"[impact]   {first}: {timings[first]:.0f} s", flush=True)
-        with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job is its own OS process
-            futures = {c: pool.submit(execute_chapter, c, src, preset, log_dir, jobs)
-                       for c in middle}
+    for wave in chapter_waves(selected):
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # each job is its own OS process
+            futures = {c: pool.submit(execute_chapter, c, src, preset, log_dir, jobs if len(wave) > 1 else 1)
+                       for c in wave}
             for c, f in futures.items():
                 timings[c] = f.result()
                 print(f"[impact]   {c}: {timings[c]:.0f} s", flush=True)
-        timings[last] = execute_chapter(last, src, preset, log_dir)
-        print(f"[impact]   {last}: {timings[last]:.0f} s", flush=True)
-    else:
-        for c in selected:
-            timings[c] = execute_chapter(c, src, preset, log_dir)
-            print(f"[impact]   {c}: {timings[c]:.0f} s", flush=True)
     print("[impact] building HTML (jupyter-book build -W)", flush=True)
     html = build_html(src, out)
     (out / "_build" / "timings.json").write_text(json.dumps(timings, indent=1))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -50,6 +51,18 @@ def tiny_config(data_root: Path | str = "/usr/share/datasets/fashion-mnist", **s
     for key, value in sections.items():
         base.setdefault(key, {}).update(value)
     return Config.from_dict(base)
+
+
+def tiny_vit(*, img_size: int = 8, patch_size: int = 4, dim: int = 8, depth: int = 2, heads: int = 2,
+             classes: int = 3, mlp_ratio: float = 4.0, init_values: float = 0.5, seed: int = 0,
+             global_pool: str = "token"):
+    """A small one-channel timm ViT of the project's architecture (class token, ``no_embed_class``,
+    LayerScale ``init_values``), initialised after ``torch.manual_seed(seed)``, in eval mode."""
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, in_chans=1, num_classes=classes,
+                             embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+                             class_token=True, no_embed_class=True, init_values=init_values,
+                             global_pool=global_pool).eval()
 
 
 @pytest.fixture

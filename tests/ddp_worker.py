@@ -5,10 +5,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from impact_core import distributed, pruning  # noqa: E402
+from impact_core import distributed
+from impact_core.methods import pruning  # noqa: E402
 from impact_core.data import Batches, load_splits  # noqa: E402
 from impact_core.models import build_model, evaluate, train_classifier  # noqa: E402
-from impact_core.sites import HookedViT, compute_site_means  # noqa: E402
+from impact_core.methods.sites import HookedViT, compute_site_means  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 data_root, out = sys.argv[1], sys.argv[2]
@@ -25,8 +26,9 @@ acc = evaluate(model, splits["eval"], batch_size=8)
 train_classifier(model, splits["train"], images=48, batch_size=16, lr=1e-3, weight_decay=0.05)
 
 # per-image passes: neuron attribution patching + ablation, SAE activations, attribution scores
-from impact_core import neuron, perturbation  # noqa: E402
-from impact_core.sae import activation_chunks  # noqa: E402
+from impact_core.levels.model import attribution_results  # noqa: E402
+from impact_core.methods import neuron  # noqa: E402
+from impact_core.methods.sae import activation_chunks  # noqa: E402
 
 hooked = HookedViT(model.eval())
 unit_means = compute_site_means(hooked, Batches(splits["train"], 12), hooked.site_names(sites=["mlp_act", "heads"]))
@@ -39,7 +41,16 @@ acts = torch.cat(list(activation_chunks(hooked, Batches(splits["eval"], 7), "blo
 acfg = tiny_config(data_root, attribution={"images": 12, "steps": 4, "batch_size": 2, "figure_classes": 2,
                                            "figure_per_class": 1})
 acfg.cache_dir = sys.argv[3]  # shared by both runs: the same dense model, attribution recomputed
-attribution = perturbation.attribution_results(acfg, 0.0)
+attribution = attribution_results(acfg, 0.0)
+
+# SAE latents through the same unit-attribution core: attribution and ablation passes split by rows
+from impact_core.methods import sae_features  # noqa: E402
+from impact_core.methods.sae import BatchTopKSAE  # noqa: E402
+
+sae = BatchTopKSAE(16, 32, k=4, seed=3)
+sae.init_from_batch(acts, True)
+sae.threshold.fill_(0.0)  # inference mode: every positive pre-activation fires
+features = sae_features.analyse(hooked, sae, Batches(splits["eval"], 7), 6, "all", 2, 10, seed=1)
 
 if distributed.is_main():
     stats = passed["stats"][11]
@@ -48,7 +59,9 @@ if distributed.is_main():
                 "neuron": {"importance": passed["importance"][11], "importance_val": passed["importance_val"][0],
                            "own_logit": passed["own_logit"], "labels": passed["labels"],
                            "class_variance": stats.class_variance(), "cls": stats.cls_scores(),
-                           "ablation": ablation},
+                           "ablation": ablation,
+                           **{f"sae_{k}": features[k] for k in ("importance", "importance_same", "impact",
+                                                                 "impact_same", "selectivity", "label_entropy")}},
                 "sae_acts": acts,
                 "attribution": {"targets": attribution["targets"],
                                 **{f"{m}_{k}": attribution["methods"][m][k]

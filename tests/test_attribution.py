@@ -5,22 +5,21 @@ import pytest
 import torch
 import torch.nn as nn
 
-from timm.models.vision_transformer import VisionTransformer
+from impact_core.methods import attribution as attr
+from impact_core.levels import model as model_level
+from impact_core.methods import perturbation as pert
+from impact_core.methods.sites import ALL_SITES, ATTRIBUTION_SITES, LOGITS, POOLED, HookedViT, block_name, site_name
+from conftest import tiny_vit
 
-from impact_core import attribution as attr
-from impact_core import perturbation as pert
 
-
-def tiny_vit(seed=0, img=8, patch=2, dim=16, depth=2, heads=2, init_values=0.3, classes=3):
-    torch.manual_seed(seed)
-    m = VisionTransformer(img_size=img, patch_size=patch, in_chans=1, num_classes=classes, embed_dim=dim,
-                          depth=depth, num_heads=heads, mlp_ratio=2.0, qkv_bias=True, class_token=True,
-                          no_embed_class=True, init_values=init_values, global_pool="token")
-    with torch.no_grad():  # varied LayerScale so that the two rules really differ
+def layerscale_vit(seed=0, depth=2):
+    """:func:`conftest.tiny_vit` with varied LayerScale, so that the two LayerScale rules really differ."""
+    m = tiny_vit(patch_size=2, dim=16, depth=depth, mlp_ratio=2.0, init_values=0.3, seed=seed)
+    with torch.no_grad():
         for b in m.blocks:
             b.ls1.gamma.uniform_(0.05, 0.5)
             b.ls2.gamma.uniform_(0.05, 0.5)
-    return m.eval()
+    return m
 
 
 # ----------------------------------------------------------------------------- rules conserve
@@ -59,17 +58,17 @@ def test_layerscale_z_rule_conserves_eq14_does_not():
     assert torch.allclose(attr.lrp_layerscale(gamma, R, "z"), z_by_autograd, atol=1e-5)
     inv = attr.lrp_layerscale(gamma, R, "inverse")
     assert torch.allclose(inv, R / (gamma + attr.LAYERSCALE_EPS))
-    m, x = tiny_vit(depth=2), torch.randn(3, 1, 8, 8)
+    m, x = layerscale_vit(depth=2), torch.randn(3, 1, 8, 8)
     rows = {rule: {r["layer"]: r for r in attr.relevance_conservation(m, x, rule)} for rule in attr.LAYERSCALE_RULES}
     for i, blk in enumerate(m.blocks):
-        for name in ("ls1", "ls2"):
-            z, eq14 = rows["z"][f"blocks.{i}.{name}"], rows["inverse"][f"blocks.{i}.{name}"]
+        for name in (site_name(i, "attn_out"), site_name(i, "mlp_out")):  # the LayerScale steps
+            z, eq14 = rows["z"][name], rows["inverse"][name]
             assert z["ratio"] == pytest.approx(1.0, abs=1e-5)
             assert abs(eq14["ratio"] - 1) > 0.05  # signed relevance reweighted by 1 / gamma, gamma in [0.05, 0.5]
 
 
 def test_whole_model_conservation_per_layer():
-    m = tiny_vit(depth=3)
+    m = layerscale_vit(depth=3)
     x = torch.randn(4, 1, 8, 8)
     z = attr.relevance_conservation(m, x, "z")
     assert all(abs(r["at_input"] - r["at_output"]) < 1e-3 * max(1.0, abs(r["at_output"])) for r in z), z
@@ -82,7 +81,7 @@ def test_whole_model_conservation_per_layer():
 
 
 def test_trace_matches_model_and_qkv_decoupling_equals_fused():
-    m = tiny_vit()
+    m = layerscale_vit()
     x = torch.randn(3, 1, 8, 8)
     logits, trace = attr.forward_trace(m, x)
     assert torch.allclose(logits, m(x), atol=1e-5)
@@ -93,9 +92,26 @@ def test_trace_matches_model_and_qkv_decoupling_equals_fused():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_trace_and_report_use_the_site_names():
+    """forward_trace names what it records as sites.py does, and its sites equal HookedViT's;
+    every conservation row is named by a recorded site, a block or the logits."""
+    m = layerscale_vit()
+    x = torch.randn(3, 1, 8, 8)
+    _, trace = attr.forward_trace(m, x)
+    hooked = HookedViT(m)
+    names = hooked.site_names(sites=ALL_SITES)
+    assert set(trace) == set(names) | set(hooked.site_names(sites=ATTRIBUTION_SITES)) | {POOLED}
+    _, cache = hooked.run_with_cache(x, names)
+    for n in names:
+        assert torch.allclose(trace[n], cache[n], atol=1e-5), n
+    layers = [r["layer"] for r in attr.relevance_conservation(m, x)]
+    assert set(layers) <= set(trace) | {LOGITS} | {block_name(i) for i in range(hooked.depth)}
+    assert len(set(layers)) == len(layers) == 1 + 11 * hooked.depth  # the head, then 11 steps per block
+
+
 @pytest.mark.parametrize("rule", attr.LAYERSCALE_RULES)
 def test_fast_equals_plain_reference(rule):
-    m = tiny_vit(seed=3)
+    m = layerscale_vit(seed=3)
     x = torch.randn(3, 1, 8, 8)
     fast = attr.attribute(m, x, "chefer", layerscale_rule=rule)["patch"]
     ref = torch.stack([attr.chefer_reference(m, x[i], layerscale_rule=rule) for i in range(3)])
@@ -104,7 +120,7 @@ def test_fast_equals_plain_reference(rule):
 
 @pytest.mark.parametrize("method", ["chefer", "rollout", "generic"])
 def test_batched_equals_one_by_one(method):
-    m = tiny_vit(seed=4)
+    m = layerscale_vit(seed=4)
     x = torch.randn(5, 1, 8, 8)
     target = torch.tensor([0, 1, 2, 1, 0])
     batched = attr.attribute(m, x, method, target=target, batch_size=5)
@@ -114,7 +130,7 @@ def test_batched_equals_one_by_one(method):
 
 
 def test_bad_input_is_rejected_before_compute():
-    m = tiny_vit()
+    m = layerscale_vit()
     with pytest.raises(attr.AttributionError, match="unknown attribution method"):
         attr.attribute(m, torch.zeros(1, 1, 8, 8), "gradcam")
     with pytest.raises(attr.AttributionError, match="do not fit"):
@@ -147,9 +163,7 @@ def planted_model():
     positive evidence (the alpha=1, beta=0 rule ignores negative contributions): dims 0/1 the sign pixel,
     2/3 a class-token flag, 4/5 the marker pixel, 6/7 a constant (a floor for LayerNorm's std).
     """
-    m = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=2, embed_dim=8, depth=1,
-                          num_heads=1, mlp_ratio=2.0, qkv_bias=True, class_token=True, no_embed_class=True,
-                          init_values=1.0, global_pool="token")
+    m = tiny_vit(patch_size=2, dim=8, depth=1, heads=1, classes=2, mlp_ratio=2.0, init_values=1.0)
     with torch.no_grad():
         for p in m.parameters():
             p.zero_()
@@ -187,12 +201,12 @@ def test_randomised_model_gives_different_maps(planted_model):
     trained = attr.attribute(planted_model, x, "chefer")
     rand = attr.attribute(attr.randomized_model(planted_model, seed=0), x, "chefer", target=trained["target"])
     rho = attr.spearman_per_image(trained["maps"], rand["maps"])
-    check = pert.randomisation_check({"randomisation": {"chefer": rho}})["chefer"]
+    check = model_level.randomisation_check({"randomisation": {"chefer": rho}})["chefer"]
     assert check["constant_maps"] == 0 and check["median_spearman"] < 0.5 and check["passed"], (check, rho)
     # on this one-block toy some re-initialisations give constant maps (the class row of A_bar clamps to 0):
     # seed 1 does, and the check must say so instead of passing it as "uncorrelated"
     flat = attr.attribute(attr.randomized_model(planted_model, seed=1), x, "chefer", target=trained["target"])
-    check = pert.randomisation_check({"randomisation": {"chefer": attr.spearman_per_image(trained["maps"], flat["maps"])}})
+    check = model_level.randomisation_check({"randomisation": {"chefer": attr.spearman_per_image(trained["maps"], flat["maps"])}})
     assert check["chefer"]["constant_maps"] == 8 and not check["chefer"]["passed"]
 
 
@@ -218,14 +232,14 @@ def test_randomisation_check_fails_on_constant_maps_and_high_correlation(planted
     flat = attr.attribute(degenerate, x, "chefer", target=trained["target"])
     assert (flat["maps"].flatten(1).amax(1) == flat["maps"].flatten(1).amin(1)).all()
     rho = attr.spearman_per_image(trained["maps"], flat["maps"])
-    check = pert.randomisation_check({"randomisation": {"chefer": rho}})["chefer"]
+    check = model_level.randomisation_check({"randomisation": {"chefer": rho}})["chefer"]
     assert check["constant_maps"] == 6 and not check["passed"] and math.isnan(check["median_spearman"])
     # a map that survives randomisation (nearly unchanged ordering) fails on the median
-    near = pert.randomisation_check({"randomisation": {"chefer": torch.tensor([0.9, 0.8, 0.7])}})["chefer"]
+    near = model_level.randomisation_check({"randomisation": {"chefer": torch.tensor([0.9, 0.8, 0.7])}})["chefer"]
     assert near["median_spearman"] == pytest.approx(0.8) and near["constant_maps"] == 0 and not near["passed"]
-    low = pert.randomisation_check({"randomisation": {"chefer": torch.tensor([0.1, 0.2, 0.6])}})["chefer"]
+    low = model_level.randomisation_check({"randomisation": {"chefer": torch.tensor([0.1, 0.2, 0.6])}})["chefer"]
     assert low["passed"]
-    one_constant = pert.randomisation_check({"randomisation": {"chefer": torch.tensor([0.1, float("nan"), 0.0])}})
+    one_constant = model_level.randomisation_check({"randomisation": {"chefer": torch.tensor([0.1, float("nan"), 0.0])}})
     assert one_constant["chefer"]["constant_maps"] == 1 and not one_constant["chefer"]["passed"]
 
 
@@ -233,7 +247,7 @@ def test_randomisation_check_fails_on_constant_maps_and_high_correlation(planted
 
 
 def test_random_baseline_is_upsampled_seeded_patch_scores():
-    m = tiny_vit(seed=5)
+    m = layerscale_vit(seed=5)
     x = torch.randn(3, 1, 8, 8)
     out = attr.attribute(m, x, "random", seed=11)
     expected_patch = torch.rand((3, 4, 4), generator=torch.Generator().manual_seed(11))  # one score per 2x2 patch
@@ -351,8 +365,8 @@ def test_attribution_results_for_the_control_has_every_reference(tiny_fmnist, tm
                                    "figure_per_class": 1, "references": ["black", "rise"]})
     cfg.cache_dir = str(tmp_path / "cache")
     with pytest.raises(ValueError, match="control"):
-        pert.attribution_results(cfg, 0.5, method=pipeline.CONTROL)
-    res = pert.attribution_results(cfg, 0.0, method=pipeline.CONTROL)
+        model_level.attribution_results(cfg, 0.5, method=pipeline.CONTROL)
+    res = model_level.attribution_results(cfg, 0.0, method=pipeline.CONTROL)
     assert res["level"] == "control" and res["references"] == ["black", "rise"]
     assert set(res["scores"]) == {"black", "rise"}
     for r in res["scores"]:
@@ -365,11 +379,11 @@ def test_attribution_results_for_the_control_has_every_reference(tiny_fmnist, tm
     # insertion starts from black vs from the blurred image: other first points of the curve
     assert not torch.allclose(res["scores"]["black"]["chefer"]["insertion_curve"][0],
                               res["scores"]["rise"]["chefer"]["insertion_curve"][0])
-    assert set(pert.randomisation_check(res)) == {"chefer", "rollout", "generic"}
+    assert set(model_level.randomisation_check(res)) == {"chefer", "rollout", "generic"}
     # Chefer under the other LayerScale rule (Eq. 14): the same images, its own maps and scores
     assert res["other_rule"]["rule"] == "inverse" and set(res["other_rule"]["scores"]) == {"black", "rise"}
     assert res["other_rule"]["scores"]["black"]["deletion"].shape == (5,)
-    dense = pert.attribution_results(cfg, 0.0)
+    dense = model_level.attribution_results(cfg, 0.0)
     assert dense["level"] == "dense"
     assert not torch.allclose(dense["scores"]["black"]["chefer"]["insertion"],
                               res["scores"]["black"]["chefer"]["insertion"])  # another (fine-tuned) model

@@ -3,7 +3,9 @@ import json
 import pytest
 import torch
 
-from impact_core.cache import CacheError, ResultCache
+from impact_core.cache import VERSIONS, CacheError, ResultCache, artefact
+
+artefact("thing", 1)  # the kind these tests store
 
 
 def test_compute_once_then_reuse(tmp_path):
@@ -97,3 +99,60 @@ def test_stale_temporaries_are_cleaned_but_not_a_write_in_progress(tmp_path):
     assert not killed.exists() and live.exists() and recent.exists()
     assert set(folder.glob(f".*.{os.getpid()}.*.tmp")) == {live}  # this entry's own writes were renamed away
     assert len(list(folder.glob("*.json"))) == 1
+
+
+def test_every_kind_is_declared_with_a_version(tmp_path):
+    """A key needs the kind's code version: an undeclared kind is an error, and the version is
+    part of the key (a bump gives another key), so older code's entries are never served."""
+    cache = ResultCache(tmp_path)
+    with pytest.raises(KeyError, match="not declared"):
+        cache.key("never_declared", {"x": 1})
+    with pytest.raises(ValueError, match="declared twice"):
+        artefact("thing", 2)
+    before = cache.key("thing", {"x": 1})
+    VERSIONS["thing"] = 2
+    try:
+        assert cache.key("thing", {"x": 1}) != before
+    finally:
+        VERSIONS["thing"] = 1
+
+
+def test_a_version_bump_recomputes_its_entries_and_those_built_on_them(tiny_fmnist, tmp_path, monkeypatch, caplog):
+    """Bumping one kind's version recomputes that kind's entries and the entries built on them
+    (their inputs hold its key), and reuses everything else."""
+    import logging
+
+    from conftest import tiny_config
+    from impact_core import pipeline
+    from impact_core.levels.neuron import neuron_metrics
+
+    monkeypatch.setenv("IMPACT_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_config(tiny_fmnist, pruning={"finetune_images": 16, "finetune_batch_size": 16, "sparsities": [0.5]},
+                      data={"eval_images": 20},
+                      neuron={"blocks": [11], "top_k": 2, "images": 20, "validation_units": 1, "validation_images": 10})
+
+    def build():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="impact_core"):
+            pipeline.accuracy(cfg, 0.0)
+            pipeline.accuracy(cfg, 0.5)
+            neuron_metrics(cfg, 0.0)
+        computed = {r.getMessage().split()[2].split("/")[0] for r in caplog.records
+                    if r.getMessage().startswith("cache: computing")}
+        reused = {r.getMessage().split()[2].split("/")[0] for r in caplog.records
+                  if r.getMessage().startswith("cache: reusing")}
+        return computed, reused
+
+    computed, _ = build()
+    assert computed == {"dense_model", "pruned_model", "accuracy", "site_means", "neuron_metrics"}
+    assert build()[0] == set()  # everything reused
+
+    monkeypatch.setitem(VERSIONS, "site_means", VERSIONS["site_means"] + 1)
+    computed, reused = build()
+    assert computed == {"site_means", "neuron_metrics"}  # the means and what mean-ablates with them
+    assert {"dense_model", "accuracy"} <= reused
+
+    monkeypatch.setitem(VERSIONS, "pruned_model", VERSIONS["pruned_model"] + 1)
+    computed, reused = build()
+    assert computed == {"pruned_model", "accuracy"}  # the 50% model and its accuracy; dense's all reused
+    assert {"dense_model", "neuron_metrics"} <= reused  # dense and its neuron metrics

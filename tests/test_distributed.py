@@ -55,11 +55,11 @@ def test_prepare_under_torchrun_caches_what_one_process_would(tiny_fmnist, tmp_p
     SAE, attribution and circuit results as one process, from the same cached models."""
     import yaml
 
-    from impact_core.circuits import circuit_results
     from impact_core.config import load_config
-    from impact_core.neuron import neuron_metrics
-    from impact_core.perturbation import attribution_results
-    from impact_core.sae import quality_row, train_sae
+    from impact_core.levels.circuit import circuit_results
+    from impact_core.levels.layer import quality_row, train_sae
+    from impact_core.levels.model import attribution_results
+    from impact_core.levels.neuron import neuron_metrics
 
     preset = {"name": "tiny", "data": {"root": str(tiny_fmnist), "calib_images": 16, "batch_size": 16},
               "model": {"embed_dim": 16, "num_heads": 2}, "train": {"epochs": 1, "batch_size": 16},
@@ -77,7 +77,7 @@ def test_prepare_under_torchrun_caches_what_one_process_would(tiny_fmnist, tmp_p
     one, two = tmp_path / "one", tmp_path / "two"
     for cache in (one, two):
         (tmp_path / f"{cache.name}.yaml").write_text(yaml.safe_dump({**preset, "cache_dir": str(cache)}))
-    stages = ["neuron", "sae", "attribution", "circuit"]
+    stages = ["neuron", "layer", "model", "circuit"]
     run([sys.executable, "-m", "impact_core", "prepare", "--preset", str(tmp_path / "one.yaml"),
          "--stages", "pruning", *stages], env)
     for kind in ("dense_model", "pruned_model"):  # the same models: only the passes differ

@@ -16,14 +16,14 @@ def test_small_model_is_deit3_style(tiny_model):
 
 
 def test_attention_is_fused_and_the_explicit_trace_agrees(tiny_model):
-    from impact_core import attribution
+    from impact_core.methods import attribution
 
     assert all(blk.attn.fused_attn for blk in tiny_model.blocks)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         logits, trace = attribution.forward_trace(tiny_model, x)
         assert torch.allclose(logits, tiny_model(x), atol=1e-5)
-    assert trace["blocks"][0]["A"].shape == (4, tiny_model.blocks[0].attn.num_heads, 17, 17)
+    assert trace["blocks.0.pattern"].shape == (4, tiny_model.blocks[0].attn.num_heads, 17, 17)
 
 
 def test_training_with_a_batch_larger_than_the_split_is_an_error(tiny_model, tiny_fmnist):

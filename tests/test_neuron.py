@@ -3,11 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from impact_core import neuron
+from impact_core.levels import neuron as neuron_level
+from impact_core.methods import neuron
 from impact_core.config import ConfigError, ModelConfig, load_config
 from impact_core.models import build_model
-from impact_core.sites import HookedViT, compute_site_means, mean_ablate
-from impact_core.unit_metrics import (StreamingClassStats, auroc_rank, auroc_reference, class_variance,
+from impact_core.methods.sites import HookedViT, compute_site_means, mean_ablate
+from impact_core.methods.unit_metrics import (StreamingClassStats, auroc_rank, auroc_reference, class_variance,
                                       class_variance_reference, label_entropy, label_entropy_reference,
                                       max_over_patches, paired_comparison, selected_unit_values, stratified_halves,
                                       top_units)
@@ -405,17 +406,17 @@ def test_bad_setup_rejected_before_compute():
     with pytest.raises(ConfigError, match="neuron.blocks"):
         load_config("smoke", {"neuron.blocks": []})
     with pytest.raises(ConfigError, match="block 40"):
-        neuron.check_config(load_config("smoke", {"neuron.blocks": [2, 40]}))
+        load_config("smoke", {"neuron.blocks": [2, 40]})
     with pytest.raises(ConfigError, match="neuron.top_k"):
-        neuron.check_config(load_config("smoke", {"neuron.top_k": 131}))
-    neuron.check_config(load_config("smoke", {"neuron.top_k": 130}))  # 128 neurons + 2 heads
+        load_config("smoke", {"neuron.top_k": 131})
+    load_config("smoke", {"neuron.top_k": 130})  # 128 neurons + 2 heads
 
 
 # --- SAE latents: the same held-out selection ------------------------------------------------------------------------
 
 def test_sae_analyse_held_out_and_same_image():
-    from impact_core import sae as S
-    from impact_core import sae_features as SF
+    from impact_core.methods import sae as S
+    from impact_core.methods import sae_features as SF
 
     hooked = _tiny(seed=3)
     x, y = torch.randn(24, 1, 8, 8, generator=_gen(8)), torch.arange(24) % 3
@@ -459,10 +460,10 @@ def test_control_has_its_own_cache_identity():
     from impact_core import pipeline
 
     cfg = load_config("smoke")
-    dense, control = neuron.neuron_inputs(cfg, 0.0), neuron.neuron_inputs(cfg, 0.0, pipeline.CONTROL)
+    dense, control = neuron_level.neuron_inputs(cfg, 0.0), neuron_level.neuron_inputs(cfg, 0.0, pipeline.CONTROL)
     assert dense["model"] != control["model"] and control["model"] == pipeline.model_inputs(cfg, 0.0, pipeline.CONTROL)
     with pytest.raises(ValueError, match="control"):
-        neuron.neuron_metrics(cfg, 0.5, pipeline.CONTROL)
+        neuron_level.neuron_metrics(cfg, 0.5, pipeline.CONTROL)
 
 
 def _fake_result(shift):
@@ -475,14 +476,14 @@ def _fake_result(shift):
 
 
 def test_metrics_frame_and_comparison_with_control():
-    frame = neuron.metrics_frame({0.0: _fake_result(0.0), 0.7: _fake_result(1.0)}, control=_fake_result(0.5))
+    frame = neuron_level.metrics_frame({0.0: _fake_result(0.0), 0.7: _fake_result(1.0)}, control=_fake_result(0.5))
     assert set(frame.level) == {"dense", "70%", "control"}
     assert len(frame) == 3 * 5 * 2 * 2 * 5  # models x metrics x variants x blocks x classes
     ctl = frame[(frame.level == "control") & (frame.metric == "selectivity")]
     assert (ctl.sparsity == 0).all() and ctl.value.tolist()[:2] == [0.5, 1.5]
     same = frame[(frame.level == "70%") & (frame.metric == "selectivity_same")]
     assert (same.selection == "same-image").all() and (same.base == "selectivity").all() and same.value.min() == 102
-    table = neuron.comparison_table(frame[frame.metric == "impact"], n_boot=50)
+    table = neuron_level.comparison_table(frame[frame.metric == "impact"], n_boot=50)
     assert table.level.tolist() == ["control", "70%", "control", "70%"]  # per block: the control, then the levels
     assert table.median_diff.tolist() == [0.5, 1.0, 0.5, 1.0]
 

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from impact_core import pruning
+from impact_core.methods import pruning
 from impact_core.cache import ResultCache
 from impact_core.config import ConfigError, load_config
 from impact_core.data import Batches, load_splits
 from impact_core.models import build_model, evaluate, train_classifier
 from impact_core.pipeline import cache_for
 from impact_core.precision import autocast
-from impact_core.sae import activation_chunks
-from impact_core.sites import PAPER_SITES, HookedViT, compute_site_means
+from impact_core.methods.sae import activation_chunks
+from impact_core.methods.sites import PAPER_SITES, HookedViT, compute_site_means
 from tests.conftest import tiny_config
 
 
@@ -96,5 +96,5 @@ def test_precision_in_config_and_cache_keys(tmp_path):
     fp32 = load_config("smoke")
     bf16 = load_config("smoke", overrides={"precision": "bf16"})
     inputs = {"a": 1}
-    assert cache_for(fp32).key("x", inputs) == ResultCache(tmp_path).key("x", inputs)  # fp32 keys unchanged
-    assert cache_for(bf16).key("x", inputs) != cache_for(fp32).key("x", inputs)
+    assert cache_for(fp32).key("accuracy", inputs) == ResultCache(tmp_path).key("accuracy", inputs)  # fp32 keys unchanged
+    assert cache_for(bf16).key("accuracy", inputs) != cache_for(fp32).key("accuracy", inputs)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from impact_core import pruning
+from impact_core.methods import pruning
 from impact_core.data import Batches, load_splits
 from impact_core.models import train_classifier
 from tests.conftest import tiny_config
@@ -74,12 +74,13 @@ def test_mask_survives_finetuning(tiny_fmnist):
 def test_control_model_is_dense_fine_tuned_like_a_pruned_model(tiny_fmnist, tmp_path, monkeypatch):
     """The negative control: exactly the dense model's nonzero count, the same fine-tuning
     (steps and images) as a pruned model, and weights that differ from dense (it was tuned)."""
-    from impact_core import pipeline, pruning_study
+    from impact_core import pipeline
+    from impact_core.levels import pruning as pruning_level
 
     monkeypatch.setenv("IMPACT_CACHE", str(tmp_path / "cache"))
     cfg = tiny_config(tiny_fmnist, pruning={"finetune_images": 32, "finetune_batch_size": 16, "sparsities": [0.5]},
                       data={"eval_images": 20})
-    table = pruning_study.control_check(cfg, sparsity=0.5)
+    table = pruning_level.control_check(cfg, sparsity=0.5)
     dense, control, pruned = table.index
     assert table.loc[control, "nonzero block weights"] == table.loc[dense, "nonzero block weights"]
     assert table.loc[pruned, "nonzero block weights"] < table.loc[dense, "nonzero block weights"]

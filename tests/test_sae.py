@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from impact_core import sae as S
+from impact_core.levels import layer
+from impact_core.methods import sae as S
 
 
 def _opt(sae):
@@ -194,7 +195,7 @@ def test_nmse_fve_dead_against_numpy():
     assert S.nmse_per_sample(x, x_hat) == pytest.approx(r["nmse_per_sample"], rel=1e-9)
     assert r["dead"] == 2 and r["dead_fraction"] == pytest.approx(0.2)
     assert r["eval_tokens"] == 300
-    row = S.quality_row({"tokens": "cls", "k": 2, "expansion": 2, "n_latents": 10, "metrics": r})
+    row = layer.quality_row({"tokens": "cls", "k": 2, "expansion": 2, "n_latents": 10, "metrics": r})
     assert (row["NMSE"], row["FVE"], row["NMSE per sample"]) == (r["nmse"], r["fve"], r["nmse_per_sample"])
 
 
@@ -231,17 +232,17 @@ def test_bad_arguments_fail_before_compute():
 
     cfg = load_config("smoke")
     with pytest.raises(ValueError, match="tokens"):
-        S.train_sae(cfg, 0.0, tokens="patches")
+        layer.train_sae(cfg, 0.0, tokens="patches")
     with pytest.raises(ValueError, match="exceeds"):
-        S.train_sae(cfg, 0.0, k=10**6)
+        layer.train_sae(cfg, 0.0, k=10**6)
     with pytest.raises(ConfigError, match="sae.tokens"):
         load_config("smoke", {"sae.tokens": "foo"})
     with pytest.raises(ValueError, match="k must"):
         S.BatchTopKSAE(4, 8, k=9)
     with pytest.raises(ValueError, match="sae_seed"):
-        S.train_sae(cfg, 0.0, sae_seed=-1)
+        layer.train_sae(cfg, 0.0, sae_seed=-1)
     with pytest.raises(ValueError, match="control"):
-        S.train_sae(cfg, 0.5, method="control")
+        layer.train_sae(cfg, 0.5, method="control")
     for bad in (0, 1.5, True):
         with pytest.raises(ConfigError, match="sae.seeds"):
             load_config("smoke", {"sae.seeds": bad})
@@ -250,40 +251,38 @@ def test_bad_arguments_fail_before_compute():
 
 def test_sae_seeds_share_activations_and_the_control_works(tiny_fmnist, tmp_path):
     """On a tiny model: SAE seeds differ only in the SAE, reuse the activation buffers; the control model works."""
-    from impact_core import pipeline, sae_features
+    from impact_core import pipeline
+    from impact_core.methods import sae_features
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tiny_fmnist, pruning={"finetune_images": 16, "finetune_batch_size": 16},
                       sae={"k": 2, "expansion": 2, "batch_size": 16, "steps": 3, "aux_k": 4, "train_images": 40,
                            "eval_images": 20, "seeds": 2, "top_k": 2})
     cfg.cache_dir = str(tmp_path / "cache")
-    S._ACT_BUFFERS.clear()
-    rows = S.quality_over_seeds(cfg, 0.0)
-    assert len(S._ACT_BUFFERS) == 2  # train and eval activations of the dense model, shared by both seeds
+    layer._ACT_BUFFERS.clear()
+    rows = layer.quality_over_seeds(cfg, 0.0)
+    assert len(layer._ACT_BUFFERS) == 2  # train and eval activations of the dense model, shared by both seeds
     assert [r["sae seed"] for r in rows] == [0, 1]
-    a, b = (S.train_sae(cfg, 0.0, sae_seed=i) for i in (0, 1))
+    a, b = (layer.train_sae(cfg, 0.0, sae_seed=i) for i in (0, 1))
     assert not torch.equal(a["state"]["W_dec"], b["state"]["W_dec"])  # another initialisation
     assert rows[0]["eval tokens"] == rows[1]["eval tokens"] == 20
     for r in rows:
         assert abs(r["NMSE"] + r["FVE"] - 1) < 1e-9
-    control = S.quality_over_seeds(cfg, 0.0, pipeline.CONTROL)
-    assert len(control) == 2 and len(S._ACT_BUFFERS) == 4  # the control model's own activations
-    c0 = S.train_sae(cfg, 0.0, method=pipeline.CONTROL)
+    control = layer.quality_over_seeds(cfg, 0.0, pipeline.CONTROL)
+    assert len(control) == 2 and len(layer._ACT_BUFFERS) == 4  # the control model's own activations
+    c0 = layer.train_sae(cfg, 0.0, method=pipeline.CONTROL)
     assert not torch.equal(c0["state"]["b_dec"], a["state"]["b_dec"])  # trained on another model's residuals
-    feats = sae_features.sae_feature_metrics(cfg, 0.0, method=pipeline.CONTROL, sae_seed=1)
+    feats = layer.sae_feature_metrics(cfg, 0.0, method=pipeline.CONTROL, sae_seed=1)
     assert feats["impact"].shape == (cfg.model.num_classes,) and feats["topk"].shape == (cfg.model.num_classes, 2)
 
 
 # --- SAE feature metrics: splicing, zero ablation, attribution ------------------------------------------------------
 
 def _tiny_vit_and_sae(tokens="cls"):
-    from impact_core.config import ModelConfig
-    from impact_core.models import build_model
-    from impact_core.sites import HookedViT
+    from conftest import tiny_vit
+    from impact_core.methods.sites import HookedViT
 
-    torch.manual_seed(0)
-    mcfg = ModelConfig(img_size=8, patch_size=4, embed_dim=8, depth=2, num_heads=2, num_classes=3)
-    hooked = HookedViT(build_model(mcfg).eval())
+    hooked = HookedViT(tiny_vit(init_values=0.1))
     hooked.model.cls_token.data.normal_()  # an untrained CLS token is ~0: give the CLS residual a scale
     with torch.no_grad():
         _, cache = hooked.run_with_cache(torch.randn(16, 1, 8, 8), ["blocks.1.resid_post"])
@@ -300,7 +299,7 @@ def _tiny_vit_and_sae(tokens="cls"):
 
 
 def test_splice_is_exact_and_zero_ablation_removes_decoder_directions():
-    from impact_core import sae_features as SF
+    from impact_core.methods import sae_features as SF
 
     hooked, sae = _tiny_vit_and_sae()
     act = torch.randn(4, 5, 8)
@@ -321,7 +320,7 @@ def test_splice_is_exact_and_zero_ablation_removes_decoder_directions():
 
 
 def test_attribution_equals_chain_rule_through_the_decoder():
-    from impact_core import sae_features as SF
+    from impact_core.methods import sae_features as SF
 
     hooked, sae = _tiny_vit_and_sae()
     x = torch.randn(6, 1, 8, 8)
@@ -343,7 +342,7 @@ def test_attribution_equals_chain_rule_through_the_decoder():
 
 
 def test_zero_ablation_effect_matches_direct_computation():
-    from impact_core import sae_features as SF
+    from impact_core.methods import sae_features as SF
 
     hooked, sae = _tiny_vit_and_sae()
     x = torch.randn(6, 1, 8, 8)
@@ -371,11 +370,11 @@ def test_zero_ablation_effect_matches_direct_computation():
 
 
 def test_sweep_rows_mirror_the_papers_tables():
-    rows = S.sweep_rows("cls", 16, 8)
+    rows = layer.sweep_rows("cls", 16, 8)
     assert [r["paper"] for r in rows] == [r[:3] for r in __import__("impact_core.paper_values").paper_values.PAPER_TABLE_5]
     assert [(r["k"], r["expansion"]) for r in rows[:6]] == [(16, 4), (16, 8), (16, 16), (4, 8), (8, 8), (32, 8)]
     assert {r["tokens"] for r in rows[6:]} == {"all", "patch"}
-    assert [(r["k"], r["expansion"]) for r in S.sweep_rows("cls", 16, 8, dense=False)] == [(16, 4), (16, 8), (32, 8)]
+    assert [(r["k"], r["expansion"]) for r in layer.sweep_rows("cls", 16, 8, dense=False)] == [(16, 4), (16, 8), (32, 8)]
 
 
 def test_activation_stream_keeps_grad_mode_and_token_shapes():
@@ -398,3 +397,55 @@ def test_training_is_deterministic_for_a_seed():
 
     a, b = run(), run()
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("family", ["sae", "neuron"])
+def test_ablation_split_over_two_simulated_processes_equals_one(monkeypatch, family):
+    """Both unit families go through the shared torchrun split of the ablation pass: simulated in one process,
+    rank r takes rows r::2 of every batch and rank 1's all-reduce adds rank 0's partial sums."""
+    from impact_core.methods import neuron
+    from impact_core.methods import sae_features as SF
+    from impact_core.methods import unit_attribution as UA
+    from impact_core.methods.sites import compute_site_means
+
+    hooked, sae = _tiny_vit_and_sae()
+    x, y = torch.randn(11, 1, 8, 8, generator=torch.Generator().manual_seed(4)), torch.arange(11) % 3
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    subset = torch.arange(11) % 3 != 0
+    if family == "sae":
+        keep = torch.ones(3, 16)
+        keep[0, :8] = 0
+        keep[2, 8:] = 0
+
+        def effects():
+            return SF.ablation_effects(hooked, sae, batches, 1, "cls", [(keep, subset), (keep, None)], 3, max_batch=64)
+    else:
+        means = compute_site_means(hooked, batches, hooked.site_names([1], ("mlp_act", "heads")))
+        keep = torch.ones(3, hooked.mlp_dim + hooked.num_heads)
+        keep[:, :5] = 0
+        keep[1, hooked.mlp_dim] = 0
+
+        def effects():
+            return neuron.ablation_jobs(hooked, batches, means, [(1, keep, subset), (1, keep)], 3, max_batch=64)
+
+    whole = effects()
+    partial = []
+
+    def record(t):
+        partial.append(t.clone())
+        return t
+
+    def add_recorded(t):
+        return t.add_(partial.pop(0))
+
+    for rank, reduce in ((0, record), (1, add_recorded)):
+        monkeypatch.setattr(UA, "local_rows", lambda t, rank=rank: t[rank::2])
+        monkeypatch.setattr(UA, "all_reduce_sum", reduce)
+        split = effects()
+        if rank == 0:
+            sums, count = partial
+            mine = torch.tensor([0, 2, 4, 6, 8, 10])  # rank 0's rows of the batches of 6 and 5 images
+            assert count.sum() == int(subset[mine].sum()) + len(mine)  # only its own rows were ablated
+            assert not torch.allclose(split, whole, rtol=1e-3)  # its share alone is not the answer
+    assert not partial
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-7, equal_nan=True)

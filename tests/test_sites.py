@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from impact_core.sites import ALL_SITES, PAPER_SITES, HookedViT, compute_site_means, mean_ablate
+from impact_core.methods.sites import ALL_SITES, PAPER_SITES, HookedViT, compute_site_means, mean_ablate
 
 
 def manual_block(blk, x):
@@ -93,3 +93,5 @@ def test_bad_site_names(tiny_model):
         hooked.unit_shape("blocks.1.mlp")
     with pytest.raises(KeyError, match="12 blocks"):
         hooked.unit_shape("blocks.12.q")
+    with pytest.raises(KeyError, match="attribution.forward_trace only"):
+        hooked.unit_shape("blocks.1.pattern")  # a name of the vocabulary that only attribution records

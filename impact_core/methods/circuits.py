@@ -12,8 +12,9 @@ Mask (Eq. 13 / 15)
     Logits start at N(0.5, 0.01) (every node on) and are clamped to [-1, 1] after every step.
 
 Ablation (Eq. 11)
-    ``a~ = m_hat * a + (1 - m_hat) * a_bar``: an inactive node takes its per-position dataset
-    mean from :func:`impact_core.pipeline.site_means`, never zero.
+    ``a~ = m_hat * a + (1 - m_hat) * a_bar`` (:func:`impact_core.methods.sites.mean_ablate`): an
+    inactive node takes its per-position dataset mean from :func:`impact_core.pipeline.site_means`,
+    never zero.
 
 Objective (Eq. 10)
     ``L = L_task + k * sum_i m_hat_i``; the node count goes through the same surrogate.
@@ -34,7 +35,7 @@ Data
 Batched classes
     The logits carry a leading class axis ``(K, units)``. One forward serves all K classes: the
     per-class image batches are stacked to ``(K*B, ...)`` and every mask hook views the
-    activation as ``(K, B, ...)``. Classes never interact (separate parameters, per-class loss
+    activation as ``(K, B, ...)`` (``mean_ablate``'s groups). Classes never interact (separate parameters, per-class loss
     summed), so this equals training class by class with the same seeds
     (:func:`train_masks_sequential` is the plain reference; tests assert they agree).
 
@@ -94,10 +95,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import distributed
-from .config import Config, ConfigError, check_sparsity
-from .data import Split, batches
-from .sites import HEAD_SITES, PAPER_SITES, HookedViT, parse_site
+from .. import distributed
+from ..data import Split, batches
+from .sites import PAPER_SITES, HookedViT, mean_ablate, parse_site, site_name
 
 log = logging.getLogger("impact_core")
 
@@ -150,29 +150,9 @@ def init_logits(hooked: HookedViT, classes: Sequence[int], seed: int, mean: floa
     return {n: torch.stack(r).to(device) for n, r in rows.items()}
 
 
-def _mask_view(name: str, mask: torch.Tensor) -> torch.Tensor:
-    """``(K, units)`` -> broadcastable over ``(K, B, N, *unit_shape)``."""
-    _, site = parse_site(name)
-    K, U = mask.shape
-    return mask.view(K, 1, 1, U, 1) if site in HEAD_SITES else mask.view(K, 1, 1, U)
-
-
-def mask_hook(name: str, mask: torch.Tensor, mean: torch.Tensor):
-    """Eq. 11 with a class axis: the activation ``(K*B, N, ...)`` is viewed as ``(K, B, N, ...)``
-    and class k's rows get ``m_k * a + (1 - m_k) * mean``."""
-    mv = _mask_view(name, mask)
-    K = mask.shape[0]
-
-    def fn(act):
-        a = act.reshape(K, act.shape[0] // K, *act.shape[1:])
-        # lerp(mu, a, m) = mu + m (a - mu): one fused kernel; exact for m in {0, 1}
-        return torch.lerp(mean.to(act.dtype), a, mv).reshape(act.shape)
-
-    return fn
-
-
 def mask_hooks(masks: dict[str, torch.Tensor], means: dict[str, torch.Tensor]) -> dict:
-    return {n: mask_hook(n, m, means[n]) for n, m in masks.items()}
+    """Eq. 11 hooks for masks ``{site: (K, units)}``: class k's rows of the batch get mask row k."""
+    return {n: mean_ablate(means[n], m, n) for n, m in masks.items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -441,7 +421,7 @@ def site_fractions(hooked: HookedViT, active: dict[str, torch.Tensor]) -> torch.
 # ----------------------------------------------------------------------------------------
 def _head_active(active, b: int) -> torch.Tensor:
     """A head feeds proj when any of its q, k, v nodes is active: ``(K, H)``."""
-    return torch.stack([active[f"blocks.{b}.{s}"].bool() for s in ("q", "k", "v")]).any(0).float()
+    return torch.stack([active[site_name(b, s)].bool() for s in ("q", "k", "v")]).any(0).float()
 
 
 @torch.no_grad()
@@ -460,7 +440,7 @@ def edge_counts(hooked: HookedViT, active: dict[str, torch.Tensor]) -> dict[str,
         return torch.einsum("ko,oi,ki->k", a_out, nz, a_in)
 
     for b, blk in enumerate(hooked.model.blocks):
-        g = lambda s: act[f"blocks.{b}.{s}"]  # noqa: E731
+        g = lambda s: act[site_name(b, s)]  # noqa: E731
         W = blk.attn.qkv.weight
         for i, s in enumerate(("q", "k", "v")):
             edges += count(W[i * C:(i + 1) * C], g(s).repeat_interleave(D, dim=1), g("norm1"))
@@ -473,42 +453,6 @@ def edge_counts(hooked: HookedViT, active: dict[str, torch.Tensor]) -> dict[str,
             remaining += float((lin.weight != 0).sum())
     return {"edges": edges, "dense_total": torch.tensor(dense, dtype=torch.float64),
             "remaining_total": torch.tensor(remaining, dtype=torch.float64)}
-
-
-# ----------------------------------------------------------------------------------------
-# the cached artefact
-# ----------------------------------------------------------------------------------------
-def resolve_classes(cfg: Config) -> list[int]:
-    """``circuit.classes``, or all classes (at most 100; above that 100 evenly spaced ones:
-    the paper's 100-category list is not published)."""
-    n = cfg.model.num_classes
-    if cfg.circuit.classes is None:
-        return list(range(n)) if n <= 100 else [int(i) for i in np.linspace(0, n - 1, 100).round()]
-    bad = [c for c in cfg.circuit.classes if not 0 <= c < n]
-    if bad:
-        raise ConfigError(f"circuit.classes: {bad} out of range for a model with {n} classes")
-    return [int(c) for c in cfg.circuit.classes]
-
-
-def default_k(cfg: Config, sparsity: float, method: str = "wanda") -> float:
-    """App. C.2: k = 8e-5 (``k_dense``) for the dense model, 4e-5 (``k_sparse``) for the pruned ones and
-    for the control (fine-tuned like them, so it gets their coefficient)."""
-    from . import pipeline
-
-    return cfg.circuit.k_dense if sparsity == 0 and method != pipeline.CONTROL else cfg.circuit.k_sparse
-
-
-def circuit_inputs(cfg: Config, sparsity: float, k: float, method: str = "wanda") -> dict:
-    from . import pipeline
-
-    c = cfg.circuit.to_dict()
-    for key in ("sparsities", "k_sweep", "k_dense", "k_sparse", "classes"):
-        c.pop(key)
-    # version 2: random-ablation baseline, margins and faithfulness, empty-mask accuracy
-    return {"version": 2, "model": pipeline.model_inputs(cfg, sparsity, method), "k": float(k),
-            "classes": resolve_classes(cfg),
-            "circuit": c, "seed": cfg.seed, "calib_images": cfg.data.calib_images,
-            "train_images": cfg.data.train_images, "eval_images": cfg.data.eval_images}
 
 
 def compute_circuits(hooked: HookedViT, means, train: ClassSets, evals: ClassSets, cfg_circuit, *, k: float,
@@ -556,108 +500,3 @@ def compute_circuits(hooked: HookedViT, means, train: ClassSets, evals: ClassSet
         "site_fraction": site_fractions(hooked, active), "sites": list(PAPER_SITES),
         "nodes_total": num_nodes(hooked), "active": active, "losses": torch.cat(losses, dim=1),
     }
-
-
-def circuit_results(cfg: Config, sparsity: float, k: Optional[float] = None, method: str = "wanda") -> dict:
-    """Circuits of ``resolve_classes(cfg)`` in the model at ``sparsity`` (cached); ``(0.0, pipeline.CONTROL)``
-    is the control model.
-
-    ``k=None``: the paper's coefficient for the level (:func:`default_k`).
-    Per-class keys ``(K,)``: acc_full, acc_circuit, acc_ablated, acc_empty, margin_full, margin_circuit,
-    margin_ablated, margin_empty, faithfulness, faithfulness_ablated, node_fraction, ncq, edges,
-    size_dense, size_remaining; ``(K, random_draws)``: acc_random_ablated, margin_random_ablated."""
-    from . import pipeline
-
-    sparsity = check_sparsity(sparsity, "sparsity")
-    pipeline.check_model_kind(sparsity, method)
-    k = default_k(cfg, sparsity, method) if k is None else float(k)
-    if k <= 0:
-        raise ValueError(f"k must be > 0, got {k}")
-    classes = resolve_classes(cfg)
-    cc = cfg.circuit
-    inputs = circuit_inputs(cfg, sparsity, k, method)
-
-    def compute():
-        data = pipeline.splits(cfg)
-        train = ClassSets(data["train"], classes, cc.train_images_per_class, cfg.seed, "circuit train set")
-        evals = ClassSets(data["eval"], classes, cc.eval_images_per_class, cfg.seed + 1, "circuit eval set")
-        hooked = pipeline.hooked_model(cfg, sparsity, method)
-        means = pipeline.site_means(cfg, sparsity, method)
-        log.info("circuits: %d classes at %s, k=%g", len(classes), pipeline.level_label(sparsity, method), k)
-        out = compute_circuits(hooked, means, train, evals, cc, k=k, seed=cfg.seed,
-                               device=pipeline.resolve_device(cfg))
-        out["sparsity"] = float(sparsity)
-        return out
-
-    return pipeline.cache_for(cfg).get_or_compute("circuits", inputs, compute)
-
-
-def check_sets(cfg: Config) -> None:
-    """Fail before compute when a class lacks the images its balanced sets need."""
-    from . import pipeline
-
-    data = pipeline.splits(cfg)
-    for c in resolve_classes(cfg):
-        balanced_indices(data["train"].labels, c, cfg.circuit.train_images_per_class, cfg.seed, "circuit train set")
-        balanced_indices(data["eval"].labels, c, cfg.circuit.eval_images_per_class, cfg.seed + 1, "circuit eval set")
-
-
-def sweep_ks(cfg: Config) -> list[float]:
-    """``circuit.k_sweep`` with ``circuit.k_dense`` added when missing, ascending: the sweep always holds
-    the dense model's k, so a pruned level can be compared with dense at equal k."""
-    return sorted({float(k) for k in cfg.circuit.k_sweep} | {float(cfg.circuit.k_dense)})
-
-
-def k_sweep(cfg: Config, sparsity: float, ks: Optional[Sequence[float]] = None, method: str = "wanda") -> list[dict]:
-    """Table 7: circuits at ``sparsity`` for every k of ``ks`` (None: :func:`sweep_ks`), each cached."""
-    return [circuit_results(cfg, sparsity, k, method) for k in (ks or sweep_ks(cfg))]
-
-
-def pruning_only_edges(cfg: Config, sparsity: float, method: str = "wanda") -> dict[str, torch.Tensor]:
-    """Counterfactual size: the dense model's circuits (node sets of ``circuit_results(cfg, 0.0)``) counted
-    with :func:`edge_counts` on the weights of the model at ``sparsity``. No training.
-
-    Returns ``{"edges": (K,), "size_dense": (K,) edges / dense total, "size_remaining": (K,) edges / that
-    model's nonzero weights}``; the drop from the dense circuits' size is what pruning alone removes."""
-    from . import pipeline
-
-    sparsity = check_sparsity(sparsity, "sparsity")
-    pipeline.check_model_kind(sparsity, method)
-    active = circuit_results(cfg, 0.0)["active"]
-    e = edge_counts(pipeline.hooked_model(cfg, sparsity, method), active)
-    return {"edges": e["edges"], "size_dense": e["edges"] / e["dense_total"],
-            "size_remaining": e["edges"] / e["remaining_total"]}
-
-
-# ----------------------------------------------------------------------------------------
-# tables
-# ----------------------------------------------------------------------------------------
-def _ms(values: torch.Tensor, scale: float = 1.0) -> tuple[float, float]:
-    v = values.double() * scale
-    return float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0
-
-
-def summary(res: dict, pruning_only: Optional[dict] = None) -> dict[str, tuple[float, float]]:
-    """Mean and std over classes (std with Bessel's correction) of the Table 3 columns.
-
-    Random-ablated accuracy is first averaged over draws per class. ``pruning_only``: a
-    :func:`pruning_only_edges` result, adding its two size columns."""
-    out = {
-        "Node (%)": _ms(res["node_fraction"], 100),
-        "Size (% dense edges)": _ms(res["size_dense"], 100),
-        "Size (% remaining edges)": _ms(res["size_remaining"], 100),
-    }
-    if pruning_only is not None:
-        out["Pruning-only size (% dense edges)"] = _ms(pruning_only["size_dense"], 100)
-        out["Pruning-only size (% remaining edges)"] = _ms(pruning_only["size_remaining"], 100)
-    out.update({
-        "Acc. (%)": _ms(res["acc_circuit"], 100),
-        "Full acc. (%)": _ms(res["acc_full"], 100),
-        "Ablated acc. (%)": _ms(res["acc_ablated"], 100),
-        "Random-ablated acc. (%)": _ms(res["acc_random_ablated"].double().mean(1), 100),
-        "Faithfulness": _ms(res["faithfulness"]),
-        "Faithfulness (ablated)": _ms(res["faithfulness_ablated"]),
-        "NCQ": _ms(res["ncq"]),
-        "NCQ (Acc x (1 - Size))": _ms(ncq_edges(res["acc_circuit"], res["size_dense"])),
-    })
-    return out

@@ -15,6 +15,20 @@ Two extra readable sites serve other chapters:
     heads      per-head attention output before ``proj``   (B, N, H, D)  (neuron-level head units)
     resid_post residual stream after the block             (B, N, C)     (SAE inputs)
 
+Attribution (:func:`impact_core.methods.attribution.forward_trace`) runs the block explicitly and
+records, besides every site above, the rest of its computation under ``ATTRIBUTION_SITES``
+(read there only; :class:`HookedViT` does not hook them)::
+
+    resid_pre  residual stream entering the block                (B, N, C)
+    qkv        fused qkv projection (q, k, v side by side)       (B, N, 3C)
+    pattern    attention probabilities softmax(q k^T / sqrt(D))  (B, H, N, N)
+    attn_proj  attention branch after proj, before LayerScale    (B, N, C)
+    resid_mid  residual stream after the attention branch's add  (B, N, C)
+    mlp_fc2    MLP branch after fc2, before LayerScale           (B, N, C)
+
+Names without a block: ``block_name(i)`` (``blocks.{i}``) is block i as a whole, ``POOLED`` the
+classifier's input (the class token after the final norms) and ``LOGITS`` its output.
+
 A *hook function* receives the activation in the shape above and returns ``None``
 (read only) or a tensor of the same shape (patch). Units (nodes) are the last axis
 for ``(B, N, C)`` sites and the head axis for ``(B, N, H, D)`` sites.
@@ -34,37 +48,39 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .precision import autocast
-from .distributed import all_reduce_sum, local_rows
+from ..precision import autocast
+from ..distributed import all_reduce_sum, local_rows
 
 PAPER_SITES = ("norm1", "q", "k", "v", "attn_out", "norm2", "mlp_act", "mlp_out")
 EXTRA_SITES = ("heads", "resid_post")
-ALL_SITES = PAPER_SITES + EXTRA_SITES
+ALL_SITES = PAPER_SITES + EXTRA_SITES  # the sites HookedViT hooks
+ATTRIBUTION_SITES = ("resid_pre", "qkv", "pattern", "attn_proj", "resid_mid", "mlp_fc2")
+POOLED, LOGITS = "pooled", "logits"
 HEAD_SITES = ("q", "k", "v", "heads")
 _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 _NAME = re.compile(r"^blocks\.(\d+)\.([a-z_0-9]+)$")
+_KNOWN = ALL_SITES + ATTRIBUTION_SITES
 
 HookFn = Callable[[torch.Tensor], Optional[torch.Tensor]]
 
 
+def block_name(block: int) -> str:
+    """``block_name(7) == 'blocks.7'``: the block as a whole (timm's module name)."""
+    return f"blocks.{block}"
+
+
 def site_name(block: int, site: str) -> str:
     """``site_name(7, 'mlp_act') == 'blocks.7.mlp_act'``."""
-    if site not in ALL_SITES:
-        raise KeyError(f"unknown site {site!r}; known: {', '.join(ALL_SITES)}")
-    return f"blocks.{block}.{site}"
+    if site not in _KNOWN:
+        raise KeyError(f"unknown site {site!r}; known: {', '.join(_KNOWN)}")
+    return f"{block_name(block)}.{site}"
 
 
 def parse_site(name: str) -> tuple[int, str]:
     match = _NAME.match(name)
-    if not match or match.group(2) not in ALL_SITES:
-        raise KeyError(f"not a site name: {name!r} (expected 'blocks.<i>.<site>', site in {ALL_SITES})")
+    if not match or match.group(2) not in _KNOWN:
+        raise KeyError(f"not a site name: {name!r} (expected 'blocks.<i>.<site>', site in {_KNOWN})")
     return int(match.group(1)), match.group(2)
-
-
-def unit_mask_view(name: str, mask: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-unit vector (or ``(..., units)``) so it broadcasts over the activation."""
-    _, site = parse_site(name)
-    return mask[..., None] if site in HEAD_SITES else mask
 
 
 class HookedViT(nn.Module):
@@ -92,6 +108,8 @@ class HookedViT(nn.Module):
     def unit_shape(self, name: str) -> tuple[int, ...]:
         """Per-token shape of a site's activation."""
         block, site = parse_site(name)
+        if site in ATTRIBUTION_SITES:
+            raise KeyError(f"{name}: recorded by attribution.forward_trace only; HookedViT hooks {ALL_SITES}")
         if block >= self.depth:
             raise KeyError(f"{name}: the model has {self.depth} blocks")
         if site in HEAD_SITES:
@@ -197,15 +215,21 @@ class HookedViT(nn.Module):
 
 
 def mean_ablate(mean: torch.Tensor, keep: torch.Tensor, name: str) -> HookFn:
-    """Hook replacing units with ``keep == 0`` by their mean: ``a*m + mean*(1-m)`` (Eq. 11).
+    """Hook for Eq. 11, ``a~ = keep * a + (1 - keep) * mean``: a unit with keep 0 takes its
+    per-position dataset mean ``mean`` ``(N, *unit_shape)``, keep 1 passes it through exactly.
 
-    ``mean`` has shape ``(N, *unit_shape)``; ``keep`` is a per-unit 0/1 (or soft) vector.
+    ``keep`` (0/1 or soft, e.g. circuits' learnable masks) is ``(units,)``, one mask for every
+    image, or ``(G, units)`` (also ``(G, 1, units)``): the activation's rows ``(G*B, N, ...)`` are
+    viewed as G groups ``(G, B, N, ...)`` and group g gets ``keep[g]`` (circuits: one group per
+    class; neuron ablation: one per image).
     """
-    m = unit_mask_view(name, keep)
+    _, site = parse_site(name)
+    m = keep.reshape(-1, 1, 1, keep.shape[-1], *((1,) if site in HEAD_SITES else ()))
 
     def fn(act):
-        mu = mean.to(act.dtype)
-        return act * m + mu * (1 - m)
+        a = act.reshape(m.shape[0], -1, *act.shape[1:])
+        # lerp(mean, a, m) = mean + m (a - mean): one fused kernel, exact for m in {0, 1}
+        return torch.lerp(mean.to(act.dtype), a, m).reshape(act.shape)
 
     return fn
 

@@ -11,17 +11,66 @@
 
 Fine-tuning keeps the mask exactly: pruned weights are zeroed again after every
 optimiser step (AdamW's weight decay and momentum would otherwise revive them).
+
+A pruning method is one registered score function (``@register_pruning_method``); the
+config, the pipeline and the chapters read :data:`PRUNING_METHODS`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .precision import autocast
-from .distributed import all_reduce_sum, local_rows
+from ..precision import autocast
+from ..distributed import all_reduce_sum, local_rows
 
-METHODS = ("wanda", "magnitude")
+
+@dataclass(frozen=True)
+class PruningMethod:
+    """``score(weight, input_norms)`` ranks the weights of one Linear (lowest pruned first);
+    ``input_norms`` (``||X_j||_2`` per input feature, :func:`input_norms`) is computed on the
+    calibration images only for methods that need it."""
+
+    name: str
+    score: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+    needs_input_norms: bool = False
+
+
+PRUNING_METHODS: dict[str, PruningMethod] = {}
+
+
+def register_pruning_method(name: str, needs_input_norms: bool = False):
+    """Decorator: register ``score(weight, norm)`` as the pruning method ``name``."""
+    def register(score):
+        if name in PRUNING_METHODS:
+            raise ValueError(f"pruning method {name!r} is already registered")
+        PRUNING_METHODS[name] = PruningMethod(name, score, needs_input_norms)
+        return score
+    return register
+
+
+@register_pruning_method("wanda", needs_input_norms=True)
+def wanda_score(weight: torch.Tensor, norm: Optional[torch.Tensor]) -> torch.Tensor:
+    """Eq. 1: ``S_ij = |W_ij| * ||X_j||_2``."""
+    if norm is None:
+        raise ValueError("wanda needs the input feature norms")
+    return weight.abs() * norm.to(weight)[None, :]
+
+
+@register_pruning_method("magnitude")
+def magnitude_score(weight: torch.Tensor, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``S_ij = |W_ij|``."""
+    return weight.abs()
+
+
+def pruning_method(name: str) -> PruningMethod:
+    try:
+        return PRUNING_METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown pruning method {name!r}; known: {list(PRUNING_METHODS)}") from None
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -55,14 +104,8 @@ def input_norms(model: nn.Module, batches, device="cpu", precision: str = "fp32"
 
 
 def scores(weight: torch.Tensor, method: str, norm: torch.Tensor | None = None) -> torch.Tensor:
-    """Pruning score of every weight (Eq. 1 for Wanda, ``|W|`` for magnitude)."""
-    if method == "wanda":
-        if norm is None:
-            raise ValueError("wanda needs the input feature norms")
-        return weight.abs() * norm.to(weight)[None, :]
-    if method == "magnitude":
-        return weight.abs()
-    raise ValueError(f"unknown pruning method {method!r}; known: {METHODS}")
+    """Pruning score of every weight under the registered ``method``."""
+    return pruning_method(method).score(weight, norm)
 
 
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:

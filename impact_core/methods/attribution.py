@@ -56,6 +56,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .sites import LOGITS, POOLED, block_name, site_name
+
 log = logging.getLogger("impact_core")
 
 METHODS = ("chefer", "rollout", "generic", "random")
@@ -114,40 +116,48 @@ def _embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def forward_trace(model: nn.Module, images: torch.Tensor, keep_graph: bool = False):
     """Run the ViT explicitly (attention probabilities computed, never fused SDPA).
 
-    Returns ``(logits, trace)``: ``trace["blocks"][i]`` holds every intermediate the
-    rules need; with ``keep_graph`` the attention maps ``A`` stay in the autograd graph
-    (the token embeddings are made leaves, so gradients exist even for frozen weights).
+    Returns ``(logits, trace)``: ``trace`` maps site names (:mod:`.sites`) to activations, every
+    block's ``ALL_SITES`` and ``ATTRIBUTION_SITES`` in the shapes given there (the sites equal
+    :class:`~.sites.HookedViT`'s), and ``POOLED``. With ``keep_graph`` the attention patterns
+    stay in the autograd graph (the token embeddings are made leaves, so gradients exist even
+    for frozen weights).
     """
-    trace = {"blocks": []}
+    trace = {}
     x = _embed(model, images)
     if keep_graph:
         x = x.detach().requires_grad_(True)
-    for blk in model.blocks:
+    for i, blk in enumerate(model.blocks):
         attn = blk.attn
-        B, N, C = x.shape
+        B, N, _ = x.shape
         H, D = attn.num_heads, attn.head_dim
-        t = {"x": x}
         h1 = blk.norm1(x)
-        qkv = attn.qkv(h1).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        A = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        o_pre = (A @ v).transpose(1, 2).reshape(B, N, H * D)
-        o = attn.proj(o_pre)
+        qkv = attn.qkv(h1)
+        q, k, v = qkv.reshape(B, N, 3, H, D).unbind(2)  # (B, N, H, D)
+        A = ((q.transpose(1, 2) * attn.scale) @ k.transpose(1, 2).transpose(-2, -1)).softmax(dim=-1)
+        heads = (A @ v.transpose(1, 2)).transpose(1, 2).contiguous()  # (B, N, H, D)
+        o = attn.proj(heads.flatten(2))
         b1 = blk.ls1(o)
         x1 = x + b1
         h2 = blk.norm2(x1)
-        f1 = blk.mlp.fc1(h2)
-        g = blk.mlp.act(f1)
+        g = blk.mlp.act(blk.mlp.fc1(h2))
         f2 = blk.mlp.fc2(g)
         b2 = blk.ls2(f2)
-        x = x1 + b2
-        t.update(h1=h1, q=q, k=k, v=v, A=A, o_pre=o_pre, o=o, b1=b1, x1=x1, h2=h2, g=g, f2=f2, b2=b2)
-        trace["blocks"].append(t)
+        x2 = x1 + b2
+        trace.update({site_name(i, s): t for s, t in (
+            ("resid_pre", x), ("norm1", h1), ("qkv", qkv), ("q", q), ("k", k), ("v", v), ("pattern", A),
+            ("heads", heads), ("attn_proj", o), ("attn_out", b1), ("resid_mid", x1), ("norm2", h2),
+            ("mlp_act", g), ("mlp_fc2", f2), ("mlp_out", b2), ("resid_post", x2))})
+        x = x2
     xn = model.norm(x)
     pooled = model.fc_norm(xn[:, 0])
-    trace["pooled"] = pooled
+    trace[POOLED] = pooled
     logits = model.head(model.head_drop(pooled))
     return logits, trace
+
+
+def patterns(model: nn.Module, trace: dict) -> list[torch.Tensor]:
+    """Every block's attention pattern ``(B, H, N, N)`` from a trace, first block first."""
+    return [trace[site_name(i, "pattern")] for i in range(len(model.blocks))]
 
 
 # ----------------------------------------------------------------------------- fast (analytic, batched) rules
@@ -215,56 +225,59 @@ def relprop(model: nn.Module, trace: dict, target: torch.Tensor, layerscale_rule
     """LRP from the one-hot target logit back through every block.
 
     Returns ``R_A`` (B, H, N, N) per block (first block first). ``record`` (a list)
-    receives per-layer per-image relevance sums at each layer's output and input.
+    receives per-step per-image relevance sums at each step's output and input, the step
+    named by its output site (see :func:`relevance_conservation`).
     """
-    pooled = trace["pooled"]
+    pooled = trace[POOLED]
     seed = F.one_hot(target, model.head.out_features).to(pooled.dtype)
     R_cls = lrp_linear(pooled, model.head.weight, seed)
-    _record(record, "head", seed, R_cls)
-    last = trace["blocks"][-1]
-    R = torch.zeros(last["x"].shape, dtype=pooled.dtype, device=pooled.device)
+    _record(record, LOGITS, seed, R_cls)
+    last = trace[site_name(len(model.blocks) - 1, "resid_post")]
+    R = torch.zeros(last.shape, dtype=pooled.dtype, device=pooled.device)
     R[:, 0] = R_cls  # final LayerNorm: pass-through; pooling takes the class token
     R_A = []
     for i in reversed(range(len(model.blocks))):
-        blk, t = model.blocks[i], trace["blocks"][i]
-        B, N, C = t["x"].shape
-        attn = blk.attn
+        blk, attn = model.blocks[i], model.blocks[i].attn
+        name = lambda s: site_name(i, s)  # noqa: E731
+        t = lambda s: trace[name(s)]  # noqa: E731
+        B, N, C = t("resid_pre").shape
         H, D = attn.num_heads, attn.head_dim
         R_block_out = R
-        # MLP branch: x2 = x1 + ls2(fc2(act(fc1(norm2(x1)))))
-        R_x1, R_b2 = lrp_add(t["x1"], t["b2"], R)
-        _record(record, f"blocks.{i}.add2", R, torch.cat([R_x1, R_b2], 1))
+        # MLP branch: resid_post = resid_mid + ls2(fc2(act(fc1(norm2(resid_mid)))))
+        R_x1, R_b2 = lrp_add(t("resid_mid"), t("mlp_out"), R)
+        _record(record, name("resid_post"), R, torch.cat([R_x1, R_b2], 1))
         R_f2 = lrp_layerscale(_gamma(blk.ls2, C, R), R_b2, layerscale_rule, eps)
-        _record(record, f"blocks.{i}.ls2", R_b2, R_f2)
-        R_g = lrp_linear(t["g"], blk.mlp.fc2.weight, R_f2)
-        _record(record, f"blocks.{i}.mlp.fc2", R_f2, R_g)
-        R_h2 = lrp_linear(t["h2"], blk.mlp.fc1.weight, R_g)  # GELU: pass-through
-        _record(record, f"blocks.{i}.mlp.fc1", R_g, R_h2)
-        R = R_x1 + R_h2  # norm2: pass-through; the clone of x1 sums its two uses
-        # attention branch: x1 = x + ls1(proj(A @ V))
-        R_x, R_b1 = lrp_add(t["x"], t["b1"], R)
-        _record(record, f"blocks.{i}.add1", R, torch.cat([R_x, R_b1], 1))
+        _record(record, name("mlp_out"), R_b2, R_f2)
+        R_g = lrp_linear(t("mlp_act"), blk.mlp.fc2.weight, R_f2)
+        _record(record, name("mlp_fc2"), R_f2, R_g)
+        R_h2 = lrp_linear(t("norm2"), blk.mlp.fc1.weight, R_g)  # GELU: pass-through
+        _record(record, name("mlp_act"), R_g, R_h2)
+        R = R_x1 + R_h2  # norm2: pass-through; the clone of resid_mid sums its two uses
+        # attention branch: resid_mid = resid_pre + ls1(proj(pattern @ v))
+        R_x, R_b1 = lrp_add(t("resid_pre"), t("attn_out"), R)
+        _record(record, name("resid_mid"), R, torch.cat([R_x, R_b1], 1))
         R_o = lrp_layerscale(_gamma(blk.ls1, C, R), R_b1, layerscale_rule, eps)
-        _record(record, f"blocks.{i}.ls1", R_b1, R_o)
-        R_opre = lrp_linear(t["o_pre"], attn.proj.weight, R_o)
-        _record(record, f"blocks.{i}.attn.proj", R_o, R_opre)
+        _record(record, name("attn_out"), R_b1, R_o)
+        R_opre = lrp_linear(t("heads").flatten(2), attn.proj.weight, R_o)
+        _record(record, name("attn_proj"), R_o, R_opre)
         R_heads = R_opre.reshape(B, N, H, D).transpose(1, 2)
-        R_a, R_v = lrp_matmul(t["A"], t["v"], R_heads)
-        _record(record, f"blocks.{i}.attn.A@V", R_heads, torch.cat([R_a.flatten(2), R_v.flatten(2)], 2))
+        q, k, v = (t(s).transpose(1, 2) for s in ("q", "k", "v"))  # (B, H, N, D)
+        R_a, R_v = lrp_matmul(t("pattern"), v, R_heads)
+        _record(record, name("heads"), R_heads, torch.cat([R_a.flatten(2), R_v.flatten(2)], 2))
         R_A.append(R_a)
-        R_q, R_k = lrp_matmul(t["q"], t["k"].transpose(-2, -1), R_a)  # softmax: pass-through
+        R_q, R_k = lrp_matmul(q, k.transpose(-2, -1), R_a)  # softmax: pass-through
         R_k = R_k.transpose(-2, -1)
-        _record(record, f"blocks.{i}.attn.Q@K", R_a, torch.cat([R_q.flatten(2), R_k.flatten(2)], 2))
+        _record(record, name("pattern"), R_a, torch.cat([R_q.flatten(2), R_k.flatten(2)], 2))
         to_tokens = lambda r: r.transpose(1, 2).reshape(B, N, H * D)  # noqa: E731
         W = attn.qkv.weight
         if fused_qkv:
-            R_h1 = lrp_linear(t["h1"], W, torch.cat([to_tokens(R_q), to_tokens(R_k), to_tokens(R_v)], -1))
+            R_h1 = lrp_linear(t("norm1"), W, torch.cat([to_tokens(R_q), to_tokens(R_k), to_tokens(R_v)], -1))
         else:  # decoupled: separate q, k, v projections (value path on its own)
             Wq, Wk, Wv = W.split(H * D, dim=0)
-            R_h1 = sum(lrp_linear(t["h1"], w, to_tokens(r)) for w, r in ((Wq, R_q), (Wk, R_k), (Wv, R_v)))
-        _record(record, f"blocks.{i}.attn.qkv", torch.cat([R_q.flatten(1), R_k.flatten(1), R_v.flatten(1)], 1), R_h1)
-        R = R_x + R_h1  # norm1: pass-through; clone of x
-        _record(record, f"blocks.{i}", R_block_out, R)
+            R_h1 = sum(lrp_linear(t("norm1"), w, to_tokens(r)) for w, r in ((Wq, R_q), (Wk, R_k), (Wv, R_v)))
+        _record(record, name("qkv"), torch.cat([R_q.flatten(1), R_k.flatten(1), R_v.flatten(1)], 1), R_h1)
+        R = R_x + R_h1  # norm1: pass-through; clone of resid_pre
+        _record(record, block_name(i), R_block_out, R)
     return R_A[::-1]
 
 
@@ -332,8 +345,8 @@ def _attribute_batch(model, images, method, target, layerscale_rule, generator):
             logits, trace = forward_trace(model, images)
         tgt = _targets(target, logits)
         A_bar = []
-        for t in trace["blocks"]:
-            a = t["A"].mean(1)
+        for A in patterns(model, trace):
+            a = A.mean(1)
             a = a + torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
             A_bar.append(a / a.sum(-1, keepdim=True) - torch.eye(a.shape[-1], device=a.device, dtype=a.dtype))
         joint = rollout(A_bar)  # prod (I + (norm(A + I) - I)) = prod norm(A + I)
@@ -342,12 +355,12 @@ def _attribute_batch(model, images, method, target, layerscale_rule, generator):
             logits, trace = forward_trace(model, images, keep_graph=True)
             tgt = _targets(target, logits)
             score = logits.gather(1, tgt[:, None]).sum()  # images are independent: one backward for all
-            grads = torch.autograd.grad(score, [t["A"] for t in trace["blocks"]])
+            grads = torch.autograd.grad(score, patterns(model, trace))
         if method == "chefer":
             R_A = relprop(model, trace, tgt, layerscale_rule)
             A_bar = [(g * r).clamp(min=0).mean(1) for g, r in zip(grads, R_A)]
         else:  # generic (Chefer 2021b)
-            A_bar = [(g * t["A"].detach()).clamp(min=0).mean(1) for g, t in zip(grads, trace["blocks"])]
+            A_bar = [(g * A.detach()).clamp(min=0).mean(1) for g, A in zip(grads, patterns(model, trace))]
         joint = rollout([a.detach() for a in A_bar])
     patch = joint[:, 0, prefix:].reshape(B, *grid).detach()
     return patch, to_image_maps(patch, tuple(images.shape[2:])), tgt
@@ -391,10 +404,24 @@ def attribute(model: nn.Module, images: torch.Tensor, method: str = "chefer", ta
 
 def relevance_conservation(model: nn.Module, images: torch.Tensor, layerscale_rule: str = "z",
                            target=None) -> list[dict]:
-    """Per layer: relevance summed at the layer's output and at its input, mean over images.
+    """Per rule step: relevance summed at the step's output and at its input, mean over images.
 
-    Layers run from the head down to block 0; ``blocks.i`` rows are whole blocks.
-    A conserving rule gives ``at_input / at_output = 1``.
+    A conserving rule gives ``at_input / at_output = 1``. Rows run from the head down to
+    block 0, each named by the site at the step's output (:mod:`.sites`), per block ``i``::
+
+        layer                step                  input
+        logits               head Linear           pooled
+        blocks.i.resid_post  residual add          resid_mid + mlp_out
+        blocks.i.mlp_out     LayerScale ls2        mlp_fc2
+        blocks.i.mlp_fc2     fc2                   mlp_act
+        blocks.i.mlp_act     GELU, fc1             norm2
+        blocks.i.resid_mid   residual add          resid_pre + attn_out
+        blocks.i.attn_out    LayerScale ls1        attn_proj
+        blocks.i.attn_proj   proj                  heads
+        blocks.i.heads       pattern @ v           pattern + v
+        blocks.i.pattern     softmax, q @ k^T      q + k
+        blocks.i.qkv         qkv Linear            norm1
+        blocks.i             the whole block       resid_pre
     """
     check_model(model)
     _check_images(model, images)

@@ -409,7 +409,7 @@ def paired_comparison(dense, level, n_boot: int = 2000, seed: int = 0) -> dict:
         return dict(median_dense=nan, median_level=nan, median_diff=nan, ci_low=nan, ci_high=nan,
                     wilcoxon_p=nan, n=0)
     diff = s - d
-    from . import stats
+    from .. import stats
 
     def median(x, axis=-1):
         return np.median(x, axis=axis)

@@ -1,0 +1,156 @@
+"""The levels of analysis, each one declaration in a registry (the pattern of timm's ``_registry``).
+
+A level is a module of this package that ends with ``register_level(Level(...))``: it names
+its config section, the function that gathers everything its claims read from the cached
+entry points (computed on first use), the function that turns those results into
+:class:`~impact_core.claims.Claim` objects, its chapter and the chapter's parameters.
+``python -m impact_core prepare``, the book runner, the chapters and the discussion read this
+registry and nothing else, so a new level is one new module (see the README, "Adding a level").
+
+    get_level("neuron").gather(cfg)          # the cached results of one training seed
+    level_claims(cfg, "neuron")              # its claims over every training seed of cfg
+    all_claims(cfg)                          # every registered level's claims, in order
+
+The artefact layer: the modules here call down into :mod:`impact_core.methods` (tensors in,
+tensors out) and :mod:`impact_core.pipeline` (the cached models); nothing below imports them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+from ..claims import Claim, Judge
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of analysis.
+
+    name:       the claims' ``level`` and the key of the registry ("neuron").
+    title:      how the book names it.
+    section:    the config section holding its settings (``cfg.<section>``; it has ``sparsities``).
+    gather:     ``gather(cfg) -> dict``: everything the claims read, from cached entry points,
+                for ``cfg.seed`` (the control model included).
+    claims:     ``claims(runs, judge) -> list[Claim]``; ``runs`` holds one gathered dict per training seed.
+    chapter:    the chapter notebook, as ``_toc.yml`` names it (``book/chapters/02_neuron``).
+    parameters: chapter parameter -> dotted config key, e.g. ``{"sparsity": "neuron.sparsities"}``
+                (:func:`impact_core.notebook.chapter_config` applies them).
+    after:      levels whose cached models or results this one builds on (the runner executes
+                their chapters first).
+    check:      ``check(cfg)``: what must hold of the data for this level before any compute
+                (run once, at the edge: by the chapter and by ``prepare``), or None.
+    """
+
+    name: str
+    title: str
+    section: str
+    gather: Callable[..., dict]
+    claims: Callable[[list, Judge], list]
+    chapter: str
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    after: tuple[str, ...] = ()
+    check: Optional[Callable[..., None]] = None
+
+
+_LEVELS: dict[str, Level] = {}
+
+
+def register_level(level: Level) -> Level:
+    """Add ``level`` to the registry (its name must be new; ``after`` must name registered levels)."""
+    from ..config import Config
+
+    if level.name in _LEVELS:
+        raise ValueError(f"level {level.name!r} is already registered")
+    if level.section not in {f.name for f in dataclasses.fields(Config)}:
+        raise ValueError(f"level {level.name!r}: config has no section {level.section!r}")
+    unknown = [a for a in level.after if a not in _LEVELS]
+    if unknown:
+        raise ValueError(f"level {level.name!r} comes after unregistered levels {unknown}")
+    _LEVELS[level.name] = level
+    return level
+
+
+def unregister_level(name: str) -> None:
+    """Remove a level (tests register toy levels and take them out again)."""
+    _LEVELS.pop(name)
+
+
+def level_names() -> list[str]:
+    """The registered levels, in registration order (the order of the book and the discussion)."""
+    return list(_LEVELS)
+
+
+def get_level(name: str) -> Level:
+    try:
+        return _LEVELS[name]
+    except KeyError:
+        raise ValueError(f"unknown level of analysis {name!r}; known: {level_names()}") from None
+
+
+def level_of_chapter(chapter: str) -> Level | None:
+    """The level whose chapter is ``chapter`` (``book/chapters/02_neuron``), or None (intro, discussion)."""
+    return next((lv for lv in _LEVELS.values() if lv.chapter == chapter), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers every level uses
+# ---------------------------------------------------------------------------------------------
+def with_dense(sparsities) -> list[float]:
+    """Dense (0) and the preset's sparsities above 0, ascending."""
+    return [0.0] + sorted({float(s) for s in sparsities if s > 0})
+
+
+def for_seed(cfg, seed: int):
+    """The same configuration with another training seed (and its own cache entries)."""
+    return dataclasses.replace(cfg, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# the single entry points of the verdicts
+# ---------------------------------------------------------------------------------------------
+def level_claims(cfg, name: str) -> list[Claim]:
+    """The claims of one level over every training seed of ``cfg`` (the same objects the discussion
+    shows; chapters glue them with :func:`impact_core.notebook.glue_claims`). With several seeds
+    the ``seeds`` column counts the seeds whose own verdict agrees."""
+    level = get_level(name)
+    seeds = cfg.seeds or [cfg.seed]
+    runs = [level.gather(for_seed(cfg, s)) for s in seeds]
+    judge = Judge.from_config(cfg)
+    claims = level.claims(runs, judge)
+    if len(seeds) > 1:
+        per_seed = [level.claims([r], dataclasses.replace(judge, seed=s)) for r, s in zip(runs, seeds)]
+        for i, c in enumerate(claims):
+            vs = [p[i].verdict for p in per_seed]
+            c.seeds = f"{sum(v == c.verdict for v in vs)}/{len(vs)} seeds alone: {c.verdict}"
+    return claims
+
+
+def all_claims(cfg, names: Sequence[str] | None = None) -> list[Claim]:
+    """Every registered level's claims (or those of ``names``), in registry order."""
+    return [c for name in (names or level_names()) for c in level_claims(cfg, name)]
+
+
+def prepare(cfg, names: Sequence[str]) -> None:
+    """Compute and cache everything the claims of ``names`` read, for ``cfg.seed`` (``prepare --seed``
+    fills another training seed)."""
+    for name in names:
+        level = get_level(name)
+        if level.check is not None:
+            level.check(cfg)
+        level.gather(cfg)
+
+
+def _register_modules() -> None:
+    """Import every module of this package: each registers its level on import. The paper's
+    levels come first, in the book's order; any other module after them, by name."""
+    import importlib
+    import pkgutil
+
+    builtin = ["pruning", "neuron", "layer", "circuit", "model"]
+    others = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in builtin)
+    for name in builtin + others:
+        importlib.import_module(f"{__name__}.{name}")
+
+
+_register_modules()

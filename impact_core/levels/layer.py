@@ -1,0 +1,311 @@
+"""Layer level (Sec. 4.3, Tables 2, 5, 6, Fig. 3): sparse autoencoders on the residual stream.
+
+:func:`train_sae` trains (or loads) one BatchTopK SAE of :mod:`impact_core.methods.sae` on a
+model's ``blocks.{b}.resid_post`` and caches it with its quality metrics;
+:func:`sae_feature_metrics` runs the four unit metrics on its latents; :func:`layer_claims`
+judges the paper's SAE claims.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import pipeline
+from ..cache import artefact
+from ..claims import Claim, Judge, as_array, change_claim
+from ..data import Batches, seeded_subset
+from ..methods import sae_features
+from ..methods.sae import (BatchTopKSAE, activation_chunks, buffered_batches, check_tokens, choose_decode_impl,
+                           evaluate, fit, shuffled_batches, tokens_per_image)
+from ..pipeline import CONTROL
+from . import Level, with_dense, register_level
+from .neuron import neuron_claims
+
+log = logging.getLogger("impact_core")
+
+SAE = artefact("sae", 2)  # 2: "nmse" is the paper's (1 - FVE), the per-sample one "nmse_per_sample"; SAE seeds
+SAE_ACTIVATIONS = artefact("sae_acts", 1)  # names the in-process activation buffers (not stored)
+SAE_FEATURES = artefact("sae_features", 3)  # 2: held-out selection; 3: no all_auroc_max
+
+
+def resolve_block(cfg, block: Optional[int] = None) -> int:
+    block = cfg.sae.block if block is None else block
+    depth = cfg.model.depth
+    b = depth + block if block < 0 else block
+    if not 0 <= b < depth:
+        raise ValueError(f"sae.block={block}: the model has {depth} blocks")
+    return b
+
+
+def sae_rng_seed(cfg, sae_seed: int) -> int:
+    """The seed of SAE seed ``sae_seed`` (its initialisation and batch order): ``cfg.seed + 1009 * sae_seed``."""
+    return cfg.seed + 1009 * sae_seed
+
+
+def check_sae_seed(sae_seed) -> int:
+    if isinstance(sae_seed, bool) or not isinstance(sae_seed, int) or sae_seed < 0:
+        raise ValueError(f"sae_seed must be a non-negative integer, got {sae_seed!r}")
+    return sae_seed
+
+
+def sae_settings(cfg, tokens: str, k: int, expansion: int, block: int, sae_seed: int = 0) -> dict:
+    """Everything that defines one trained SAE besides the model (used in the cache key)."""
+    s = cfg.sae
+    return {"block": block, "tokens": tokens, "k": k, "expansion": expansion, "sae_seed": sae_seed, "lr": s.lr,
+            "batch_size": s.batch_size, "steps": s.steps, "aux_coefficient": s.aux_coefficient,
+            "aux_k": s.aux_k, "dead_after_steps": s.dead_after_steps, "threshold_beta": s.threshold_beta,
+            "normalize_input": s.normalize_input, "train_images": s.train_images,
+            "eval_images": s.eval_images, "seed": cfg.seed}
+
+
+def sae_inputs(cfg, sparsity: float, tokens: str, k: int, expansion: int, method: str = "wanda",
+               sae_seed: int = 0) -> dict:
+    """The cache inputs of one SAE: the model's identity, :func:`sae_settings` and the version."""
+    return {"model": pipeline.model_inputs(cfg, sparsity, method),
+            "sae": sae_settings(cfg, tokens, k, expansion, resolve_block(cfg), sae_seed)}
+
+
+def check_sae_args(cfg, tokens: str, k: int, expansion: int) -> None:
+    check_tokens(tokens)
+    for name, v in (("k", k), ("expansion", expansion)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    n_latents = cfg.model.embed_dim * expansion
+    if k > n_latents:
+        raise ValueError(f"k={k} exceeds the number of latents ({n_latents} = {cfg.model.embed_dim} x {expansion})")
+
+
+_ACT_BUFFERS: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+
+
+def _buffered(key: str, max_mb: float, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """In-process LRU of activation sets (training and evaluation), at most ``max_mb`` in all.
+
+    A chapter trains many SAEs on the same model and token set (the sweep); each set is
+    computed once per process instead of once per SAE.
+    """
+    if key in _ACT_BUFFERS:
+        _ACT_BUFFERS.move_to_end(key)
+        return _ACT_BUFFERS[key]
+    value = make()
+    _ACT_BUFFERS[key] = value
+    while len(_ACT_BUFFERS) > 1 and sum(v.numel() * v.element_size() for v in _ACT_BUFFERS.values()) > max_mb * 2**20:
+        _ACT_BUFFERS.popitem(last=False)
+    return value
+
+
+def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[int] = None,
+              expansion: Optional[int] = None, method: str = "wanda", sae_seed: int = 0) -> dict:
+    """Train (or load from the cache) one SAE on ``blocks.{b}.resid_post`` of the model at ``sparsity``.
+
+    ``method`` is a pruning method or ``pipeline.CONTROL`` (at sparsity 0); ``sae_seed`` picks the
+    SAE's initialisation and batch order (:func:`sae_rng_seed`; 0 is the sweeps' SAE).
+    Returns ``{"state", "d", "n_latents", "k", "block", "tokens", "expansion", "sae_seed", "metrics",
+    "history", "train_seconds", "activations_per_s", "streamed"}``; ``metrics`` holds ``nmse`` (the
+    paper's), ``fve``, ``nmse_per_sample``, dead count / fraction and L0 over the evaluation tokens
+    (``sae.eval_images`` images of the eval split).
+    """
+    tokens = cfg.sae.tokens if tokens is None else tokens
+    k = cfg.sae.k if k is None else k
+    expansion = cfg.sae.expansion if expansion is None else expansion
+    check_sae_args(cfg, tokens, k, expansion)
+    check_sae_seed(sae_seed)
+    block = resolve_block(cfg)
+    inputs = sae_inputs(cfg, sparsity, tokens, k, expansion, method, sae_seed)
+    seed = sae_rng_seed(cfg, sae_seed)
+
+    def compute():
+        s = cfg.sae
+        device = pipeline.resolve_device(cfg)
+        hooked = pipeline.hooked_model(cfg, sparsity, method)
+        name = f"blocks.{block}.resid_post"
+        data = pipeline.splits(cfg)
+        train_split = seeded_subset(data["train"], s.train_images, cfg.seed)
+        eval_split = seeded_subset(data["eval"], s.eval_images, cfg.seed + 1)
+        d = hooked.embed_dim
+        n_tok = hooked.model.patch_embed.num_patches + 1
+        per_image = tokens_per_image(tokens, n_tok)
+        total_mb = len(train_split) * per_image * d * 4 / 2**20
+        bs_img = cfg.data.batch_size
+        streamed = total_mb > s.buffer_max_mb
+
+        def acts_key(split_name, n_images):
+            return pipeline.cache_for(cfg).key(SAE_ACTIVATIONS, {"model": inputs["model"], "block": block, "tokens": tokens,
+                                                            "split": split_name, "images": n_images, "seed": cfg.seed})
+        label = f"{pipeline.model_label(sparsity, method)} {tokens} k={k} x{expansion} seed {sae_seed}"
+        if streamed:
+            log.info("SAE %s: streaming activations (%.0f MB > buffer_max_mb=%d)", label, total_mb, s.buffer_max_mb)
+
+            def epoch_chunks(e):
+                imgs = Batches(train_split, bs_img, shuffle=True, seed=seed * 1000 + e)
+                return activation_chunks(hooked, imgs, name, tokens, device, cfg.precision)
+
+            stream = shuffled_batches(epoch_chunks, s.batch_size, max(s.pool_batches * s.batch_size, s.batch_size),
+                                      seed=seed)
+        else:
+            def make_train():
+                log.info("SAE %s: buffering %.1f MB of training activations in memory", label, total_mb)
+                chunks = activation_chunks(hooked, tqdm(Batches(train_split, bs_img), desc="SAE activations",
+                                                        leave=False), name, tokens, device, cfg.precision)
+                return torch.cat(list(chunks))
+
+            rows = _buffered(acts_key("train", s.train_images), s.buffer_max_mb, make_train)
+            stream = buffered_batches(rows, s.batch_size, seed=seed)
+        torch.manual_seed(seed)
+        sae = BatchTopKSAE(d, d * expansion, k, threshold_beta=s.threshold_beta, seed=seed,
+                           decode_impl=choose_decode_impl(d * expansion, k)).to(device)
+        start = time.time()
+        history = fit(sae, stream, s.steps, lr=s.lr, aux_coefficient=s.aux_coefficient, aux_k=s.aux_k,
+                      dead_after_steps=s.dead_after_steps, normalize_input=s.normalize_input,
+                      desc=f"SAE {label}")
+        seconds = time.time() - start
+        eval_chunks = activation_chunks(hooked, Batches(eval_split, bs_img), name, tokens, device, cfg.precision)
+        eval_mb = len(eval_split) * per_image * d * 4 / 2**20
+        if eval_mb <= s.buffer_max_mb:
+            eval_chunks = [_buffered(acts_key("eval", s.eval_images), s.buffer_max_mb,
+                                     lambda: torch.cat(list(eval_chunks)))]
+        metrics = evaluate(sae, eval_chunks)
+        metrics["eval_images"] = len(eval_split)
+        log.info("SAE %s: nmse %.4f fve %.4f dead %d/%d", label, metrics["nmse"], metrics["fve"],
+                 metrics["dead"], metrics["n_latents"])
+        return {"state": {key: v.detach().cpu() for key, v in sae.state_dict().items()}, "d": d,
+                "n_latents": d * expansion, "k": k, "block": block, "tokens": tokens, "expansion": expansion,
+                "sae_seed": sae_seed, "metrics": metrics, "history": {key: [float(v) for v in vals] for key, vals in history.items()},
+                "train_seconds": seconds, "activations_per_s": s.steps * s.batch_size / max(seconds, 1e-9),
+                "streamed": streamed}
+
+    return pipeline.cache_for(cfg).get_or_compute(SAE, inputs, compute)
+
+
+def quality_over_seeds(cfg, sparsity: float, method: str = "wanda") -> list[dict]:
+    """:func:`quality_row` of the configured probe's SAE for each of the ``sae.seeds`` SAE seeds.
+
+    The spread over SAE seeds is the SAE training's own variability at one model.
+    """
+    return [quality_row(train_sae(cfg, sparsity, method=method, sae_seed=i)) for i in range(cfg.sae.seeds)]
+
+
+def load_sae(entry: dict, device="cpu") -> BatchTopKSAE:
+    """The trained SAE of a :func:`train_sae` entry, in inference mode."""
+    sae = BatchTopKSAE(entry["d"], entry["n_latents"], entry["k"])
+    sae.load_state_dict(entry["state"])
+    return sae.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables 5 / 6: the sweep, scaled to the configured probe
+# ---------------------------------------------------------------------------------------------
+def sweep_rows(tokens: str, k: int, expansion: int, dense: bool = True) -> list[dict]:
+    """The rows of Table 5 (``dense``) or Table 6, relative to the configured probe ``(tokens, k, expansion)``.
+
+    The paper's probe is CLS, k=128, x32; its rows vary the expansion (x16, x32, x64 = e/2, e, 2e),
+    k (32, 64, 256 = k/4, k/2, 2k) and the token set. Each row keeps the paper's row it mirrors
+    (``paper``: tokens, k, expansion) so the paper's numbers can be shown beside ours.
+    """
+    check_tokens(tokens)
+    others = [t for t in ("all", "patch", "cls") if t != tokens]
+    rows = [("cls", 128, 16, tokens, k, max(1, expansion // 2)), ("cls", 128, 32, tokens, k, expansion)]
+    if dense:
+        rows += [("cls", 128, 64, tokens, k, 2 * expansion), ("cls", 32, 32, tokens, max(1, k // 4), expansion),
+                 ("cls", 64, 32, tokens, max(1, k // 2), expansion)]
+    rows += [("cls", 256, 32, tokens, 2 * k, expansion)]
+    if dense:
+        rows += [(t, 128, 32, t, k, expansion) for t in others[:2]]
+    return [{"tokens": t, "k": kk, "expansion": e, "paper": (pt, pk, pe)} for pt, pk, pe, t, kk, e in rows]
+
+
+def quality_row(entry: dict) -> dict:
+    """One table row of a :func:`train_sae` entry: probe, NMSE (the paper's, 1 - FVE), FVE, dead latents,
+    L0 and "NMSE per sample" (OpenAI's per-sample ratio ``mean ||x - x_hat||^2 / ||x||^2``)."""
+    m = entry["metrics"]
+    return {"tokens": entry["tokens"], "k": entry["k"], "expansion": entry["expansion"],
+            "latents": entry["n_latents"], "sae seed": entry.get("sae_seed", 0), "NMSE": m["nmse"], "FVE": m["fve"],
+            "NMSE per sample": m["nmse_per_sample"], "dead": m["dead"], "dead %": 100 * m["dead_fraction"],
+            "L0": m["l0"], "eval tokens": m["eval_tokens"]}
+
+
+def sae_feature_metrics(cfg, sparsity: float, tokens: str | None = None, k: int | None = None,
+                        expansion: int | None = None, method: str = "wanda", sae_seed: int = 0) -> dict:
+    """:func:`impact_core.methods.sae_features.analyse` for the SAE of :func:`train_sae` (cached).
+
+    ``method`` may be ``pipeline.CONTROL`` (at sparsity 0); ``sae_seed`` picks which of the
+    model's SAEs is analysed. Images: the same ``sae.eval_images`` evaluation images as the
+    SAE's quality metrics.
+    """
+    entry = train_sae(cfg, sparsity, tokens, k, expansion, method, sae_seed)
+    sae_key = pipeline.cache_for(cfg).key(SAE, sae_inputs(cfg, sparsity, entry["tokens"], entry["k"],
+                                                            entry["expansion"], method, sae_seed))
+    inputs = {"sae": sae_key, "top_k": cfg.sae.top_k, "eval_images": cfg.sae.eval_images}
+
+    def compute():
+        device = pipeline.resolve_device(cfg)
+        hooked = pipeline.hooked_model(cfg, sparsity, method)
+        sae = load_sae(entry, device)
+        split = seeded_subset(pipeline.splits(cfg)["eval"], cfg.sae.eval_images, cfg.seed + 1)
+        batches = Batches(split, cfg.data.batch_size)
+        return sae_features.analyse(hooked, sae, batches, entry["block"], entry["tokens"], cfg.sae.top_k,
+                       cfg.model.num_classes, device, desc=pipeline.model_label(sparsity, method))
+
+    return pipeline.cache_for(cfg).get_or_compute(SAE_FEATURES, inputs, compute)
+
+
+def layer_claims(runs: list[dict], j: Judge) -> list[Claim]:
+    """``runs[g] = {"by_sparsity": {sparsity: [quality row per SAE seed]}, "control": [...]}``."""
+    first = runs[0]
+    sparsities = sorted(first["by_sparsity"])
+    top = sparsities[-1]
+    tag = f"dense to {top:.0%}"
+
+    def per_seed(rows, key, scale=1.0):
+        return np.array([row[key] * scale for row in rows], dtype=np.float64)
+
+    def series(key, scale=1.0):
+        curve = {s: [per_seed(r["by_sparsity"][s], key, scale) for r in runs] for s in sparsities if s > 0}
+        curve[0.0] = [per_seed(r["control"], key, scale) for r in runs]
+        return curve
+
+    out = [change_claim(j, id="layer.nmse", level="layer", claim=f"SAE NMSE rises from {tag}",
+                        paper="0.0075 -> 0.0594", metric="nmse", expected="+",
+                        dense=[per_seed(r["by_sparsity"][0.0], "NMSE") for r in runs],
+                        at_level=[per_seed(r["by_sparsity"][top], "NMSE") for r in runs],
+                        control=[per_seed(r["control"], "NMSE") for r in runs], unit="SAE seeds", fmt=".4f",
+                        curve=series("NMSE"))]
+    out.append(change_claim(j, id="layer.dead", level="layer", claim=f"dead latents fall from {tag} (fraction of latents)",
+                            paper="85.9 -> 68.3 (of 24,576)", metric="dead_fraction", expected="-",
+                            dense=[per_seed(r["by_sparsity"][0.0], "dead %", 0.01) for r in runs],
+                            at_level=[per_seed(r["by_sparsity"][top], "dead %", 0.01) for r in runs],
+                            control=[per_seed(r["control"], "dead %", 0.01) for r in runs], unit="SAE seeds",
+                            fmt=".4f", curve=series("dead %", 0.01)))
+    if first.get("features") is not None:  # Fig. 3: the four metrics on SAE latents, per class
+        def as_blocks(f):
+            return {"blocks": [-1], **{m: as_array(f[m])[None] for m in ("selectivity", "label_entropy",
+                                                                      "class_variance", "impact")}}
+        feature_runs = [{"by_sparsity": {s: as_blocks(f) for s, f in r["features"]["by_sparsity"].items()},
+                         "control": as_blocks(r["features"]["control"])} for r in runs]
+        out += neuron_claims(feature_runs, j, kind="layer")
+        for c in out[-4:]:
+            c.claim = "SAE latents: " + c.claim
+            c.paper = "not consistently more selective, monosemantic or class-consistent"
+    return out
+
+
+def gather(cfg) -> dict:
+    """SAE quality per SAE seed and the latents' metrics, for dense, every level and the control."""
+    sparsities = with_dense(cfg.sae.sparsities)
+    return {"by_sparsity": {s: quality_over_seeds(cfg, s) for s in sparsities},
+            "control": quality_over_seeds(cfg, 0.0, method=CONTROL),
+            "features": {"by_sparsity": {s: sae_feature_metrics(cfg, s) for s in sparsities},
+                         "control": sae_feature_metrics(cfg, 0.0, method=CONTROL)}}
+
+
+register_level(Level(
+    name="layer", title="Layer level", section="sae", gather=gather, claims=layer_claims,
+    chapter="book/chapters/03_layer", after=("pruning",),
+    parameters={"sparsity": "sae.sparsities", "block": "sae.block", "tokens": "sae.tokens", "k": "sae.k",
+                "expansion": "sae.expansion"}))

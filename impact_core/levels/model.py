@@ -1,0 +1,279 @@
+"""Model level (Sec. 4.5, Table 4, Fig. 4): attribution maps judged by insertion and deletion.
+
+:func:`attribution_results` runs every method of :mod:`impact_core.methods.attribution` on one
+model (dense, pruned or the control) and scores it with the insertion / deletion curves of
+:mod:`impact_core.methods.perturbation` (cached). The tables below compute every interval and
+check the chapter shows (``by_model`` maps a row label to an :func:`attribution_results` entry),
+so the notebook only displays and glues; :func:`model_claims` judges the paper's claims.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .. import distributed, pipeline, stats
+from ..cache import artefact
+from ..claims import Claim, Judge, as_array, change_claim
+from ..config import Config
+from ..data import batches, seeded_positions
+from ..methods import attribution as attr
+from ..methods.perturbation import RISE_BLUR, SCORE_KEYS, figure_positions, other_rule, score_chunk
+from ..pipeline import CONTROL
+from . import Level, with_dense, register_level
+
+ATTRIBUTION = artefact("attribution_results", 4)  # 4: random patch scores, two substitutes, the other LayerScale rule
+
+
+def evaluation_positions(cfg: Config) -> np.ndarray:
+    """Positions in the eval split of the ``attribution.images`` evaluation images (a seeded
+    sample at ``seed + 5``, sorted), the same for every sparsity level."""
+    return seeded_positions(len(pipeline.splits(cfg)["eval"]), cfg.attribution.images, cfg.seed + 5)
+
+
+def load_images(split, positions: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*batches(split.subset(positions), batch_size))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def chunk_images(batch_size: int) -> int:
+    """Images per chunk of the attribution pass: the unit of streaming and of sharding."""
+    return 4 * batch_size
+
+
+def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
+    """Insertion / deletion per image for every attribution method at one sparsity level
+    (or the control: ``sparsity=0, method=pipeline.CONTROL``), maps of a few images for
+    figures, the per-layer conservation report (both LayerScale rules) and the
+    parameter-randomisation test (cached).
+
+    Returns, with N images and ``steps + 1`` points per curve:
+
+    * ``"scores"[reference][m]``: ``{"insertion": (N,), "deletion": (N,), "insertion_curve":
+      (steps + 1,), "deletion_curve": (steps + 1,)}`` (curves: mean over images) for every
+      reference in ``attribution.references`` and every method of ``attribution.METHODS``
+      (the random-patch baseline included);
+    * ``"methods"[m]``: the primary (first) reference's scores plus ``"figure_maps"``;
+    * ``"randomisation"[m]``: (N,) Spearman correlation of trained vs randomised maps
+      (NaN for a constant map; methods other than "random"), see :func:`randomisation_check`;
+    * ``"other_rule"``: ``{"rule", "scores": {reference: {"insertion": (N,), "deletion": (N,)}}}``,
+      Chefer's maps under the LayerScale rule that ``attribution.layerscale_rule`` is not (so the
+      chapter shows whether the rule decides the result);
+    * ``"references"``, ``"level"``, ``"targets"``, ``"labels"``, ``"positions"``, ``"conservation"``.
+
+    The evaluation images are streamed in chunks of :func:`chunk_images` (at most one
+    chunk's images and maps in memory); under torchrun each process scores every
+    world_size-th chunk and the per-image results are gathered, equal to one process's
+    (a chunk's random-baseline scores are seeded by the chunk's first position)."""
+    a = cfg.attribution
+    inputs = {"model": pipeline.model_inputs(cfg, sparsity, method), "images": a.images, "steps": a.steps,
+              "references": list(a.references), "rise_blur": RISE_BLUR, "layerscale_rule": a.layerscale_rule,
+              "seed": cfg.seed, "eval_images": cfg.data.eval_images, "data_kind": cfg.data.kind,
+              "figure": [a.figure_classes, a.figure_per_class], "methods": list(attr.METHODS)}
+    label = pipeline.model_label(sparsity, method)
+
+    def compute():
+        model = pipeline.pruned_model(cfg, sparsity, method)
+        device = pipeline.resolve_device(cfg)
+        split = pipeline.splits(cfg)["eval"]
+        pos = evaluation_positions(cfg)
+        labels = torch.as_tensor(split.labels[pos])
+        fig = figure_positions(labels, a.figure_classes, a.figure_per_class)
+        rand_model = attr.randomized_model(model, seed=cfg.seed + 11).to(device)
+        chunk = chunk_images(a.batch_size)
+        starts = list(range(0, len(pos), chunk))
+        mine = distributed.shard(np.arange(len(starts)))  # under torchrun: every world_size-th chunk
+        local = {}
+        for c in tqdm(mine, desc=f"attribution {label}", leave=False):
+            sl = slice(starts[c], starts[c] + chunk)
+            images, _ = load_images(split, pos[sl], cfg.data.batch_size)
+            local[int(c)] = score_chunk(model, rand_model, images, a, cfg.model.mean, cfg.model.std,
+                                        seed=cfg.seed * 1_000_003 + starts[c],
+                                        figure_rows=[i - starts[c] for i in fig if starts[c] <= i < starts[c] + chunk])
+        chunks = {c: r for part in distributed.gather_objects(local) for c, r in part.items()}
+        parts = [chunks[c] for c in range(len(starts))]
+        figure_images, _ = load_images(split, pos[fig], cfg.data.batch_size)
+        res = {"sparsity": sparsity, "level": label, "references": list(a.references),
+               "positions": torch.as_tensor(pos), "labels": labels, "figure_positions": fig,
+               "figure_images": figure_images, "methods": {}, "scores": {r: {} for r in a.references},
+               "randomisation": {}, "targets": torch.cat([p["target"] for p in parts])}
+        fig_maps = {m: {} for m in attr.METHODS}  # image position -> map, put back in ``fig`` order
+        for c, p in enumerate(parts):
+            in_chunk = [i for i in fig if starts[c] <= i < starts[c] + chunk]
+            for m in attr.METHODS:
+                fig_maps[m].update(zip(in_chunk, p[m]["figure_maps"]))
+        for m in attr.METHODS:
+            for r in a.references:
+                cat = {key: torch.cat([p[m]["scores"][r][key] for p in parts]) for key in SCORE_KEYS}
+                res["scores"][r][m] = {"insertion": cat["insertion"], "deletion": cat["deletion"],
+                                       "insertion_curve": cat["insertion_curve"].mean(0),
+                                       "deletion_curve": cat["deletion_curve"].mean(0)}
+            res["methods"][m] = {**res["scores"][a.references[0]][m],
+                                 "figure_maps": torch.stack([fig_maps[m][i] for i in fig])}
+            if m != "random":
+                res["randomisation"][m] = torch.cat([p[m]["randomisation"] for p in parts])
+        res["other_rule"] = {"rule": other_rule(a.layerscale_rule), "scores": {
+            r: {key: torch.cat([p["chefer_other_rule"]["scores"][r][key] for p in parts]) for key in ("insertion", "deletion")}
+            for r in a.references}}
+        n_cons = min(len(pos), 16)
+        cons_images, _ = load_images(split, pos[:n_cons], cfg.data.batch_size)
+        res["conservation"] = {rule: attr.relevance_conservation(model, cons_images, rule)
+                               for rule in attr.LAYERSCALE_RULES}
+        return res
+
+    return pipeline.cache_for(cfg).get_or_compute(ATTRIBUTION, inputs, compute)
+
+
+RANDOMISATION_THRESHOLD = 0.5  # the randomisation check fails above this median rank correlation
+
+
+def randomisation_check(res: dict, threshold: float = RANDOMISATION_THRESHOLD) -> dict[str, dict]:
+    """The model-parameter randomisation test (Adebayo et al. 2018) per method of
+    ``res["randomisation"]``: ``{"median_spearman", "constant_maps", "passed"}``.
+
+    ``constant_maps`` counts images whose rank correlation is undefined (NaN: a trained or
+    randomised map is constant); ``median_spearman`` is the median over the others.
+    ``passed`` needs no constant map and a median at most ``threshold``: a map that does
+    not change when every weight is re-initialised does not explain the model."""
+    out = {}
+    for m, rho in res["randomisation"].items():
+        rho = np.asarray(rho, dtype=np.float64)
+        if rho.size == 0:
+            raise ValueError(f"no randomisation correlations for {m!r}")
+        finite = rho[np.isfinite(rho)]
+        median = float(np.median(finite)) if finite.size else float("nan")
+        constant = int(rho.size - finite.size)
+        out[m] = {"median_spearman": median, "constant_maps": constant,
+                  "passed": bool(constant == 0 and median <= threshold)}
+    return out
+
+
+CONSERVATION_TOLERANCE = 1e-2  # a rule "conserves" relevance when every ratio (z) or the product over blocks (Eq. 14) is within this of 1
+
+
+def table4(by_model: dict[str, dict], references, seed: int = 0):
+    """Table 4 analogue per reference: one row per model, each method's insertion and deletion
+    as "mean [95% interval over images]" and Chefer minus random (paired over images).
+    Returns ``({reference: DataFrame}, long DataFrame of means with model, level, method, metric)``."""
+    def cell(v):
+        e = stats.mean([np.asarray(v, dtype=np.float64)], "images", seed=seed)
+        return f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]", e
+
+    tables, rows = {}, []
+    for ref in references:
+        table = {}
+        for model, res in by_model.items():
+            sc, line = res["scores"][ref], {}
+            for metric in ("insertion", "deletion"):
+                for m in attr.METHODS:
+                    text, e = cell(sc[m][metric].numpy())
+                    line[(metric, attr.METHOD_LABELS[m])] = text
+                    rows.append({"reference": ref, "model": model, "level": res["level"], "method": m,
+                                 "metric": metric, "mean": e.value, "low": e.low, "high": e.high})
+                line[(metric, "Chefer vs random")] = cell(sc["chefer"][metric].numpy() - sc["random"][metric].numpy())[0]
+            table[model] = line
+        tables[ref] = pd.DataFrame.from_dict(table, orient="index")
+        tables[ref].columns = pd.MultiIndex.from_tuples(tables[ref].columns)
+    return tables, pd.DataFrame(rows)
+
+
+def layerscale_rule_table(by_model: dict[str, dict], references, rule: str, seed: int = 0):
+    """Chefer's AUCs under ``rule`` and under the other LayerScale rule on the same images, and
+    their paired difference (other minus ``rule``) with its 95% interval over images."""
+    other, rows = other_rule(rule), []
+    for model, res in by_model.items():
+        for ref in references:
+            for metric in ("insertion", "deletion"):
+                ours = res["scores"][ref]["chefer"][metric].double().numpy()
+                alt = res["other_rule"]["scores"][ref][metric].double().numpy()
+                d = stats.mean_difference([(ours, alt)], "images", seed=seed)
+                rows.append({"model": model, "reference": ref, "metric": metric, f"{rule}-rule": f"{ours.mean():.3f}",
+                             f"{other} rule": f"{alt.mean():.3f}", "difference": d.text("+.3f")})
+    return pd.DataFrame(rows).set_index(["model", "reference", "metric"])
+
+
+def randomisation_summary(by_model: dict[str, dict], method: str = "chefer"):
+    """:func:`randomisation_check` of every model as a table, and what the chapter states about
+    ``method``: the largest median rank correlation, constant maps, failing models, pass / fail."""
+    checks = {model: randomisation_check(res) for model, res in by_model.items()}
+    table = pd.DataFrame([{"model": model, "method": attr.METHOD_LABELS[m], **c}
+                          for model, per in checks.items() for m, c in per.items()]).set_index(["model", "method"])
+    ours = {model: per[method] for model, per in checks.items()}
+    medians = np.array([c["median_spearman"] for c in ours.values()], dtype=np.float64)
+    return table, {"rand_threshold": RANDOMISATION_THRESHOLD,
+                   "rand_rho": float(np.nanmax(medians)) if np.isfinite(medians).any() else float("nan"),
+                   "rand_constant": int(sum(c["constant_maps"] for c in ours.values())),
+                   "rand_failed": ", ".join(m for m, c in ours.items() if not c["passed"]) or "none",
+                   "rand_pass": "passes" if all(c["passed"] for c in ours.values()) else "fails"}
+
+
+def conservation_summary(conservation: dict[str, list[dict]]):
+    """The per-layer conservation report of both LayerScale rules as one frame, its whole-block
+    rows, and what the chapter states: the z-rule's largest deviation of a ratio from 1, the
+    product of Eq. 14's per-block ratios, and whether each conserves (within
+    :data:`CONSERVATION_TOLERANCE`)."""
+    cons = pd.concat([pd.DataFrame(conservation[r]) for r in attr.LAYERSCALE_RULES], ignore_index=True)
+    cons["rule"] = cons["rule"].map({"z": "z-rule (R_in = R_out)", "inverse": "Eq. 14 (R_out / (gamma + eps))"})
+    blocks = cons[cons.layer.str.fullmatch(r"blocks\.\d+")].copy()
+    blocks["block"] = blocks.layer.str.split(".").str[1].astype(int)
+    z_dev = float((cons[cons.rule.str.startswith("z")]["ratio"] - 1).abs().max())
+    inv_total = float(np.prod(blocks[blocks.rule.str.startswith("Eq")]["ratio"]))
+    word = lambda ok: "conserves" if ok else "does not conserve"  # noqa: E731
+    return cons, blocks, {"z_dev": z_dev, "inv_total": inv_total, "z_conserves": word(z_dev < CONSERVATION_TOLERANCE),
+                          "inv_conserves": word(abs(inv_total - 1) < CONSERVATION_TOLERANCE)}
+
+
+def model_claims(runs: list[dict], j: Judge, method: str = "chefer") -> list[Claim]:
+    """``runs[g] = {"by_sparsity": {s: attribution_results}, "control": attribution_results or None}``.
+
+    Judged on each map's AUC minus the random-order (random patch scores) AUC of the same
+    model and substitute, per image, for every substitute (reference) computed."""
+    first = runs[0]
+    sparsities = sorted(first["by_sparsity"])
+    has_control = first.get("control") is not None
+
+    def scores(res):
+        return res.get("scores") or {"primary": res["methods"]}
+
+    refs = list(scores(first["by_sparsity"][0.0]))
+
+    def gain(res, ref, metric):
+        sc = scores(res)[ref]
+        return as_array(sc[method][metric]) - as_array(sc["random"][metric])
+
+    out = []
+    light = [s for s in sparsities if 0 < s <= 0.3]
+    targets = []
+    if light:
+        targets.append(("insertion", 0.3 if 0.3 in light else max(light), "+",
+                        "insertion AUC improves at light sparsity (the paper's peak: 30%)", "0.600 -> 0.714 (30%)"))
+    targets.append(("deletion", sparsities[-1], "-", f"deletion AUC improves (falls) at {sparsities[-1]:.0%}", "0.212 -> 0.175"))
+    for metric, s, expected, title, paper in targets:
+        for ref in refs:
+            curve = {x: [gain(r["by_sparsity"][x], ref, metric) for r in runs] for x in sparsities if x > 0}
+            if has_control:
+                curve[0.0] = [gain(r["control"], ref, metric) for r in runs]
+            raw = [float(np.mean(as_array(scores(r["by_sparsity"][x])[ref][method][metric]))) for r in runs[:1] for x in (0.0, s)]
+            c = change_claim(j, id=f"model.{metric}_{ref}", level="model",
+                             claim=f"{title}, above random order ({ref} substitute)", paper=paper, metric=metric,
+                             expected=expected, dense=[gain(r["by_sparsity"][0.0], ref, metric) for r in runs],
+                             at_level=[gain(r["by_sparsity"][s], ref, metric) for r in runs],
+                             control=[gain(r["control"], ref, metric) for r in runs] if has_control else None,
+                             unit="images", curve=curve)
+            c.ours = f"AUC {raw[0]:.3f} -> {raw[1]:.3f}; above random: {c.ours}"
+            out.append(c)
+    return out
+
+
+def gather(cfg) -> dict:
+    """Attribution results of dense, every level and the control."""
+    return {"by_sparsity": {s: attribution_results(cfg, s) for s in with_dense(cfg.attribution.sparsities)},
+            "control": attribution_results(cfg, 0.0, method=CONTROL)}
+
+
+register_level(Level(
+    name="model", title="Model level", section="attribution", gather=gather, claims=model_claims,
+    chapter="book/chapters/05_model", after=("pruning",),
+    parameters={"sparsity": "attribution.sparsities", "images": "attribution.images", "steps": "attribution.steps",
+                "references": "attribution.references"}))

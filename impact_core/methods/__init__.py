@@ -1,0 +1,1 @@
+"""Algorithms: tensors and plain arguments in, tensors out (no Config, no cache)."""
