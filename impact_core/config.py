@@ -247,8 +247,10 @@ class SAEConfig(Section):
             _positive(getattr(self, key), prefix + key)
         if not 0.0 <= self.threshold_beta < 1.0:
             raise ConfigError(f"{prefix}threshold_beta: must lie in [0, 1), got {self.threshold_beta!r}")
-        if self.tokens not in ("cls", "patch", "all"):
-            raise ConfigError(f"{prefix}tokens: must be 'cls', 'patch' or 'all', got {self.tokens!r}")
+        from .methods.sae import TOKEN_SETS
+
+        if self.tokens not in TOKEN_SETS:
+            raise ConfigError(f"{prefix}tokens: must be one of {list(TOKEN_SETS)}, got {self.tokens!r}")
         for key in ("k", "expansion", "lr", "batch_size", "steps"):
             _positive(getattr(self, key), prefix + key)
         for key in ("k", "expansion", "block"):
@@ -322,18 +324,21 @@ class AttributionConfig(Section):
     figure_per_class: int = 2  # ... and this many images of each
 
     def validate(self, prefix: str) -> None:
+        from .methods.attribution import LAYERSCALE_RULES
+        from .methods.perturbation import REFERENCES
+
         self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
         if isinstance(self.references, str):
             self.references = [self.references]
         if not isinstance(self.references, list) or not self.references:
             raise ConfigError(f"{prefix}references: must be a non-empty list, got {self.references!r}")
         for r in self.references:
-            if r not in ("black", "mean", "rise"):
-                raise ConfigError(f"{prefix}references: unknown reference {r!r} (use 'black', 'mean' or 'rise')")
+            if r not in REFERENCES:
+                raise ConfigError(f"{prefix}references: unknown reference {r!r} (use one of {list(REFERENCES)})")
         if len(set(self.references)) != len(self.references):
             raise ConfigError(f"{prefix}references: repeated entries in {self.references!r}")
-        if self.layerscale_rule not in ("z", "inverse"):
-            raise ConfigError(f"{prefix}layerscale_rule: must be 'z' or 'inverse', got {self.layerscale_rule!r}")
+        if self.layerscale_rule not in LAYERSCALE_RULES:
+            raise ConfigError(f"{prefix}layerscale_rule: must be one of {list(LAYERSCALE_RULES)}, got {self.layerscale_rule!r}")
         for key in ("images", "steps", "batch_size", "figure_classes", "figure_per_class"):
             _positive(getattr(self, key), prefix + key)
             if not isinstance(getattr(self, key), int):

@@ -101,6 +101,14 @@ def with_dense(sparsities) -> list[float]:
     return [0.0] + sorted({float(s) for s in sparsities if s > 0})
 
 
+def over_models(entry: Callable[..., dict], sparsities) -> dict:
+    """``entry(sparsity, method)`` for dense, every sparsity and the control model:
+    ``{"by_sparsity": {0.0: dense, s: ...}, "control": ...}`` (what most levels' claims read)."""
+    from ..pipeline import CONTROL
+
+    return {"by_sparsity": {s: entry(s, "wanda") for s in with_dense(sparsities)}, "control": entry(0.0, CONTROL)}
+
+
 def for_seed(cfg, seed: int):
     """The same configuration with another training seed (and its own cache entries)."""
     return dataclasses.replace(cfg, seed=seed)

@@ -19,7 +19,7 @@ from ..claims import Claim, Judge, as_array, change_claim, judge_chance
 from ..config import Config
 from ..methods.circuits import ClassSets, balanced_indices, compute_circuits, edge_counts, ncq_edges
 from ..pipeline import CONTROL
-from . import Level, with_dense, register_level
+from . import Level, register_level, with_dense
 
 log = logging.getLogger("impact_core")
 

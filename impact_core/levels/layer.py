@@ -23,8 +23,7 @@ from ..data import Batches, seeded_subset
 from ..methods import sae_features
 from ..methods.sae import (BatchTopKSAE, activation_chunks, buffered_batches, check_tokens, choose_decode_impl,
                            evaluate, fit, shuffled_batches, tokens_per_image)
-from ..pipeline import CONTROL
-from . import Level, with_dense, register_level
+from . import Level, over_models, register_level
 from .neuron import neuron_claims
 
 log = logging.getLogger("impact_core")
@@ -297,11 +296,9 @@ def layer_claims(runs: list[dict], j: Judge) -> list[Claim]:
 
 def gather(cfg) -> dict:
     """SAE quality per SAE seed and the latents' metrics, for dense, every level and the control."""
-    sparsities = with_dense(cfg.sae.sparsities)
-    return {"by_sparsity": {s: quality_over_seeds(cfg, s) for s in sparsities},
-            "control": quality_over_seeds(cfg, 0.0, method=CONTROL),
-            "features": {"by_sparsity": {s: sae_feature_metrics(cfg, s) for s in sparsities},
-                         "control": sae_feature_metrics(cfg, 0.0, method=CONTROL)}}
+    out = over_models(lambda s, method: quality_over_seeds(cfg, s, method=method), cfg.sae.sparsities)
+    out["features"] = over_models(lambda s, method: sae_feature_metrics(cfg, s, method=method), cfg.sae.sparsities)
+    return out
 
 
 register_level(Level(

@@ -20,8 +20,7 @@ from ..config import Config
 from ..data import batches, seeded_positions
 from ..methods import attribution as attr
 from ..methods.perturbation import RISE_BLUR, SCORE_KEYS, figure_positions, other_rule, score_chunk
-from ..pipeline import CONTROL
-from . import Level, with_dense, register_level
+from . import Level, over_models, register_level
 
 ATTRIBUTION = artefact("attribution_results", 4)  # 4: random patch scores, two substitutes, the other LayerScale rule
 
@@ -268,8 +267,7 @@ def model_claims(runs: list[dict], j: Judge, method: str = "chefer") -> list[Cla
 
 def gather(cfg) -> dict:
     """Attribution results of dense, every level and the control."""
-    return {"by_sparsity": {s: attribution_results(cfg, s) for s in with_dense(cfg.attribution.sparsities)},
-            "control": attribution_results(cfg, 0.0, method=CONTROL)}
+    return over_models(lambda s, method: attribution_results(cfg, s, method=method), cfg.attribution.sparsities)
 
 
 register_level(Level(

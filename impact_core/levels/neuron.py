@@ -21,7 +21,7 @@ from ..data import Batches, seeded_subset
 from ..methods.neuron import NEURON_METRICS, SAME, analyse, block_unit_counts, check_setup
 from ..methods.unit_metrics import paired_comparison
 from ..pipeline import CONTROL, model_label
-from . import Level, with_dense, register_level
+from . import Level, over_models, register_level
 
 log = logging.getLogger("impact_core")
 
@@ -154,8 +154,7 @@ def neuron_claims(runs: list[dict], j: Judge, metrics=("selectivity", "label_ent
 
 def gather(cfg) -> dict:
     """``{"by_sparsity": {sparsity: neuron_metrics}, "control": neuron_metrics}`` (dense at 0)."""
-    return {"by_sparsity": {s: neuron_metrics(cfg, s) for s in with_dense(cfg.neuron.sparsities)},
-            "control": neuron_metrics(cfg, 0.0, method=CONTROL)}
+    return over_models(lambda s, method: neuron_metrics(cfg, s, method=method), cfg.neuron.sparsities)
 
 
 register_level(Level(

@@ -15,7 +15,7 @@ from ..config import Config
 from ..methods.pruning import layer_sparsity, prunable_linears
 from ..paper_values import PAPER_TABLE_1
 from ..pipeline import CONTROL
-from . import Level, with_dense, register_level
+from . import Level, register_level, with_dense
 
 
 def accuracy_table(cfg: Config) -> pd.DataFrame:
