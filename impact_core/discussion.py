@@ -80,6 +80,41 @@ def styled_table(claims: list[Claim]):
                            subset=["verdict"])
 
 
+def build_stamp(preset: str) -> str:
+    """Which build the landing page shows: preset, commit and date."""
+    import time
+
+    from .notebook import git_commit
+
+    return f"preset {preset}, commit {git_commit()}, built {time.strftime('%Y-%m-%d')}"
+
+
+def landing_table(claims: list[Claim], page_depth: int = 0):
+    """The claims table the landing page opens with (class ``claims-table``): claim (linked to the
+    section of its level's chapter that holds the evidence, ``<level>-verdicts``), the paper's
+    number, ours with the judged effect and its interval, the verdict (coloured).
+
+    ``page_depth``: folders between the html root and the page that shows it (0: the landing
+    page). Returned as ``IPython.display.HTML`` so that it displays as it is wherever it is glued."""
+    from html import escape
+
+    from IPython.display import HTML
+
+    from .levels import get_level
+
+    up = "../" * page_depth
+    rows = []
+    for c in claims:
+        href = f"{up}{get_level(c.level).chapter}.html#{c.level}-verdicts"
+        colour = VERDICT_COLOURS.get(c.verdict, "")
+        rows.append(
+            f'<tr><td><a href="{href}">{escape(c.claim)}</a></td><td>{escape(c.paper)}</td>'
+            f"<td>{escape(c.ours)}<br><small>{escape(c.effect)}</small></td>"
+            f'<td style="background-color: {colour}">{escape(c.verdict)}</td></tr>')
+    head = "<tr><th>claim (evidence)</th><th>paper (DeiT-III B/16)</th><th>ours (effect, 95% interval)</th><th>verdict</th></tr>"
+    return HTML(f'<table class="claims-table"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>')
+
+
 def trend_table(claims: list[Claim]) -> pd.DataFrame:
     """Each change claim's dose-response reading and verdict."""
     return pd.DataFrame([{"claim": c.claim, "trend": c.trend, "verdict": c.verdict} for c in claims if c.curve])

@@ -110,3 +110,26 @@ def test_the_config_is_checked_against_the_model_once_at_loading():
     with pytest.raises(ConfigError, match="circuit.classes"):
         load_config("smoke", {"circuit.classes": [0, 10]})
     assert tiny_config().model.depth == 12
+
+
+def test_the_landing_table_links_every_claim_to_its_chapters_verdicts():
+    """One row per claim, class claims-table, each claim linked to its level's chapter section
+    ``<level>-verdicts`` (a label every level chapter template carries)."""
+    import json
+    import re
+
+    from impact_core.config import REPO_ROOT
+
+    made = [claims.Claim(id=f"{lv}.x", level=lv, claim=f"a <{lv}> claim", paper="1", ours="2", effect="3 [2, 4]",
+                         control="n/a", margin="+-1", verdict=claims.REPRODUCED, rule="r", why="w")
+            for lv in levels.level_names()]
+    html = discussion.landing_table(made).data
+    assert 'class="claims-table"' in html and html.count("<tr>") == len(made) + 1
+    assert "a &lt;neuron&gt; claim" in html  # escaped
+    for lv in levels.level_names():
+        chapter = levels.get_level(lv).chapter
+        assert f'href="{chapter}.html#{lv}-verdicts"' in html
+        template = json.loads((REPO_ROOT / f"{chapter}.ipynb").read_text())
+        text = "\n".join("".join(c["source"]) for c in template["cells"] if c["cell_type"] == "markdown")
+        assert re.search(rf"^\({lv}-verdicts\)=$", text, re.M), chapter
+    assert 'href="../../book/chapters/02_neuron.html' in discussion.landing_table(made, page_depth=2).data

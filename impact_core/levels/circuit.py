@@ -256,3 +256,70 @@ register_level(Level(
     chapter="book/chapters/04_circuit", after=("pruning",), check=check_sets,
     parameters={"sparsity": "circuit.sparsities", "classes": "circuit.classes",
                 "k": ("circuit.k_dense", "circuit.k_sparse"), "epochs": "circuit.epochs", "lr": "circuit.lr"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gallery: where one class's circuit lives (active fraction per block and site, per class)
+# ---------------------------------------------------------------------------------------------
+def active_fractions(active: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(K, depth, sites)`` fraction of each (block, site)'s nodes active in each class's circuit, sites in
+    ``PAPER_SITES`` order, from the node masks ``{site name: (K, nodes) bool}`` of :func:`circuit_results`."""
+    from ..methods.sites import PAPER_SITES, parse_site
+
+    parsed = {name: parse_site(name) for name in active}
+    K = next(iter(active.values())).shape[0]
+    out = torch.full((K, max(b for b, _ in parsed.values()) + 1, len(PAPER_SITES)), float("nan"))
+    for name, (b, site) in parsed.items():
+        out[:, b, PAPER_SITES.index(site)] = active[name].float().mean(-1).cpu()
+    return out
+
+
+def circuit_gallery(cfg: Config, sparsity: float, classes=2, method: str = "wanda", k: Optional[float] = None) -> dict:
+    """Per class, the active fraction of every (block, site) of the circuits of :func:`circuit_results`
+    (no compute beyond them). ``classes``: a count (the first circuit classes) or a list.
+
+    Returns ``{"level", "k", "classes", "class_names", "sites", "fraction" (len(classes), depth, sites),
+    "node_fraction" (len(classes),)}``."""
+    from ..methods.sites import PAPER_SITES
+    from .neuron import gallery_classes
+
+    res = circuit_results(cfg, sparsity, k=k, method=method)
+    chosen = gallery_classes(classes, list(res["classes"]))
+    rows = [list(res["classes"]).index(c) for c in chosen]
+    return {"level": pipeline.model_label(sparsity, method), "k": float(res["k"]), "classes": chosen,
+            "class_names": list(pipeline.splits(cfg)["eval"].classes), "sites": list(PAPER_SITES),
+            "fraction": active_fractions(res["active"])[rows], "node_fraction": res["node_fraction"][rows].clone()}
+
+
+def gallery_figure(galleries: dict, title: Optional[str] = None):
+    """:func:`circuit_gallery` results ``{model label: gallery}`` (same classes): one heat map per class
+    (rows) and model (columns), sites by blocks, one shared colour bar (viridis, 0 to 1). Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    labels = list(galleries)
+    first = galleries[labels[0]]
+    n_cls, depth, n_sites = first["fraction"].shape
+    size = (0.42 * depth * len(labels) + 1.8, 0.33 * n_sites * n_cls + 0.9)
+    fig, axes = plt.subplots(n_cls, len(labels), figsize=size, squeeze=False, layout="constrained")
+    im = None
+    for j in range(n_cls):
+        for i, lab in enumerate(labels):
+            g, ax = galleries[lab], axes[j, i]
+            frac = g["fraction"][j].T.numpy()  # (sites, depth)
+            im = ax.imshow(frac, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+            if depth <= 12:
+                for (s, b), v in np.ndenumerate(frac):
+                    ax.text(b, s, f"{v:.2f}", ha="center", va="center", fontsize=5.5,
+                            color="white" if v < 0.6 else "black")
+            ax.set_xticks(range(depth))
+            ax.set_xticklabels(range(depth), fontsize=7)
+            ax.set_yticks(range(n_sites))
+            ax.set_yticklabels(g["sites"] if i == 0 else [], fontsize=7)
+            ax.set_xlabel("block", fontsize=8)
+            c = g["classes"][j]
+            ax.set_title(f"class {c} ({g['class_names'][c]}) | {lab}, k={g['k']:.0e}: "
+                         f"{float(g['node_fraction'][j]):.1%} of nodes", fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="active fraction of the site's nodes")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

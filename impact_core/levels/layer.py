@@ -306,3 +306,78 @@ register_level(Level(
     chapter="book/chapters/03_layer", after=("pruning",),
     parameters={"sparsity": "sae.sparsities", "block": "sae.block", "tokens": "sae.tokens", "k": "sae.k",
                 "expansion": "sae.expansion"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gallery: the top-activating images of each class's top SAE latent (what Fig. 3's latents respond to)
+# ---------------------------------------------------------------------------------------------
+SAE_GALLERY = artefact("sae_gallery", 1)
+
+
+@torch.no_grad()
+def latent_scores(hooked, sae: BatchTopKSAE, batches_, block: int, tokens: str, latents: list[int],
+                  device="cpu") -> torch.Tensor:
+    """``(images, len(latents))``: each latent's activation per image as the feature metrics take it
+    (``SAELatents.scores``: the CLS activation for a CLS SAE, else the max over patch tokens), in batch order."""
+    from ..methods.sae import token_positions
+
+    hooked.eval()
+    sae.eval()
+    family = sae_features.SAELatents(sae, block, tokens)
+    idx = torch.as_tensor(latents, dtype=torch.long)
+    out = []
+    for x, _ in batches_:
+        _, cache = hooked.run_with_cache(x.to(device), [family.name])
+        act = cache[family.name]
+        f = sae.encode(act[:, token_positions(tokens, act.shape[1])])
+        out.append(family.scores([f])[0][:, idx.to(device)].float().cpu())
+    return torch.cat(out)
+
+
+def sae_gallery(cfg, sparsity: float, method: str = "wanda", classes=4, images_per_unit: int = 8,
+                sae_seed: int = 0) -> dict:
+    """The top-activating evaluation images of each class's top-1 SAE latent (cached: one forward pass).
+
+    For each of ``classes`` (a count: the first classes; or a list) the latent ranked first by
+    :func:`sae_feature_metrics` (``topk``, chosen on the selection half) for the SAE of
+    :func:`train_sae` (seed ``sae_seed``) on the model at ``sparsity``; its activation on each of the
+    ``sae.eval_images`` evaluation images (the feature metrics' images, the same for every model) and the
+    ``images_per_unit`` images where it is highest. Returns the keys of ``neuron.neuron_gallery``
+    (``block`` is the SAE's block, ``units`` the latents) plus ``tokens``."""
+    from .neuron import gallery_classes, gallery_images, top_activating
+
+    entry = train_sae(cfg, sparsity, method=method, sae_seed=sae_seed)
+    feats = sae_feature_metrics(cfg, sparsity, method=method, sae_seed=sae_seed)
+    chosen = gallery_classes(classes, list(range(cfg.model.num_classes)))
+    latents = [int(feats["topk"][c, 0]) for c in chosen]
+    cache = pipeline.cache_for(cfg)
+    sae_key = cache.key(SAE, sae_inputs(cfg, sparsity, entry["tokens"], entry["k"], entry["expansion"], method,
+                                        sae_seed))
+    # the key of the feature metrics' entry (the inputs sae_feature_metrics caches under)
+    feats_key = cache.key(SAE_FEATURES, {"sae": sae_key, "top_k": cfg.sae.top_k, "eval_images": cfg.sae.eval_images})
+    inputs = {"features": feats_key, "classes": chosen, "latents": latents, "images_per_unit": images_per_unit,
+              "selection": "held-out"}
+    split = seeded_subset(pipeline.splits(cfg)["eval"], cfg.sae.eval_images, cfg.seed + 1)
+
+    def compute():
+        device = pipeline.resolve_device(cfg)
+        hooked = pipeline.hooked_model(cfg, sparsity, method)
+        scores = latent_scores(hooked, load_sae(entry, device), Batches(split, cfg.data.batch_size), entry["block"],
+                               entry["tokens"], latents, device)
+        values, rows = top_activating(scores, images_per_unit)
+        return {"activations": values, "positions": rows}
+
+    top = cache.get_or_compute(SAE_GALLERY, inputs, compute)
+    images, labels = gallery_images(cfg, split, top["positions"])
+    where = f"block {entry['block']} {entry['tokens']}"
+    return {"level": pipeline.model_label(sparsity, method), "block": entry["block"], "tokens": entry["tokens"],
+            "classes": chosen, "class_names": list(split.classes), "units": latents,
+            "unit_names": [f"SAE latent {u} ({where})" for u in latents], "positions": top["positions"],
+            "activations": top["activations"], "labels": labels, "images": images}
+
+
+def gallery_figure(galleries: dict, title: Optional[str] = None):
+    """:func:`sae_gallery` results ``{model label: gallery}`` as ``neuron.gallery_figure`` draws them."""
+    from .neuron import gallery_figure as draw
+
+    return draw(galleries, title=title)

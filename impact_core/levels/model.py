@@ -275,3 +275,107 @@ register_level(Level(
     chapter="book/chapters/05_model", after=("pruning",),
     parameters={"sparsity": "attribution.sparsities", "images": "attribution.images", "steps": "attribution.steps",
                 "references": "attribution.references"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gallery: a few figure images, their maps and their own insertion / deletion curves (Fig. 4)
+# ---------------------------------------------------------------------------------------------
+def gallery_rows(labels: torch.Tensor, n: int) -> list[int]:
+    """``n`` rows of the figure images (labels ``labels``): the first image of each class, then the
+    next ones, in figure order."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"images must be a positive integer, got {n!r}")
+    seen, first, rest = set(), [], []
+    for i, c in enumerate(labels.tolist()):
+        (rest if c in seen else first).append(i)
+        seen.add(c)
+    return (first + rest)[:n]
+
+
+def attribution_gallery(cfg: Config, sparsity: float, method: str = "wanda", images: int = 4,
+                        explain: str = "chefer", reference: str | None = None) -> dict:
+    """Maps of ``explain`` (default Chefer's) for ``images`` of the figure images of
+    :func:`attribution_results` (one per class first) and each image's own insertion and deletion curves
+    with ``reference`` (default: the primary one), recomputed for those few images (no cache: a few
+    images x 2 (steps + 1) forwards) with the maps and targets of the cached results.
+
+    Returns ``{"level", "reference", "rows" (in the figure images), "positions" (in the evaluation
+    images), "images" (n, C, H, W) in [0, 1], "maps" (n, H, W), "labels", "targets", "class_names",
+    "insertion" / "deletion" (n,) AUC, "insertion_curve" / "deletion_curve" (n, steps + 1), "cached_insertion"
+    / "cached_deletion" (n,): the AUCs of the cached results for the same images, equal up to rounding}``."""
+    from ..methods.perturbation import insertion_deletion, substitutes
+    from .neuron import display_images
+
+    a = cfg.attribution
+    reference = a.references[0] if reference is None else reference
+    res = attribution_results(cfg, sparsity, method)
+    if reference not in res["scores"]:
+        raise ValueError(f"reference {reference!r} was not computed; attribution.references = {list(res['scores'])}")
+    if explain not in res["methods"]:
+        raise ValueError(f"unknown attribution method {explain!r}; known: {list(res['methods'])}")
+    fig_pos = list(res["figure_positions"])
+    rows = gallery_rows(res["labels"][fig_pos], images)
+    pos = [fig_pos[i] for i in rows]
+    x = res["figure_images"][rows]
+    maps = res["methods"][explain]["figure_maps"][rows]
+    targets = res["targets"][pos]
+    model = pipeline.pruned_model(cfg, sparsity, method)
+    device = pipeline.resolve_device(cfg)
+    start, fill = substitutes(x, cfg.model.mean, cfg.model.std, reference)
+    sc = insertion_deletion(model, x.to(device), maps.to(device), targets.to(device), a.steps, fill,
+                            batch_size=4 * a.batch_size, insertion_start=start)
+    cached = res["scores"][reference][explain]
+    return {"level": res["level"], "reference": reference, "method": explain, "rows": rows,
+            "positions": torch.as_tensor(pos), "images": display_images(x, cfg.model.mean, cfg.model.std),
+            "maps": maps, "labels": res["labels"][pos], "targets": targets.cpu(),
+            "class_names": list(pipeline.splits(cfg)["eval"].classes),
+            **{key: sc[key].cpu() for key in ("insertion", "deletion", "insertion_curve", "deletion_curve")},
+            "cached_insertion": cached["insertion"][pos], "cached_deletion": cached["deletion"][pos]}
+
+
+def gallery_figure(galleries: dict, title: str | None = None):
+    """:func:`attribution_gallery` results ``{model label: gallery}`` (same images): one row per image,
+    the image (grey), each model's map (magma, 0 to 1, titled with its target and AUCs) and the image's
+    insertion and deletion curves of every model. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    labels = list(galleries)
+    first = galleries[labels[0]]
+    n, m = len(first["rows"]), len(labels)
+    styles = [dict(color=c, ls=ls, marker=mk, ms=3) for c, ls, mk in
+              zip(["black", "tab:orange", "tab:blue", "tab:green"] * 4, ["-", "--", ":", "-."] * 4, "osd^" * 4)]
+    fig, axes = plt.subplots(n, 1 + m + 2, figsize=(1.75 * (1 + m) + 2 * 2.3, 1.8 * n + 0.3), squeeze=False,
+                             layout="constrained", gridspec_kw={"width_ratios": [1] * (1 + m) + [1.4, 1.4]})
+    names = first["class_names"]
+    im = None
+    for i in range(n):
+        img = first["images"][i].permute(1, 2, 0).numpy()
+        ax = axes[i, 0]
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"input: {names[int(first['labels'][i])]}", fontsize=8)
+        for j, lab in enumerate(labels):
+            g, ax = galleries[lab], axes[i, 1 + j]
+            im = ax.imshow(g["maps"][i].numpy(), cmap="magma", vmin=0, vmax=1)
+            ax.set_title(f"{lab} -> {names[int(g['targets'][i])]}\nins {float(g['insertion'][i]):.2f}, "
+                         f"del {float(g['deletion'][i]):.2f}", fontsize=7)
+        for ax in axes[i, :1 + m]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for k, kind in enumerate(("insertion", "deletion")):
+            ax = axes[i, 1 + m + k]
+            for j, lab in enumerate(labels):
+                c = galleries[lab][f"{kind}_curve"][i].numpy()
+                ax.plot(np.linspace(0, 1, len(c)), c, label=lab, lw=1.2, **styles[j])
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_title(f"{kind} ({first['reference']})", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if i == n - 1:
+                ax.set_xlabel("fraction of pixels", fontsize=7)
+            if k == 0:
+                ax.set_ylabel("p(target)", fontsize=7)
+    axes[0, -1].legend(fontsize=6, loc="upper right")
+    fig.colorbar(im, ax=axes[:, 1:1 + m], shrink=0.5, aspect=30, fraction=0.04, pad=0.02,
+                 label="relevance (min-max per image)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

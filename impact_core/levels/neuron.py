@@ -17,9 +17,10 @@ from scipy.stats import pearsonr, spearmanr
 from .. import pipeline
 from ..cache import artefact
 from ..claims import Claim, Judge, as_array, no_change_claim
-from ..data import Batches, seeded_subset
-from ..methods.neuron import NEURON_METRICS, SAME, analyse, block_unit_counts, check_setup
-from ..methods.unit_metrics import paired_comparison
+from ..data import Batches, batches, seeded_subset
+from ..methods.neuron import NEURON_METRICS, SAME, analyse, block_unit_counts, check_setup, unit_activation
+from ..methods.sites import site_name
+from ..methods.unit_metrics import max_over_patches, paired_comparison
 from ..pipeline import CONTROL, model_label
 from . import Level, over_models, register_level
 
@@ -161,3 +162,156 @@ register_level(Level(
     name="neuron", title="Neuron level", section="neuron", gather=gather, claims=neuron_claims,
     chapter="book/chapters/02_neuron", after=("pruning",),
     parameters={"sparsity": "neuron.sparsities", "blocks": "neuron.blocks", "top_k": "neuron.top_k"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gallery: the top-activating images of each class's top unit (what Fig. 2's units respond to)
+# ---------------------------------------------------------------------------------------------
+NEURON_GALLERY = artefact("neuron_gallery", 1)
+
+
+def gallery_classes(classes, analysed: list[int]) -> list[int]:
+    """``classes`` as a list: an int ``n`` is the first ``n`` of ``analysed``; a list must lie in it."""
+    if isinstance(classes, bool):
+        raise ValueError(f"classes must be a count or a list of class indices, got {classes!r}")
+    if isinstance(classes, int):
+        if classes < 1:
+            raise ValueError(f"classes must be >= 1, got {classes}")
+        return list(analysed[:classes])
+    chosen = [int(c) for c in classes]
+    missing = [c for c in chosen if c not in analysed]
+    if missing or not chosen:
+        raise ValueError(f"classes {missing or chosen} are not among the analysed classes {list(analysed)}")
+    return chosen
+
+
+def top_activating(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of ``scores`` ``(images, units)``: the ``n`` highest values and their rows, ``(units, n)``
+    each, highest first (a stable sort: of equal values the earlier image comes first)."""
+    if scores.ndim != 2 or scores.shape[0] == 0:
+        raise ValueError(f"scores must be a non-empty (images, units) matrix, got shape {tuple(scores.shape)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"images per unit must be a positive integer, got {n!r}")
+    values, rows = torch.sort(scores, dim=0, descending=True, stable=True)
+    n = min(n, scores.shape[0])
+    return values[:n].T.contiguous(), rows[:n].T.contiguous()
+
+
+def display_images(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalised images ``(..., C, H, W)`` back in [0, 1] pixel space (for display)."""
+    m = torch.as_tensor(mean, dtype=images.dtype).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=images.dtype).view(-1, 1, 1)
+    return (images * s + m).clamp(0, 1)
+
+
+def gallery_images(cfg, split, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images at ``positions`` (any shape) of ``split`` in pixel space ``(*positions.shape, C, H, W)``
+    and their labels ``positions.shape``."""
+    flat = positions.reshape(-1).numpy()
+    xs, ys = zip(*batches(split.subset(flat), max(1, len(flat))))
+    x, y = torch.cat(xs), torch.cat(ys)
+    return display_images(x, cfg.model.mean, cfg.model.std).reshape(*positions.shape, *x.shape[1:]), \
+        y.reshape(positions.shape)
+
+
+def unit_name(block: int, unit: int, num_mlp: int) -> str:
+    """``block 11, neuron 37`` or ``block 11, head 2`` (units are numbered neurons first, then heads)."""
+    return f"block {block}, neuron {unit}" if unit < num_mlp else f"block {block}, head {unit - num_mlp}"
+
+
+@torch.no_grad()
+def unit_scores(hooked, batches_, block: int, units: list[int], device="cpu") -> torch.Tensor:
+    """``(images, len(units))``: each unit's activation maxed over the patch tokens (Eq. 5, as the
+    metrics use it; a head's activation is the L2 norm of its output), in batch order."""
+    hooked.eval()
+    names = [site_name(block, "mlp_act"), site_name(block, "heads")]
+    idx = torch.as_tensor(units, dtype=torch.long)
+    out = []
+    for x, _ in batches_:
+        _, cache = hooked.run_with_cache(x.to(device), names)
+        out.append(max_over_patches(unit_activation(cache[names[0]], cache[names[1]]).float())[:, idx.to(device)].cpu())
+    return torch.cat(out)
+
+
+def neuron_gallery(cfg, sparsity: float, method: str = "wanda", classes=4, images_per_unit: int = 8,
+                   block: Optional[int] = None) -> dict:
+    """The top-activating evaluation images of each class's top-1 unit (cached: one forward pass).
+
+    For each of ``classes`` (a count: the first analysed classes; or a list) the unit ranked first by
+    :func:`neuron_metrics` (``topk``, chosen on the selection half) in ``block`` (default: the last
+    analysed block) of the model at ``sparsity``; its activation, max over patch tokens, on every
+    metric image (the same images for every model, :func:`metric_images`), and the
+    ``images_per_unit`` images where it is highest.
+
+    Returns ``{"level", "block", "classes", "class_names", "units", "unit_names", "positions" (k, n)
+    (in the metric images), "activations" (k, n), "labels" (k, n), "images" (k, n, C, H, W) in [0, 1]}``.
+    """
+    r = neuron_metrics(cfg, sparsity, method)
+    block = int(max(r["blocks"]) if block is None else block)
+    if block not in r["blocks"]:
+        raise ValueError(f"block {block} was not analysed; neuron.blocks = {list(r['blocks'])}")
+    chosen = gallery_classes(classes, list(r["classes"]))
+    b_i = list(r["blocks"]).index(block)
+    units = [int(r["topk"][b_i, list(r["classes"]).index(c), 0]) for c in chosen]
+    inputs = {"metrics": pipeline.cache_for(cfg).key(NEURON_METRICS_ENTRY, neuron_inputs(cfg, sparsity, method)),
+              "block": block, "classes": chosen, "units": units, "images_per_unit": images_per_unit,
+              "selection": "held-out"}
+    split = metric_images(cfg, pipeline.splits(cfg)["eval"])
+
+    def compute():
+        hooked = pipeline.hooked_model(cfg, sparsity, method)
+        scores = unit_scores(hooked, Batches(split, cfg.data.batch_size, num_workers=cfg.data.num_workers), block,
+                             units, device=pipeline.resolve_device(cfg))
+        values, rows = top_activating(scores, images_per_unit)
+        return {"activations": values, "positions": rows}
+
+    top = pipeline.cache_for(cfg).get_or_compute(NEURON_GALLERY, inputs, compute)
+    images, labels = gallery_images(cfg, split, top["positions"])
+    return {"level": model_label(sparsity, method), "block": block, "classes": chosen,
+            "class_names": list(split.classes), "units": units,
+            "unit_names": [unit_name(block, u, int(r["num_mlp"])) for u in units],
+            "positions": top["positions"], "activations": top["activations"], "labels": labels, "images": images}
+
+
+def _show_image(ax, image: torch.Tensor) -> None:
+    """One image in [0, 1], ``(C, H, W)``: grey for one channel."""
+    img = image.permute(1, 2, 0).numpy()
+    if img.shape[-1] == 1:
+        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(img)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def gallery_figure(galleries: dict, title: Optional[str] = None, what: str = "activation"):
+    """Top-activating images of :func:`neuron_gallery` (or ``layer.sae_gallery``) results, ``{model
+    label: gallery}`` (same classes): one row per class and model, titled with the class, the model and
+    the unit; each image titled with its activation and its own label. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    labels = list(galleries)
+    first = galleries[labels[0]]
+    n = max(int(g["activations"].shape[1]) for g in galleries.values())
+    rows = [(j, lab) for j in range(len(first["classes"])) for lab in labels]
+    row_h, head = 1.45, 0.4 if title else 0.0  # inches: a row (its title, the images' titles, the images)
+    fig = plt.figure(figsize=(1.05 * n + 0.2, row_h * len(rows) + head))
+    subs = np.atleast_1d(fig.subfigures(len(rows), 1, height_ratios=[row_h] * len(rows)) if not head else
+                         fig.subfigures(len(rows) + 1, 1, height_ratios=[head] + [row_h] * len(rows))[1:])
+    for sub, (j, lab) in zip(subs, rows):  # a fixed layout (no layout engine: 8 x 8 panels draw twice as fast)
+        g = galleries[lab]
+        names = g["class_names"]
+        c = g["classes"][j]
+        sub.suptitle(f"{names[c]} | {lab}: {g['unit_names'][j]}", fontsize=9, fontweight="bold", x=0.01, y=0.99,
+                     ha="left", va="top")
+        axes = np.atleast_1d(sub.subplots(1, n))
+        sub.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.66, wspace=0.1)
+        for i, ax in enumerate(axes):
+            if i >= g["activations"].shape[1]:
+                ax.axis("off")
+                continue
+            _show_image(ax, g["images"][j, i])
+            ax.set_title(f"{float(g['activations'][j, i]):.2f}\n{names[int(g['labels'][j, i])]}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
