@@ -186,6 +186,10 @@ class PruningConfig(Section):
             if m not in PRUNING_METHODS:
                 raise ConfigError(f"{prefix}methods: unknown pruning method {m!r} (registered: {list(PRUNING_METHODS)})")
         self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
+        for m in self.methods:
+            fixed = PRUNING_METHODS[m].sparsity
+            if fixed is not None and any(s != fixed for s in self.sparsities):
+                raise ConfigError(f"{prefix}methods: {m} has one sparsity ({fixed}), but sparsities are {self.sparsities}")
         _positive(self.finetune_images, prefix + "finetune_images", allow_zero=True)
         _positive(self.finetune_lr, prefix + "finetune_lr")
 
@@ -346,6 +350,21 @@ class AttributionConfig(Section):
 
 
 @dataclass
+class SparseTrainingConfig(Section):
+    """Beyond the paper: models trained sparse from scratch (Gao et al. 2025) and Wanda 2:4,
+    analysed at the four levels beside Wanda at the same sparsity (impact_core.levels.sparse_training)."""
+
+    sparsities: list = field(default_factory=lambda: [0.7, 0.9])  # trained-sparse and Wanda models compared at these
+    anneal_fraction: float = 0.5  # the L0 constraint reaches its target after this fraction of training
+    wanda_2_4: bool = True  # also Wanda 2:4 (50%, semi-structured), against Wanda unstructured at 50%
+
+    def validate(self, prefix: str) -> None:
+        self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
+        if not 0 < self.anneal_fraction <= 1:
+            raise ConfigError(f"{prefix}anneal_fraction: must lie in (0, 1], got {self.anneal_fraction!r}")
+
+
+@dataclass
 class VerdictConfig(Section):
     """How claims are judged (impact_core.claims): the smallest effect of interest per metric,
     in the metric's own units (absolute differences), the magnitude tolerance and the bootstrap."""
@@ -411,6 +430,7 @@ class Config(Section):
     sae: SAEConfig = field(default_factory=SAEConfig)
     circuit: CircuitConfig = field(default_factory=CircuitConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    sparse_training: SparseTrainingConfig = field(default_factory=SparseTrainingConfig)
     verdicts: VerdictConfig = field(default_factory=VerdictConfig)
 
     def validate(self, prefix: str) -> None:

@@ -208,16 +208,21 @@ def train_classifier(model: torch.nn.Module, split: Split, *, images: int, batch
     return losses
 
 
-def train_dense(cfg: Config, splits: dict[str, Split], device: torch.device | str = "cpu"):
-    """Train the small DeiT-III-style model from scratch on the training split."""
+def train_dense(cfg: Config, splits: dict[str, Split], device: torch.device | str = "cpu", after_step=None,
+                desc: str = "train dense"):
+    """Train the small DeiT-III-style model from scratch on the training split.
+
+    ``after_step``: None, or ``after_step(steps) -> hook`` that builds the trainer's after-step
+    hook once the number of optimiser steps is known (the trained-sparse model's L0 projection)."""
     if not architecture(cfg.model).trained_here:
         raise ConfigError(f"model.arch={cfg.model.arch} is not trained here; it is loaded from model.checkpoint")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     t = cfg.train
     images = int(t.epochs * len(splits["train"]))
+    hook = None if after_step is None else after_step(max(1, math.ceil(images / t.batch_size)))
     losses = train_classifier(model, splits["train"], images=images, batch_size=t.batch_size, lr=t.lr,
                               weight_decay=t.weight_decay, warmup_fraction=t.warmup_fraction,
                               label_smoothing=t.label_smoothing, seed=cfg.seed, device=device,
-                              desc="train dense")
+                              after_step=hook, desc=desc)
     return model, losses

@@ -25,12 +25,14 @@ from .config import Config, check_sparsity, config_hash, resolve_device
 from .data import Batches, check_data, load_splits
 from .models import (architecture, build_model, check_checkpoint, evaluate, load_checkpoint, train_classifier,
                      train_dense)
+from .methods.sparse_training import L0Projection
 from .methods.sites import ALL_SITES, HookedViT, compute_site_means
 
 log = logging.getLogger("impact_core")
 
 DENSE_MODEL = artefact("dense_model", 1)
 PRUNED_MODEL = artefact("pruned_model", 2)  # 2: fine-tuning steps stored; the control model
+TRAINED_SPARSE_MODEL = artefact("trained_sparse_model", 1)
 ACCURACY = artefact("accuracy", 2)  # 2: per-image ``correct``
 SITE_MEANS = artefact("site_means", 1)
 
@@ -42,6 +44,12 @@ what the pipeline alone does, so a sparsity effect is judged against it (issue "
 control")."""
 
 
+TRAINED_SPARSE = "trained_sparse"
+"""A model trained sparse from scratch (:mod:`impact_core.methods.sparse_training`): the dense
+model's architecture, data, optimiser and budget with an annealed L0 constraint on every block
+Linear, ``(sparsity > 0, method=TRAINED_SPARSE)``."""
+
+
 def check_model_kind(sparsity: float, method: str) -> float:
     """The one check of a model's identity: ``sparsity`` in [0, 1) and ``method`` a registered
     pruning method, or ``CONTROL`` at sparsity 0. Returns the sparsity as a float."""
@@ -49,8 +57,13 @@ def check_model_kind(sparsity: float, method: str) -> float:
     if method == CONTROL:
         if sparsity != 0:
             raise ValueError(f"the control model has nothing pruned: sparsity must be 0, got {sparsity}")
+    elif method == TRAINED_SPARSE:
+        if sparsity == 0:
+            raise ValueError("a trained-sparse model needs a sparsity > 0 (sparsity 0 is the dense model)")
     elif method not in pruning.PRUNING_METHODS:
         raise ValueError(f"unknown pruning method {method!r}; known: {list(pruning.PRUNING_METHODS)} (or {CONTROL!r})")
+    elif pruning.PRUNING_METHODS[method].sparsity not in (None, sparsity) and sparsity != 0:
+        raise ValueError(f"{method} has one sparsity, {pruning.PRUNING_METHODS[method].sparsity}; got {sparsity}")
     return sparsity
 
 
@@ -115,6 +128,11 @@ def pruned_inputs(cfg: Config, sparsity: float, method: str) -> dict:
                          "weight_decay": cfg.train.weight_decay}}
 
 
+def trained_sparse_inputs(cfg: Config, sparsity: float) -> dict:
+    return {"dense": dense_inputs(cfg), "sparsity": sparsity,
+            "anneal_fraction": cfg.sparse_training.anneal_fraction}
+
+
 def model_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
     """What identifies a model in the inputs of the artefacts built on it: the cache key of the
     dense model at sparsity 0, else of the pruned one (or the control). Every artefact computes
@@ -123,6 +141,8 @@ def model_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
     cache = cache_for(cfg)
     if sparsity == 0 and method != CONTROL:
         return {"dense": cache.key(DENSE_MODEL, dense_inputs(cfg))}
+    if method == TRAINED_SPARSE:
+        return {"trained_sparse": cache.key(TRAINED_SPARSE_MODEL, trained_sparse_inputs(cfg, sparsity))}
     return {"pruned": cache.key(PRUNED_MODEL, pruned_inputs(cfg, sparsity, method))}
 
 
@@ -175,6 +195,8 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
     sparsity = check_model_kind(sparsity, method)
     if sparsity == 0 and method != CONTROL:
         return dense_model(cfg)
+    if method == TRAINED_SPARSE:
+        return trained_sparse_model(cfg, sparsity)
     device = resolve_device(cfg)
 
     def compute():
@@ -198,6 +220,31 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
         return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "finetune_steps": len(losses)}
 
     entry = cache_for(cfg).get_or_compute(PRUNED_MODEL, pruned_inputs(cfg, sparsity, method), compute)
+    return _state_to_model(cfg, entry["state"], device)
+
+
+def trained_sparse_model(cfg: Config, sparsity: float) -> torch.nn.Module:
+    """The dense model's training run (same seed, initialisation, data, optimiser and budget) with
+    the L0 projection of :class:`~impact_core.methods.sparse_training.L0Projection` after every
+    step, annealed to ``sparsity`` over ``sparse_training.anneal_fraction`` of the steps."""
+    if not architecture(cfg.model).trained_here:
+        raise ValueError(f"model.arch={cfg.model.arch} is loaded, not trained here: it cannot be trained sparse")
+    device = resolve_device(cfg)
+
+    def compute():
+        projection = None
+
+        def start(steps):
+            nonlocal projection
+            projection = L0Projection(steps, sparsity, cfg.sparse_training.anneal_fraction)
+            return projection
+
+        model, losses = train_dense(cfg, splits(cfg), device=device, after_step=start,
+                                    desc=f"train sparse {sparsity:g}")
+        return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "losses": losses,
+                "sparsity_schedule": projection.history}
+
+    entry = cache_for(cfg).get_or_compute(TRAINED_SPARSE_MODEL, trained_sparse_inputs(cfg, sparsity), compute)
     return _state_to_model(cfg, entry["state"], device)
 
 
@@ -245,5 +292,9 @@ def finetune_steps(cfg: Config, sparsity: float, method: str = "wanda") -> int:
 def model_label(sparsity: float, method: str = "wanda") -> str:
     if method == CONTROL:
         return "control"
+    if method == TRAINED_SPARSE:
+        return f"trained sparse {sparsity:.0%}"
+    if method != "wanda" and sparsity > 0:
+        return f"{method} {sparsity:.0%}"
     return "dense" if sparsity == 0 else f"{sparsity:.0%}"
 

@@ -32,22 +32,26 @@ from ..distributed import all_reduce_sum, local_rows
 class PruningMethod:
     """``score(weight, input_norms)`` ranks the weights of one Linear (lowest pruned first);
     ``input_norms`` (``||X_j||_2`` per input feature, :func:`input_norms`) is computed on the
-    calibration images only for methods that need it."""
+    calibration images only for methods that need it. ``mask(score, sparsity)`` turns the scores
+    into a keep-mask (default: the lowest ``int(cols * s)`` of every row, :func:`row_mask`);
+    ``sparsity``: the one sparsity a structured pattern has (2:4 is 0.5), else None."""
 
     name: str
     score: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
     needs_input_norms: bool = False
+    mask: Optional[Callable[[torch.Tensor, float], torch.Tensor]] = None
+    sparsity: Optional[float] = None
 
 
 PRUNING_METHODS: dict[str, PruningMethod] = {}
 
 
-def register_pruning_method(name: str, needs_input_norms: bool = False):
-    """Decorator: register ``score(weight, norm)`` as the pruning method ``name``."""
+def register_pruning_method(name: str, needs_input_norms: bool = False, mask=None, sparsity=None):
+    """Decorator: register ``score(weight, norm)`` as the pruning method ``name`` (see :class:`PruningMethod`)."""
     def register(score):
         if name in PRUNING_METHODS:
             raise ValueError(f"pruning method {name!r} is already registered")
-        PRUNING_METHODS[name] = PruningMethod(name, score, needs_input_norms)
+        PRUNING_METHODS[name] = PruningMethod(name, score, needs_input_norms, mask, sparsity)
         return score
     return register
 
@@ -131,14 +135,46 @@ def row_mask_reference(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep
 
 
+def nm_mask(score: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Fast path: N:M semi-structured keep-mask, the ``n`` lowest scores of every group of ``m``
+    consecutive input weights of a row zeroed (stable: among equal scores the lower column goes
+    first). 2:4 is the pattern Hopper tensor cores accelerate."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"{n}:{m} sparsity needs the input dimension ({cols}) to be a multiple of {m}")
+    groups = score.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=2, stable=True).indices[..., :n]
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(2, order, False)
+    return keep.reshape(rows, cols)
+
+
+def nm_mask_reference(score: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Plain reference of :func:`nm_mask`: Python's stable sort, group by group."""
+    rows, cols = score.shape
+    keep = torch.ones(rows, cols, dtype=torch.bool)
+    values = score.tolist()
+    for i in range(rows):
+        for g in range(0, cols, m):
+            for j in sorted(range(g, g + m), key=lambda c: values[i][c])[:n]:
+                keep[i, j] = False
+    return keep
+
+
+register_pruning_method("wanda_2_4", needs_input_norms=True, mask=lambda score, s: nm_mask(score, 2, 4),
+                        sparsity=0.5)(wanda_score)
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, method: str, sparsity: float,
                 norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Zero the lowest-scoring weights of every block Linear in place; return the keep-masks."""
+    rule = pruning_method(method)
+    mask = rule.mask or row_mask
     masks = {}
     for name, layer in prunable_linears(model).items():
         s = scores(layer.weight, method, None if norms is None else norms[name])
-        masks[name] = row_mask(s, sparsity)
+        masks[name] = mask(s, sparsity)
         layer.weight.mul_(masks[name].to(layer.weight.dtype))
     return masks
 
