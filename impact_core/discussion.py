@@ -94,8 +94,8 @@ def landing_table(claims: list[Claim], page_depth: int = 0):
     section of its level's chapter that holds the evidence, ``<level>-verdicts``), the paper's
     number, ours with the judged effect and its interval, the verdict (coloured).
 
-    ``page_depth``: folders between the html root and the page that shows it (0: the landing
-    page). Returned as ``IPython.display.HTML`` so that it displays as it is wherever it is glued."""
+    ``page_depth``: folders between the html root and the page that shows it (the landing page,
+    ``book/intro.html``, is 1). Returned as ``IPython.display.HTML`` so that it displays as it is wherever it is glued."""
     from html import escape
 
     from IPython.display import HTML

@@ -8,14 +8,26 @@ defaults, papermill injects its cell after it, and
 level does not declare (with a "did you mean" hint), turns the others into config
 overrides (the level's ``parameters`` of :mod:`impact_core.levels`) and checks the
 result once, before any compute.
+
+The hosted report (set up by :func:`quiet_logs`, the first call of every chapter, when the runner
+set the ``IMPACT_REPORT_*`` variables of :func:`impact_core.runner.report_env`): every displayed
+DataFrame or Styler is also written as ``table-<n>.csv`` and shown with a "download CSV" link
+under it (:func:`install_table_downloads`); :func:`provenance_table` ends each chapter with a
+"reproduce this page" box. Run by hand, without those variables, a notebook shows its tables as usual.
 """
 from __future__ import annotations
 
 import difflib
+import html
 import logging
+import os
 import platform
+import re
+import shlex
 import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any, Iterable
 
 from .config import Config, REPO_ROOT, config_hash
@@ -73,6 +85,7 @@ def chapter_config(level: str | None, namespace: dict, before: set[str]) -> Conf
                 value = [value]
             overrides[key] = list(value) if isinstance(value, tuple) else value
     cfg = load_config(params["preset"], overrides) if overrides else base
+    _RUN["parameters"] = {n: v for n, v in params.items() if n != "preset" and v is not None}
     preflight(cfg)
     if lv is not None and lv.check is not None:
         lv.check(cfg)
@@ -141,20 +154,181 @@ def provenance(cfg: Config, preset: str) -> dict[str, str]:
     }
 
 
-def provenance_table(cfg: Config, preset: str):
-    """Provenance as a one-column DataFrame for display at the end of a chapter."""
+MODEL_KINDS = ("dense_model", "pruned_model")
+"""Cache kinds that are models (:mod:`impact_core.pipeline`): the keys the reproduce box lists."""
+
+_RUN: dict[str, Any] = {"parameters": {}, "cache": {}}
+"""This kernel's run: the non-default chapter parameters (set by :func:`chapter_config`) and the
+cache entries it reused or computed (``{(kind, key): "reusing" | "computing" | "stored"}``)."""
+
+
+class _CacheKeys(logging.Handler):
+    """Records the cache entries named by :class:`impact_core.cache.ResultCache`'s log lines."""
+
+    PATTERN = re.compile(r"cache: (reusing|computing|stored) ([\w.-]+)/([0-9a-f]+)")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            match = self.PATTERN.match(record.getMessage())
+        except Exception:  # noqa: BLE001
+            return
+        if match:
+            _RUN["cache"].setdefault((match.group(2), match.group(3)), match.group(1))
+
+
+def reproduce_command(chapter: str, preset: str, parameters: dict | None = None) -> str:
+    """The papermill command that re-runs one chapter alone, from the repository root:
+    ``papermill book/chapters/01_pruning.ipynb out.ipynb -k impact -p preset smoke`` plus one
+    ``-p`` per non-default parameter (``-y`` YAML for lists, which ``-p`` would pass as text)."""
+    import yaml
+
+    cmd = ["papermill", f"{chapter}.ipynb", "out.ipynb", "-k", "impact", "-p", "preset", str(preset)]
+    for name, value in (parameters or {}).items():
+        if isinstance(value, (list, tuple, dict)):
+            value = list(value) if isinstance(value, tuple) else value
+            cmd += ["-y", yaml.safe_dump({name: value}, default_flow_style=True).strip()]
+        else:
+            cmd += ["-p", name, str(value)]
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+class Provenance:
+    """The provenance table of a chapter and, under it, the "reproduce this page" box (one output).
+
+    ``table``: the one-column DataFrame of :func:`provenance`; ``command``: the papermill command
+    that re-runs the chapter alone; ``model_keys``: ``(kind, key)`` of the cached models it read."""
+
+    def __init__(self, table, command: str, preset: str, config_hash: str, model_keys: list[tuple[str, str]]):
+        self.table, self.command, self.preset = table, command, preset
+        self.config_hash, self.model_keys = config_hash, model_keys
+
+    def box_html(self) -> str:
+        e = html.escape
+        models = "".join(f"<li><code>{e(kind)}/{e(key)}</code></li>" for kind, key in self.model_keys)
+        return ('<div class="admonition tip impact-reproduce"><p class="admonition-title">Reproduce this page</p>'
+                "<p>From the repository root, in its virtual environment (<code>make setup</code>):</p>"
+                f'<pre class="impact-reproduce-command"><code>{e(self.command)}</code></pre>'
+                f"<p>preset <code>{e(self.preset)}</code>, config hash <code>{e(self.config_hash)}</code>"
+                + (f"; cached models read (<code>kind/key</code> under the result cache):</p><ul>{models}</ul>"
+                   if models else ".</p>")
+                + "</div>")
+
+    def _repr_html_(self) -> str:
+        return self.table.to_html() + self.box_html()
+
+    def __repr__(self) -> str:
+        lines = [repr(self.table), "", "reproduce: " + self.command]
+        lines += [f"model: {kind}/{key}" for kind, key in self.model_keys]
+        return "\n".join(lines)
+
+
+def _this_chapter() -> str:
+    """The running chapter, as ``book/chapters/01_pruning``: ``$IMPACT_CHAPTER`` (set by the runner),
+    else the notebook a Jupyter server names in ``$JPY_SESSION_NAME``, else a placeholder."""
+    if os.environ.get("IMPACT_CHAPTER"):
+        return os.environ["IMPACT_CHAPTER"]
+    session = os.environ.get("JPY_SESSION_NAME", "")
+    if session.endswith(".ipynb"):
+        path = Path(session).resolve().with_suffix("")
+        try:
+            return path.relative_to(REPO_ROOT).as_posix()
+        except ValueError:
+            return path.as_posix()
+    return "book/chapters/CHAPTER"
+
+
+def provenance_table(cfg: Config, preset: str) -> Provenance:
+    """Provenance (a one-column table) for display at the end of a chapter, with the "reproduce
+    this page" box under it: the papermill command of this chapter alone (the chapter from
+    ``$IMPACT_CHAPTER``, set by the runner), the preset, the config hash and the cache keys of the
+    models this kernel read. ``.table`` is the DataFrame."""
     import pandas as pd
 
-    return pd.DataFrame.from_dict(provenance(cfg, preset), orient="index", columns=["value"])
+    info = provenance(cfg, preset)
+    table = pd.DataFrame.from_dict(info, orient="index", columns=["value"])
+    chapter = _this_chapter()
+    models = sorted(k for k in _RUN["cache"] if k[0] in MODEL_KINDS)
+    return Provenance(table, reproduce_command(chapter, preset, _RUN["parameters"]), str(preset),
+                      info["config hash"], models)
+
+
+CSV_LINK_CLASS = "impact-csv"
+
+
+class TableDownloads:
+    """An IPython ``text/html`` printer for DataFrames and Stylers: writes the table as
+    ``<folder>/table-<n>.csv`` (``n`` counts this kernel's tables from 1; a Styler writes its data)
+    and returns the table's HTML with a "download CSV" link to ``<href>/table-<n>.csv`` under it.
+    A table formatted for ``glue`` is left alone: pasted into another page, a relative link breaks."""
+
+    def __init__(self, folder: str | Path, href: str):
+        self.folder, self.href, self.count = Path(folder), href.rstrip("/"), 0
+
+    def __call__(self, obj) -> str | None:
+        from pandas.io.formats.style import Styler
+
+        frame = obj.data if isinstance(obj, Styler) else obj
+        table_html = obj._repr_html_()
+        if table_html is None or _inside_glue():
+            return table_html
+        self.count += 1
+        name = f"table-{self.count}.csv"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(self.folder / name)
+        link = html.escape(f"{self.href}/{name}", quote=True)
+        return (table_html + f'<p class="{CSV_LINK_CLASS}"><a href="{link}" download="{html.escape(name)}">'
+                f"download CSV</a></p>")
+
+
+def _inside_glue() -> bool:
+    """Whether the current call comes from myst-nb's ``glue`` (its ``format_display_data``)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "glue" and "myst_nb" in code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def install_table_downloads(shell=None, folder: str | None = None, href: str | None = None):
+    """Register :class:`TableDownloads` as the ``text/html`` printer of pandas DataFrames and Stylers
+    in the running IPython kernel (``folder``/``href`` default to ``$IMPACT_REPORT_DIR`` and
+    ``$IMPACT_REPORT_HREF``). Does nothing, and returns None, outside IPython or without a folder."""
+    folder = folder or os.environ.get("IMPACT_REPORT_DIR")
+    if not folder:
+        return None
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return None
+        shell = get_ipython()
+    if shell is None:
+        return None
+    import pandas as pd
+    from pandas.io.formats.style import Styler
+
+    printer = TableDownloads(folder, href if href is not None else os.environ.get("IMPACT_REPORT_HREF", folder))
+    formatter = shell.display_formatter.formatters["text/html"]
+    for cls in (pd.DataFrame, Styler):
+        formatter.for_type(cls, printer)
+    return printer
 
 
 def quiet_logs() -> None:
-    """Show impact_core's cache log lines; silence chatty libraries."""
+    """Show impact_core's cache log lines; silence chatty libraries. Also the hosted report's set-up
+    (the first call of every chapter): record the cache entries this kernel reads (for the reproduce
+    box) and, when the runner asks for it, write every displayed table as CSV with a link."""
     from .pipeline import setup_logging
 
     setup_logging()
     for name in ("matplotlib", "PIL", "fontTools"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    core = logging.getLogger("impact_core")
+    if not any(isinstance(h, _CacheKeys) for h in core.handlers):
+        core.addHandler(_CacheKeys())
+    install_table_downloads()
 
 
 def read_glued(path) -> dict[str, str]:

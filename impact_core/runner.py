@@ -9,15 +9,25 @@
 
 Everything lands in ``<out>/_build/`` (default: the repository root): ``src/`` the executed
 chapters, ``logs/`` papermill's logs, ``html/`` the book.
+
+The hosted report: each executed chapter is re-tagged for reading (:func:`report_tags`: set-up and
+parameter cells removed, the analysis code collapsed behind a toggle, outputs in front); every table
+a chapter displays is also written as a CSV file into ``src/_extra/tables/<chapter>/`` (served at
+``<html>/tables/<chapter>/`` through ``html_extra_path``; the kernel learns where from the
+``IMPACT_REPORT_*`` variables of :func:`report_env`); MathJax is served from the book itself when a
+local copy exists (:func:`local_mathjax`), so the book reads offline.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import posixpath
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
@@ -65,6 +75,53 @@ def notebook_errors(path: Path) -> Optional[str]:
     return None
 
 
+REMOVED_TAGS = ("setup", "parameters", "injected-parameters")
+"""Cells of plumbing: imports, logging set-up, parameters, ``cfg = nb.chapter_config(...)``."""
+DISPLAY_TAGS = ("remove-cell", "remove_cell", "remove-input", "remove_input", "remove-output", "remove_output",
+                "hide-cell", "hide-input", "hide-output")
+"""myst-nb tags that already decide how a cell is shown: :func:`report_tags` leaves such a cell alone."""
+
+
+def report_tags(nb: dict) -> dict:
+    """Tag an executed notebook (a JSON dict, changed in place and returned) for the hosted report:
+    cells tagged ``setup``, ``parameters`` or ``injected-parameters`` get ``remove-cell`` (the
+    plumbing is not part of the page; it stays in the downloadable notebook); every other code cell
+    gets ``hide-input`` (its code collapsed behind a toggle, its tables and figures in front) unless
+    a tag of :data:`DISPLAY_TAGS` already says how to show it. Markdown cells are left as they are."""
+    for cell in nb.get("cells", []):
+        tags = list(cell.get("metadata", {}).get("tags", []))
+        if any(t in REMOVED_TAGS for t in tags):
+            new = "remove-cell"
+        elif cell.get("cell_type") == "code" and not any(t in DISPLAY_TAGS for t in tags):
+            new = "hide-input"
+        else:
+            continue
+        if new not in tags:
+            cell.setdefault("metadata", {})["tags"] = tags + [new]
+    return nb
+
+
+def tag_for_report(path: Path) -> None:
+    """Apply :func:`report_tags` to an executed notebook file (written as nbformat writes it)."""
+    nb = report_tags(json.loads(path.read_text()))
+    path.write_text(json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def report_env(chapter: str, src: Path) -> dict[str, str]:
+    """The variables that tell a chapter's kernel where its report files go.
+
+    ``IMPACT_REPORT_DIR``: folder receiving the chapter's tables as CSV
+    (``<src>/_extra/tables/<name>``, served at ``<html>/tables/<name>/``);
+    ``IMPACT_REPORT_HREF``: the same folder as a link relative to the chapter's page
+    (``<html>/<chapter>.html``); ``IMPACT_CHAPTER``: the chapter (``book/chapters/01_pruning``),
+    for the "reproduce this page" box."""
+    name = Path(chapter).name
+    served = f"tables/{name}"
+    return {"IMPACT_REPORT_DIR": str(src / "_extra" / "tables" / name),
+            "IMPACT_REPORT_HREF": posixpath.relpath(served, posixpath.dirname(chapter) or "."),
+            "IMPACT_CHAPTER": chapter}
+
+
 def execute_chapter(chapter: str, src: Path, preset: str, log_dir: Path, jobs: int = 1) -> float:
     """Run one chapter template with papermill into the staging folder; return seconds.
 
@@ -73,6 +130,10 @@ def execute_chapter(chapter: str, src: Path, preset: str, log_dir: Path, jobs: i
     env = dict(os.environ)
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    env.update(report_env(chapter, src))
+    tables = Path(env["IMPACT_REPORT_DIR"])
+    if tables.exists():  # a re-run of this chapter: no table of the last run stays behind
+        shutil.rmtree(tables)
     template = REPO_ROOT / f"{chapter}.ipynb"
     target = src / f"{chapter}.ipynb"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +151,7 @@ def execute_chapter(chapter: str, src: Path, preset: str, log_dir: Path, jobs: i
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
         raise ChapterError(f"chapter {chapter} failed: {error or 'papermill exit ' + str(proc.returncode)}\n"
                            f"(log: {log_file})\n{tail}")
+    tag_for_report(target)
     return time.time() - start
 
 
@@ -113,8 +175,65 @@ def chapter_waves(chapters: list[str]) -> list[list[str]]:
     return waves + [[c] for c in chapters if level_of_chapter(c) is None]
 
 
+MATHJAX_ENTRY = "tex-chtml.js"
+"""The MathJax 3 component Sphinx loads by default (TeX input, HTML output)."""
+MATHJAX_KEEP = (MATHJAX_ENTRY, "a11y", "adaptors", "input", "output", "sre", "ui")
+"""What of a MathJax 3 distribution the book serves: the entry point and the folders it loads
+from (TeX extensions, fonts, the menu and its accessibility parts); not the other bundles."""
+
+
+def local_mathjax() -> Optional[Path]:
+    """A local MathJax 3 folder holding ``tex-chtml.js``, or None. In order: ``$IMPACT_MATHJAX``,
+    the ``sphinx-mathjax-offline`` package of requirements.txt (MathJax 3.2.2), Debian's
+    ``node-mathjax-full`` (``/usr/share/nodejs/mathjax-full/es5``) and a MathJax 3 under
+    ``/usr/share/javascript/mathjax`` (Debian's ``libjs-mathjax`` is MathJax 2: not used)."""
+    candidates = [os.environ.get("IMPACT_MATHJAX")]
+    try:
+        spec = importlib.util.find_spec("sphinx-mathjax-offline")
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidates.append(str(Path(location) / "static" / "mathjax"))
+    candidates += ["/usr/share/nodejs/mathjax-full/es5", "/usr/share/javascript/mathjax"]
+    for folder in candidates:
+        if folder and (Path(folder) / MATHJAX_ENTRY).is_file():
+            return Path(folder)
+    return None
+
+
+def serve_mathjax(src: Path, mathjax: Optional[Path]) -> bool:
+    """Serve MathJax from the book itself: copy the local copy into ``<src>/_extra/_static/mathjax``
+    (``html_extra_path`` puts it at ``<html>/_static/mathjax``; not ``<src>/_static``, whose every
+    ``.js`` Jupyter Book would load on every page) and point Sphinx's ``mathjax_path`` at it in the
+    staged ``_config.yml``. Without a local copy the pages load MathJax from its CDN, with a warning:
+    such a book shows raw TeX when read offline. Returns whether the local copy is served."""
+    if mathjax is None:
+        warnings.warn("no local MathJax 3 found (pip install sphinx-mathjax-offline, or set IMPACT_MATHJAX to a "
+                      f"folder holding {MATHJAX_ENTRY}): the book loads MathJax from its CDN and its math does "
+                      "not render offline", stacklevel=2)
+        return False
+    target = src / "_extra" / "_static" / "mathjax"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in MATHJAX_KEEP:
+        path = mathjax / name
+        if path.is_dir():
+            shutil.copytree(path, target / name)
+        elif path.is_file():
+            shutil.copy2(path, target / name)
+    config_path = src / "_config.yml"
+    config = yaml.safe_load(config_path.read_text()) or {}
+    sphinx_config = config.setdefault("sphinx", {}).setdefault("config", {})
+    sphinx_config["mathjax_path"] = f"mathjax/{MATHJAX_ENTRY}"  # relative: Sphinx serves it under _static/
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    return True
+
+
 def stage_book(src: Path, keep_executed: bool = False) -> None:
-    """Copy the book's sources (config, toc, pages; not the chapter templates) into ``src``.
+    """Copy the book's sources (config, toc, pages; not the chapter templates) into ``src``, make
+    the folder of ``html_extra_path`` (``_extra``: the chapters' CSV tables, MathJax) and serve a
+    local MathJax (:func:`serve_mathjax`).
 
     ``keep_executed``: keep chapters executed by an earlier run (``--chapters`` re-runs a few)."""
     if src.exists() and not keep_executed:
@@ -124,6 +243,8 @@ def stage_book(src: Path, keep_executed: bool = False) -> None:
         shutil.copy2(REPO_ROOT / name, src / name)
     shutil.copytree(REPO_ROOT / "book", src / "book", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints", "__pycache__"))
+    (src / "_extra" / "tables").mkdir(parents=True, exist_ok=True)
+    serve_mathjax(src, local_mathjax())
 
 
 def build_html(src: Path, out: Path) -> Path:

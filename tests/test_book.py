@@ -1,6 +1,8 @@
 """End to end: the chapters run through papermill on the smoke preset and the book builds with -W."""
 from __future__ import annotations
 
+import csv
+import json
 import re
 from html import unescape
 from pathlib import Path
@@ -9,7 +11,7 @@ import papermill as pm
 import pytest
 
 from impact_core.notebook import read_glued
-from impact_core.runner import REPO_ROOT, toc_chapters
+from impact_core.runner import DISPLAY_TAGS, REPO_ROOT, local_mathjax, toc_chapters
 
 CHAPTER = REPO_ROOT / "book" / "chapters" / "01_pruning.ipynb"
 
@@ -94,3 +96,72 @@ def test_chapter_verdicts_equal_the_discussion(smoke_book):
             assert discussion[key] == value, (chapter, key)
         seen |= set(glued)
     assert seen == set(verdicts)
+
+
+# ---- the hosted report -----------------------------------------------------------------------
+
+def test_executed_chapters_are_tagged_for_reading(smoke_book):
+    """Set-up, parameter and injected-parameter cells are removed from the pages; every other code
+    cell shows its outputs with its code collapsed (runner.report_tags on every executed chapter)."""
+    out, html = smoke_book
+    for chapter in toc_chapters():
+        cells = json.loads((out / "_build" / "src" / f"{chapter}.ipynb").read_text())["cells"]
+        tags = [c.get("metadata", {}).get("tags", []) for c in cells if c["cell_type"] == "code"]
+        assert any("injected-parameters" in t for t in tags), chapter
+        for t in tags:
+            if {"setup", "parameters", "injected-parameters"} & set(t):
+                assert "remove-cell" in t, (chapter, t)
+            else:
+                assert "hide-input" in t or set(t) & set(DISPLAY_TAGS), (chapter, t)
+        page = (html / f"{chapter}.html").read_text()
+        assert "chapter_config(" not in page and "# Parameters" not in page, chapter  # plumbing removed
+        assert "hide above-input" in page, chapter  # analysis code behind a toggle
+
+
+def test_every_table_links_to_its_csv(smoke_book):
+    out, html = smoke_book
+    for chapter in toc_chapters():
+        page = html / f"{chapter}.html"
+        links = re.findall(r'<p class="impact-csv"><a href="([^"]+)"', page.read_text())
+        assert links, f"{chapter}: no 'download CSV' link"
+        for link in links:
+            target = (page.parent / link).resolve()
+            assert target.is_relative_to(html.resolve() / "tables"), link
+            assert target.is_file() and target.stat().st_size > 0, link
+            with open(target) as f:
+                rows = list(csv.reader(f))
+            assert len(rows) >= 2 and len({len(r) for r in rows}) == 1, link
+
+
+def test_the_executed_notebook_is_downloadable(smoke_book):
+    """The page's download button gives the executed chapter (outputs and papermill's parameters)."""
+    _, html = smoke_book
+    for chapter in toc_chapters():
+        page = html / f"{chapter}.html"
+        match = re.search(r'href="([^"]+\.ipynb)"[^>]*\n?[^>]*btn-download-source-button', page.read_text())
+        assert match, f"{chapter}: no download button for the notebook"
+        notebook = json.loads((page.parent / match.group(1)).read_text())
+        assert notebook["metadata"]["papermill"]["parameters"] == {"preset": "smoke"}
+        assert any(c.get("outputs") for c in notebook["cells"] if c["cell_type"] == "code"), chapter
+
+
+def test_reproduce_box_names_the_command(smoke_book):
+    _, html = smoke_book
+    for chapter in toc_chapters():
+        text = page_text(html / f"{chapter}.html")
+        assert "Reproduce this page" in text, chapter
+        assert f"papermill {chapter}.ipynb out.ipynb -k impact -p preset smoke" in text, chapter
+        assert "config hash" in text
+    assert "dense_model/" in page_text(html / "book" / "chapters" / "01_pruning.html")
+
+
+def test_mathjax_is_served_by_the_book(smoke_book):
+    """With a local MathJax (sphinx-mathjax-offline) the pages load it from the book, not a CDN."""
+    _, html = smoke_book
+    if local_mathjax() is None:
+        pytest.skip("no local MathJax 3 here: the book falls back to the CDN")
+    page = html / "book" / "chapters" / "02_neuron.html"
+    scripts = re.findall(r'<script[^>]+src="([^"]*mathjax[^"]*)"', page.read_text(), re.I)
+    assert scripts and all("://" not in s for s in scripts), scripts
+    assert (page.parent / scripts[0].split("?")[0]).resolve().is_file()
+    assert (html / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").is_dir()

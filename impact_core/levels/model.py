@@ -347,16 +347,20 @@ def gallery_figure(galleries: dict, title: str | None = None):
     fig, axes = plt.subplots(n, 1 + m + 2, figsize=(1.75 * (1 + m) + 2 * 2.3, 1.8 * n + 0.3), squeeze=False,
                              layout="constrained", gridspec_kw={"width_ratios": [1] * (1 + m) + [1.4, 1.4]})
     names = first["class_names"]
+
+    def name(i: int) -> str:  # a loaded model's head may have more classes than the data folder names
+        return names[i] if i < len(names) else f"class {i}"
+
     im = None
     for i in range(n):
         img = first["images"][i].permute(1, 2, 0).numpy()
         ax = axes[i, 0]
         ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"input: {names[int(first['labels'][i])]}", fontsize=8)
+        ax.set_title(f"input: {name(int(first['labels'][i]))}", fontsize=8)
         for j, lab in enumerate(labels):
             g, ax = galleries[lab], axes[i, 1 + j]
             im = ax.imshow(g["maps"][i].numpy(), cmap="magma", vmin=0, vmax=1)
-            ax.set_title(f"{lab} -> {names[int(g['targets'][i])]}\nins {float(g['insertion'][i]):.2f}, "
+            ax.set_title(f"{lab} -> {name(int(g['targets'][i]))}\nins {float(g['insertion'][i]):.2f}, "
                          f"del {float(g['deletion'][i]):.2f}", fontsize=7)
         for ax in axes[i, :1 + m]:
             ax.set_xticks([])
