@@ -84,7 +84,7 @@ def test_chapter_verdicts_equal_the_discussion(smoke_book):
     judging layer), and every level of analysis glues its claims in its own chapter."""
     out, _ = smoke_book
     src = out / "_build" / "src" / "book" / "chapters"
-    discussion = read_glued(src / "06_discussion.ipynb")
+    discussion = read_glued(src / "07_discussion.ipynb")
     verdicts = {k: v for k, v in discussion.items() if k.startswith("claim_") and k.endswith("_verdict")}
     assert len(verdicts) >= 15
     seen = set()

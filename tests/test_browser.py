@@ -208,7 +208,7 @@ def test_landing_claims_table_has_one_row_per_claim(server, browser, smoke_book)
     """The landing page's claims table (class ``claims-table``) lists every claim of the discussion."""
     base, html = server
     out, _ = smoke_book
-    n_claims = int(read_glued(out / "_build" / "src" / "book" / "chapters" / "06_discussion.ipynb")["n_claims"])
+    n_claims = int(read_glued(out / "_build" / "src" / "book" / "chapters" / "07_discussion.ipynb")["n_claims"])
     info = open_page(browser, f"{base}/{landing_page(html)}")
     assert info["claims"], "the landing page shows no table of class 'claims-table'"
     assert info["claims"] == [n_claims], f"claims-table rows {info['claims']} != {n_claims} claims of the discussion"

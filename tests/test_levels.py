@@ -26,9 +26,9 @@ def test_builtin_levels_match_the_book():
             for key in (keys,) if isinstance(keys, str) else keys:
                 section, field = key.split(".")
                 assert hasattr(getattr(cfg, section), field), key
-    assert [c for c in toc if levels.level_of_chapter(c) is None] == ["book/chapters/06_discussion"]
+    assert [c for c in toc if levels.level_of_chapter(c) is None] == ["book/chapters/07_discussion"]
     waves = chapter_waves(toc)
-    assert waves[0] == ["book/chapters/01_pruning"] and waves[-1] == ["book/chapters/06_discussion"]
+    assert waves[0] == ["book/chapters/01_pruning"] and waves[-1] == ["book/chapters/07_discussion"]
     with pytest.raises(ValueError, match="unknown level"):
         levels.get_level("neurons")
 
@@ -84,8 +84,8 @@ def test_a_registered_level_is_prepared_judged_and_listed(toy_level, tiny_fmnist
     out = levels.all_claims(cfg, ["toy"])
     assert [c.id for c in out] == ["toy.self"] and out[0].verdict == claims.REPRODUCED
     assert "dense top-1 is above -0.5" in discussion.glue_values(out, [0])["list_survive"]
-    assert chapter_waves(["book/chapters/01_pruning", "book/chapters/07_toy", "book/chapters/06_discussion"]) == [
-        ["book/chapters/01_pruning"], ["book/chapters/07_toy"], ["book/chapters/06_discussion"]]
+    assert chapter_waves(["book/chapters/01_pruning", "book/chapters/07_toy", "book/chapters/07_discussion"]) == [
+        ["book/chapters/01_pruning"], ["book/chapters/07_toy"], ["book/chapters/07_discussion"]]
     # the chapter's parameters become config overrides; an unknown one is rejected
     namespace = {"preset": str(preset), "sparsity": 0.3, "blocks": 4}
     cfg_chapter = notebook.chapter_config("toy", namespace, set())
