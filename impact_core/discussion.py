@@ -108,10 +108,10 @@ def landing_table(claims: list[Claim], page_depth: int = 0):
         href = f"{up}{get_level(c.level).chapter}.html#{c.level}-verdicts"
         colour = VERDICT_COLOURS.get(c.verdict, "")
         rows.append(
-            f'<tr><td><a href="{href}">{escape(c.claim)}</a></td><td>{escape(c.paper)}</td>'
+            f'<tr><td>{escape(c.level)}</td><td><a href="{href}">{escape(c.claim)}</a></td><td>{escape(c.paper)}</td>'
             f"<td>{escape(c.ours)}<br><small>{escape(c.effect)}</small></td>"
             f'<td style="background-color: {colour}">{escape(c.verdict)}</td></tr>')
-    head = "<tr><th>claim (evidence)</th><th>paper (DeiT-III B/16)</th><th>ours (effect, 95% interval)</th><th>verdict</th></tr>"
+    head = "<tr><th>level</th><th>claim (evidence)</th><th>paper (DeiT-III B/16)</th><th>ours (effect, 95% interval)</th><th>verdict</th></tr>"
     return HTML(f'<table class="claims-table"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>')
 
 
