@@ -27,6 +27,9 @@ The rules (each tested on inputs that produce each of its outcomes):
   :func:`judge_threshold`).
 * **dose-response**: every change claim carries the slope of its metric against sparsity
   (control at 0, then every level) with an interval, read as growing, flat or reversed.
+* **two models compared** (beyond the paper: a model trained sparse against Wanda, 2:4 against
+  unstructured; :func:`comparison_claim`): B minus A paired over the same units, judged with
+  :func:`judge_direction`; over several blocks with :func:`judge_direction_family` (Holm).
 """
 from __future__ import annotations
 
@@ -302,3 +305,63 @@ def verdict_counts(claims) -> dict[str, int]:
     for c in claims:
         counts[c["verdict"] if isinstance(c, dict) else c.verdict] += 1
     return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# two models compared on the same units (beyond the paper: sparsity trained in, 2:4 vs unstructured)
+# ---------------------------------------------------------------------------------------------
+def judge_direction_family(family: Sequence[Estimate], expected: str, margin: float,
+                           alpha: float = 0.05) -> tuple[str, str]:
+    """A direction claim over a family of comparisons (e.g. blocks), Holm-corrected on bootstrap
+    p-values: *reproduced* when every comparison lies on the claimed side of 0; *not reproduced*
+    when any is equivalent within +-margin (read first, as :func:`judge_direction` does) or goes
+    the other way; *inconclusive* otherwise."""
+    fam = [e for e in family if e.distribution.size]
+    if not fam:
+        return INCONCLUSIVE, "no comparison could be bootstrapped"
+    sign = 1.0 if expected == "+" else -1.0
+    two_sided = lambda mass: min(1.0, 2.0 * float(mass))  # noqa: E731 (as a 95% interval reads 0)
+    claimed = S.holm([two_sided(np.mean(sign * e.distribution <= 0)) for e in fam], alpha)
+    opposite = S.holm([two_sided(np.mean(sign * e.distribution >= 0)) for e in fam], alpha)
+    equivalent = S.holm([S.equivalence_pvalue(e, margin) for e in fam], alpha)
+    n, eq, opp = len(fam), int(equivalent.sum()), int((opposite & ~equivalent).sum())
+    if eq or opp:
+        return NOT_REPRODUCED, (f"of {n} comparisons (Holm), {eq} show no change beyond +-{margin:g} and "
+                                f"{opp} change the other way")
+    if claimed.all():
+        return REPRODUCED, f"all {n} comparisons lie on the claimed side of 0 (Holm)"
+    needed = [S.samples_needed(e, margin, family=n) for e, c in zip(fam, claimed) if not c]
+    most = max((x for x in needed if x), default=None)
+    return INCONCLUSIVE, (f"{int(claimed.sum())} of {n} comparisons on the claimed side of 0 (Holm), none against"
+                          + (f"; about {most} {fam[0].unit.split(' (')[0]} would decide" if most else ""))
+
+
+def _mean_of(arrays, scale: float) -> float:
+    return float(np.nanmean(np.concatenate([np.ravel(np.asarray(x, dtype=np.float64)) for x in arrays]))) * scale
+
+
+def comparison_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metric: str, expected: str,
+                     a, b, unit: str, labels: tuple[str, str] = ("A", "B"), scale: float = 1.0,
+                     fmt: str = ".3f") -> Claim:
+    """Model B against model A on the same units, judged on **B minus A**, paired (no control:
+    both are the models under test). ``a[g]``, ``b[g]``: one array per training seed, the same
+    units in the same order; ``expected``: the side of 0 the claim says B - A lies on.
+
+    ``a`` and ``b`` may instead be dicts ``{name: per-seed arrays}`` over the same names (blocks):
+    a family judged with :func:`judge_direction_family` (Holm)."""
+    margin = j.margins[metric]
+    f = "+" + fmt
+    if isinstance(a, dict):
+        fam = {k: j.diff(list(zip(a[k], b[k])), unit) for k in a}
+        verdict, why = judge_direction_family(list(fam.values()), expected, margin, j.alpha)
+        ours = "; ".join(f"{k}: {_mean_of(a[k], scale):{fmt}} vs {_mean_of(b[k], scale):{fmt}}" for k in a)
+        effect = "; ".join(f"{k}: {e.scaled(scale).text(f)}" for k, e in fam.items())
+        rule = (f"judge_direction_family: {labels[1]} minus {labels[0]}, paired over {unit}, "
+                f"{len(fam)} comparisons (Holm)")
+    else:
+        eff = j.diff(list(zip(a, b)), unit)
+        verdict, why = judge_direction(eff, expected, margin)
+        ours, effect = f"{_mean_of(a, scale):{fmt}} vs {_mean_of(b, scale):{fmt}}", eff.scaled(scale).text(f)
+        rule = f"judge_direction: {labels[1]} minus {labels[0]}, paired over {unit}"
+    return Claim(id=id, level=level, claim=claim, paper=paper, ours=f"{labels[0]} vs {labels[1]}: {ours}",
+                 effect=effect, control="n/a", margin=f"+-{margin * scale:g}", verdict=verdict, why=why, rule=rule)

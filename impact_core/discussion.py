@@ -105,7 +105,7 @@ def landing_table(claims: list[Claim], page_depth: int = 0):
     up = "../" * page_depth
     rows = []
     for c in claims:
-        href = f"{up}{get_level(c.level).chapter}.html#{c.level}-verdicts"
+        href = f"{up}{get_level(c.level).chapter}.html#{c.level.replace('_', '-')}-verdicts"  # Sphinx's ids use '-'
         colour = VERDICT_COLOURS.get(c.verdict, "")
         rows.append(
             f'<tr><td>{escape(c.level)}</td><td><a href="{href}">{escape(c.claim)}</a></td><td>{escape(c.paper)}</td>'

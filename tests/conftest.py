@@ -77,5 +77,5 @@ def smoke_book(tmp_path_factory):
     from impact_core.runner import build_book
 
     out = tmp_path_factory.mktemp("book")
-    html = build_book("smoke", out=out)
+    html = build_book("smoke", out=out, jobs=2)  # the level chapters two at a time, as make book runs them
     return out, html

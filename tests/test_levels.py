@@ -16,7 +16,7 @@ def test_builtin_levels_match_the_book():
     chapter parameters that name real config keys; the toc's level chapters are all registered."""
     cfg = load_config("smoke")
     names = levels.level_names()
-    assert names == ["pruning", "neuron", "layer", "circuit", "model"]
+    assert names == ["pruning", "neuron", "layer", "circuit", "model", "sparse_training"]
     toc = toc_chapters()
     for name in names:
         lv = levels.get_level(name)
@@ -128,7 +128,7 @@ def test_the_landing_table_links_every_claim_to_its_chapters_verdicts():
     assert "a &lt;neuron&gt; claim" in html  # escaped
     for lv in levels.level_names():
         chapter = levels.get_level(lv).chapter
-        assert f'href="{chapter}.html#{lv}-verdicts"' in html
+        assert f'href="{chapter}.html#{lv.replace("_", "-")}-verdicts"' in html
         template = json.loads((REPO_ROOT / f"{chapter}.ipynb").read_text())
         text = "\n".join("".join(c["source"]) for c in template["cells"] if c["cell_type"] == "markdown")
         assert re.search(rf"^\({lv}-verdicts\)=$", text, re.M), chapter

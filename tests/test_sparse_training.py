@@ -107,3 +107,164 @@ def test_pipeline_builds_2_4_and_trained_sparse_models(tiny_fmnist, tmp_path, mo
     assert pipeline.model_label(0.7, pipeline.TRAINED_SPARSE) == "trained sparse 70%"
     with pytest.raises(ValueError, match="sparsity > 0"):
         pipeline.model_inputs(cfg, 0.0, pipeline.TRAINED_SPARSE)
+
+
+# --- the level "Sparsity trained in": its comparison rule and its claims on synthetic runs ---------
+import numpy as np  # noqa: E402
+
+from impact_core import claims as C  # noqa: E402
+from impact_core import stats as S  # noqa: E402
+from impact_core.config import DEFAULT_MARGINS, load_config  # noqa: E402
+from impact_core.levels import sparse_training as st  # noqa: E402
+
+J = C.Judge(margins=dict(DEFAULT_MARGINS), n_resamples=500)
+
+
+def _est(value, low, high, n=30):
+    return S.Estimate(value, low, high, "classes", n, "test", np.random.default_rng(1).uniform(low, high, 1000))
+
+
+def test_comparison_claim_is_b_minus_a_paired_and_judged_by_direction():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.2, 0.4, 30)
+    common = dict(id="x.y", level="sparse_training", claim="B has fewer edges than A", paper="Gao et al.",
+                  metric="edge_size", expected="-", unit="classes", labels=("Wanda 70%", "trained sparse 70%"))
+    smaller = C.comparison_claim(J, a=[a], b=[a - 0.1 + rng.normal(0, 0.005, 30)], **common)
+    assert smaller.verdict == C.REPRODUCED and smaller.effect.startswith("-0.09")
+    assert smaller.rule == "judge_direction: trained sparse 70% minus Wanda 70%, paired over classes"
+    assert smaller.ours.startswith("Wanda 70% vs trained sparse 70%: ") and smaller.control == "n/a"
+    larger = C.comparison_claim(J, a=[a], b=[a + 0.1 + rng.normal(0, 0.005, 30)], **common)
+    assert larger.verdict == C.NOT_REPRODUCED and "other way" in larger.why
+    same = C.comparison_claim(J, a=[a], b=[a + rng.normal(0, 0.001, 30)], **common)
+    assert same.verdict == C.NOT_REPRODUCED and "equivalent" in same.why
+    overlapping = C.comparison_claim(J, a=[a], b=[a + rng.normal(0, 0.1, 30)], **common)
+    assert overlapping.verdict == C.INCONCLUSIVE and "would decide" in overlapping.why
+    # pairing: a large spread between units that both models share does not widen the interval
+    spread = rng.uniform(0, 10, 30)
+    assert C.comparison_claim(J, a=[spread], b=[spread - 0.1], **common).verdict == C.REPRODUCED
+
+
+def test_judge_direction_family_every_outcome():
+    up, zero, down, wide = _est(0.1, 0.06, 0.14), _est(0.0, -0.005, 0.005), _est(-0.1, -0.14, -0.06), _est(0.05, -0.1, 0.2)
+    assert C.judge_direction_family([up, up, up], "+", 0.02)[0] == C.REPRODUCED
+    assert C.judge_direction_family([down, down, down], "-", 0.02)[0] == C.REPRODUCED
+    verdict, why = C.judge_direction_family([up, up, down], "+", 0.02)
+    assert verdict == C.NOT_REPRODUCED and "1 change the other way" in why
+    verdict, why = C.judge_direction_family([up, zero, up], "+", 0.02)
+    assert verdict == C.NOT_REPRODUCED and "1 show no change" in why
+    verdict, why = C.judge_direction_family([up, wide, up], "+", 0.02)
+    assert verdict == C.INCONCLUSIVE and "2 of 3" in why
+    assert C.judge_direction_family([], "+", 0.02)[0] == C.INCONCLUSIVE
+    # Holm: one comparison just past 0 decides alone, not in a family of twelve
+    edge = S.Estimate(0.02, 0.001, 0.04, "classes", 30, "test", np.random.default_rng(2).normal(0.02, 0.0085, 4000))
+    assert C.judge_direction_family([edge], "+", 0.005)[0] == C.REPRODUCED
+    assert C.judge_direction_family([edge] * 12, "+", 0.005)[0] == C.INCONCLUSIVE
+
+
+SIMPLER = {  # the quantity -> (its margin's metric, the side that is simpler)
+    "size_dense": ("edge_size", -1), "size_remaining": ("edge_size", -1), "node_fraction": ("node_fraction", -1),
+    "selectivity": ("selectivity", +1), "NMSE": ("nmse", -1), "dead": ("dead_fraction", -1),
+    "insertion": ("insertion", +1), "deletion": ("deletion", -1)}
+
+
+def synthetic_model(base: dict, shift: float, noise: float, rng, name: str) -> dict:
+    """A model of :func:`st.analyse`'s shape: every quantity of ``base`` moved ``shift`` margins towards
+    the simpler side (negative: away from it), plus per-unit noise of ``noise`` margins (mean 0 over the units)."""
+    def moved(key, values):
+        metric, side = SIMPLER[key]
+        m = DEFAULT_MARGINS[metric]
+        e = rng.normal(0, noise * m, values.shape)
+        return values + side * shift * m + e - e.mean(-1, keepdims=True)  # the shift exactly, per block
+
+    v = {k: moved(k, x) for k, x in base.items()}
+    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    correct = torch.tensor(rng.random(200) < 0.8)
+    return {"label": name, "accuracy": {"correct": correct, "top1": float(correct.double().mean()), "top5": 1.0},
+            "circuit": {"size_dense": t(v["size_dense"]), "size_remaining": t(v["size_remaining"]),
+                        "node_fraction": t(v["node_fraction"]), "k": 4e-5},
+            "neuron": {"blocks": [2, 7, 11], "selectivity": t(v["selectivity"])},
+            "sae": [{"NMSE": float(x), "dead %": 100 * float(d)} for x, d in zip(v["NMSE"], v["dead"])],
+            "attribution": {"scores": {"black": {"chefer": {"insertion": t(v["insertion"]), "deletion": t(v["deletion"])},
+                                                 "random": {"insertion": t(0 * v["insertion"]),
+                                                            "deletion": t(0 * v["deletion"])}}}}}
+
+
+def synthetic_run(shift: float, noise: float, seed: int = 0, cfg=None) -> dict:
+    """Dense, Wanda and the compared models (trained sparse, 2:4): every B ``shift`` margins simpler than its A."""
+    rng = np.random.default_rng(seed)
+    base = {"size_dense": rng.uniform(0.1, 0.2, 30), "size_remaining": rng.uniform(0.3, 0.4, 30),
+            "node_fraction": rng.uniform(0.3, 0.5, 30), "selectivity": rng.uniform(0.6, 0.8, (3, 30)),
+            "NMSE": rng.uniform(0.02, 0.03, 6), "dead": rng.uniform(0.2, 0.3, 6),
+            "insertion": rng.uniform(0.0, 0.2, 60), "deletion": rng.uniform(-0.2, 0.0, 60)}
+    comps = st.comparisons(cfg or load_config("smoke"))
+    models = {st.DENSE: synthetic_model(base, 0, 1, rng, "dense")}
+    for c in comps:
+        if c["missing"] is None:
+            models[c["a"]] = synthetic_model(base, 0, 0, rng, st.label(*c["a"]))
+            models[c["b"]] = synthetic_model(base, shift, noise, rng, st.label(*c["b"]))
+    return {"models": models, "comparisons": comps, "references": ["black"]}
+
+
+def test_sparse_training_claims_every_outcome():
+    """Trained sparse (and 2:4) clearly simpler than Wanda on every measure: reproduced; clearly less
+    simple: not reproduced; the two overlapping: inconclusive. One claim per comparison and measure."""
+    names = ["edges", "edges_remaining", "nodes", "selectivity", "nmse", "dead", "insertion_black", "deletion_black"]
+    for shift, noise, verdict in [(10, 1, C.REPRODUCED), (-10, 1, C.NOT_REPRODUCED), (0, 8, C.INCONCLUSIVE)]:
+        out = st.sparse_training_claims([synthetic_run(shift, noise)], J)
+        assert [c.id for c in out] == [f"sparse_training.{cid}.{n}" for cid in ("trained", "2_4") for n in names]
+        got = {c.id: c.verdict for c in out}
+        assert set(got.values()) == {verdict}, (shift, noise, got)
+        assert all(c.level == "sparse_training" and c.rule != "not measured" for c in out)
+    out = {c.id: c for c in st.sparse_training_claims([synthetic_run(10, 1)], J)}
+    edges = out["sparse_training.trained.edges"]
+    assert "Gao et al." in edges.paper and "trained sparse 70%" in edges.claim and "Wanda 70%" in edges.claim
+    assert edges.rule.endswith("trained sparse 70% minus Wanda 70%, paired over classes")
+    assert "expects no" in out["sparse_training.2_4.edges"].paper
+    assert out["sparse_training.trained.nmse"].rule.endswith("paired over SAE seeds")
+    assert out["sparse_training.trained.insertion_black"].rule.endswith("paired over images")
+    assert "3 comparisons (Holm)" in out["sparse_training.trained.selectivity"].rule
+    # two training seeds: the same claims, hierarchical intervals
+    two = st.sparse_training_claims([synthetic_run(10, 1, seed=0), synthetic_run(10, 1, seed=1)], J)
+    assert {c.verdict for c in two} == {C.REPRODUCED} and "training seeds" in two[0].effect
+
+
+def test_sparse_training_comparisons_ids_and_what_cannot_be_made():
+    cfg = load_config("smoke", {"sparse_training.sparsities": [0.9, 0.7]})
+    comps = st.comparisons(cfg)
+    assert [c["id"] for c in comps] == ["trained_70", "trained", "2_4"]  # the highest sparsity is "trained"
+    assert comps[1]["b"] == (0.9, pipeline_trained()) and comps[2]["a"] == (0.5, "wanda")
+    assert st.models(cfg)[0] == st.DENSE and len(st.models(cfg)) == 7
+    off = load_config("smoke", {"sparse_training.wanda_2_4": False})
+    run = synthetic_run(10, 1, cfg=off)
+    out = {c.id: c for c in st.sparse_training_claims([run], J)}
+    assert out["sparse_training.2_4.edges"].rule == "not measured"
+    assert "wanda_2_4 is false" in out["sparse_training.2_4.edges"].why
+    assert out["sparse_training.trained.edges"].verdict == C.REPRODUCED
+    agree = st.agreement(list(out.values()))
+    assert agree["trained_n"] == "8" and agree["trained_n_simpler"] == "8" and "holds on every measure" in agree["trained_summary"]
+    assert agree["2_4_n"] == "0" and "not tested" in agree["2_4_summary"]
+    paper = load_config("paper")  # a loaded checkpoint cannot be trained sparse: said, not attempted
+    assert all("loaded, not trained here" in c["missing"] for c in st.comparisons(paper) if c["kind"] == "trained")
+    assert (0.7, pipeline_trained()) not in st.models(paper)
+    with pytest.raises(ValueError, match="above 0"):
+        st.check(load_config("smoke", {"sparse_training.sparsities": [0.0]}))
+
+
+def pipeline_trained():
+    from impact_core import pipeline
+
+    return pipeline.TRAINED_SPARSE
+
+
+def test_sparse_training_tables_read_the_run():
+    run = synthetic_run(10, 1)
+    out = st.sparse_training_claims([run], J)
+    table = st.claims_table(out, run)
+    assert len(table) == len(out) and set(table.level) == {"circuit", "neuron", "layer", "model"}
+    assert table.comparison.iloc[0] == "trained sparse 70% minus Wanda 70%"
+    levels = st.level_table(run)
+    assert list(levels.index) == ["dense", "Wanda 70%", "trained sparse 70%", "Wanda 50%", "Wanda 2:4 (50%)"]
+    assert "selectivity, block 7" in levels.columns and "insertion - random (black)" in levels.columns
+    long = st.long_frame(run)
+    assert set(long.metric) >= {"edges", "selectivity (block 2)", "nmse", "deletion_black"}
+    assert len(long[(long.model == "dense") & (long.metric == "edges")]) == 30
