@@ -33,8 +33,12 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
 @pytest.fixture
 def tiny_fmnist(tmp_path) -> Path:
     """A folder holding the four Fashion-MNIST IDX files with 60 train / 20 test images."""
+    return write_tiny_fmnist(tmp_path / "fmnist")
+
+
+def write_tiny_fmnist(folder: Path) -> Path:
+    """Write seeded Fashion-MNIST-shaped IDX files (60 train / 20 test images) into a new ``folder``."""
     rng = np.random.default_rng(0)
-    folder = tmp_path / "fmnist"
     folder.mkdir()
     write_idx(folder / "train-images-idx3-ubyte", rng.integers(0, 256, (60, 28, 28)))
     write_idx(folder / "train-labels-idx1-ubyte", np.arange(60) % 10)

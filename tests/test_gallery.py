@@ -10,11 +10,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import tiny_config, tiny_vit, write_idx  # noqa: E402
+from conftest import tiny_config, tiny_vit, write_tiny_fmnist  # noqa: E402
 from impact_core import pipeline  # noqa: E402
 from impact_core.levels import circuit as circuit_level  # noqa: E402
 from impact_core.levels import layer, neuron  # noqa: E402
@@ -28,13 +27,7 @@ from impact_core.methods.sites import HookedViT  # noqa: E402
 def tiny_setup(tmp_path_factory):
     """Fashion-MNIST-shaped IDX files (60 train / 20 test images) and a cache of this module's own."""
     root = tmp_path_factory.mktemp("gallery")
-    rng = np.random.default_rng(0)
-    data = root / "fmnist"
-    data.mkdir()
-    write_idx(data / "train-images-idx3-ubyte", rng.integers(0, 256, (60, 28, 28)))
-    write_idx(data / "train-labels-idx1-ubyte", np.arange(60) % 10)
-    write_idx(data / "t10k-images-idx3-ubyte", rng.integers(0, 256, (20, 28, 28)))
-    write_idx(data / "t10k-labels-idx1-ubyte", np.arange(20) % 10)
+    data = write_tiny_fmnist(root / "fmnist")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IMPACT_CACHE", str(root / "cache"))
         yield data
