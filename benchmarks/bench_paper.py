@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import torch
 
 from impact_core import bench

@@ -1,6 +1,5 @@
 """bf16 autocast of the forward-only passes stays within the tolerances stated in
 impact_core/precision.py (against fp32, on a small seeded model trained here)."""
-import numpy as np
 import pytest
 import torch
 

@@ -252,7 +252,6 @@ def test_bad_arguments_fail_before_compute():
 def test_sae_seeds_share_activations_and_the_control_works(tiny_fmnist, tmp_path):
     """On a tiny model: SAE seeds differ only in the SAE, reuse the activation buffers; the control model works."""
     from impact_core import pipeline
-    from impact_core.methods import sae_features
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tiny_fmnist, pruning={"finetune_images": 16, "finetune_batch_size": 16},
