@@ -39,6 +39,11 @@ VERSIONS: dict[str, int] = {}
 """Kind of cached artefact -> version of the code that computes it (filled by :func:`artefact`)."""
 
 
+SERVED: dict[tuple[str, str], None] = {}
+"""``(kind, key)`` of every entry this process loaded or computed, in first-use order (the
+"reproduce this page" box lists the models a chapter read)."""
+
+
 def artefact(kind: str, version: int) -> str:
     """Declare a cached kind and its code version; returns ``kind`` (``NEURON = artefact("neuron_metrics", 3)``)."""
     if VERSIONS.get(kind, version) != version:
@@ -151,6 +156,7 @@ class ResultCache:
 
     def get_or_compute(self, kind: str, inputs: dict, compute: Callable[[], Any]) -> Any:
         key = self.key(kind, inputs)
+        SERVED.setdefault((kind, key))
         try:
             value = self.load(kind, key)
             log.info("cache: reusing %s/%s", kind, key)

@@ -22,7 +22,6 @@ import html
 import logging
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -154,26 +153,8 @@ def provenance(cfg: Config, preset: str) -> dict[str, str]:
     }
 
 
-MODEL_KINDS = ("dense_model", "pruned_model")
-"""Cache kinds that are models (:mod:`impact_core.pipeline`): the keys the reproduce box lists."""
-
-_RUN: dict[str, Any] = {"parameters": {}, "cache": {}}
-"""This kernel's run: the non-default chapter parameters (set by :func:`chapter_config`) and the
-cache entries it reused or computed (``{(kind, key): "reusing" | "computing" | "stored"}``)."""
-
-
-class _CacheKeys(logging.Handler):
-    """Records the cache entries named by :class:`impact_core.cache.ResultCache`'s log lines."""
-
-    PATTERN = re.compile(r"cache: (reusing|computing|stored) ([\w.-]+)/([0-9a-f]+)")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            match = self.PATTERN.match(record.getMessage())
-        except Exception:  # noqa: BLE001
-            return
-        if match:
-            _RUN["cache"].setdefault((match.group(2), match.group(3)), match.group(1))
+_RUN: dict[str, Any] = {"parameters": {}}
+"""This kernel's run: the non-default chapter parameters (set by :func:`chapter_config`)."""
 
 
 def reproduce_command(chapter: str, preset: str, parameters: dict | None = None) -> str:
@@ -247,7 +228,10 @@ def provenance_table(cfg: Config, preset: str) -> Provenance:
     info = provenance(cfg, preset)
     table = pd.DataFrame.from_dict(info, orient="index", columns=["value"])
     chapter = _this_chapter()
-    models = sorted(k for k in _RUN["cache"] if k[0] in MODEL_KINDS)
+    from .cache import SERVED
+    from .pipeline import DENSE_MODEL, PRUNED_MODEL, TRAINED_SPARSE_MODEL
+
+    models = sorted(k for k in SERVED if k[0] in (DENSE_MODEL, PRUNED_MODEL, TRAINED_SPARSE_MODEL))
     return Provenance(table, reproduce_command(chapter, preset, _RUN["parameters"]), str(preset),
                       info["config hash"], models)
 
@@ -318,16 +302,13 @@ def install_table_downloads(shell=None, folder: str | None = None, href: str | N
 
 def quiet_logs() -> None:
     """Show impact_core's cache log lines; silence chatty libraries. Also the hosted report's set-up
-    (the first call of every chapter): record the cache entries this kernel reads (for the reproduce
-    box) and, when the runner asks for it, write every displayed table as CSV with a link."""
+    (the first call of every chapter): when the runner asks for it, write every displayed table as
+    CSV with a link."""
     from .pipeline import setup_logging
 
     setup_logging()
     for name in ("matplotlib", "PIL", "fontTools"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    core = logging.getLogger("impact_core")
-    if not any(isinstance(h, _CacheKeys) for h in core.handlers):
-        core.addHandler(_CacheKeys())
     install_table_downloads()
 
 
@@ -350,8 +331,6 @@ def compare_glued(old_src, new_src) -> dict[str, list]:
     """Every glued value of two executed books (their ``_build/src`` folders), chapter by chapter:
     ``{"differ": [(chapter, key, old, new)], "only_old": [(chapter, key)], "only_new": [...]}``.
     ``python -m impact_core compare OLD NEW`` prints it: a refactor must leave every number as it was."""
-    from pathlib import Path
-
     out = {"differ": [], "only_old": [], "only_new": []}
     old_src, new_src = Path(old_src), Path(new_src)
     for old_nb in sorted(old_src.rglob("*.ipynb")):

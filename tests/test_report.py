@@ -3,7 +3,6 @@ CSV with a link, the "reproduce this page" box, a local MathJax."""
 from __future__ import annotations
 
 import csv
-import logging
 import re
 
 import pandas as pd
@@ -12,6 +11,7 @@ import yaml
 from IPython.core.formatters import DisplayFormatter
 
 from impact_core import notebook as nb
+from impact_core import cache as cache_module
 from impact_core import runner
 from impact_core.cache import ResultCache
 from impact_core.pipeline import DENSE_MODEL, PRUNED_MODEL
@@ -183,8 +183,7 @@ def test_the_chapter_of_a_hand_run(monkeypatch):
 def test_provenance_shows_the_reproduce_box(tmp_path, monkeypatch):
     monkeypatch.setenv("IMPACT_CHAPTER", "book/chapters/03_layer")
     monkeypatch.setitem(nb._RUN, "parameters", {"sparsity": 0.5})
-    monkeypatch.setitem(nb._RUN, "cache", {})
-    nb.quiet_logs()  # records the cache entries this process reads
+    monkeypatch.setattr(cache_module, "SERVED", {})  # the cache records the entries this process reads
     cache = ResultCache(tmp_path)
     cache.get_or_compute(DENSE_MODEL, {"seed": 1}, lambda: {"w": 1})
     cache.get_or_compute(DENSE_MODEL, {"seed": 1}, lambda: {"w": 1})  # reused: listed once
@@ -201,8 +200,6 @@ def test_provenance_shows_the_reproduce_box(tmp_path, monkeypatch):
     assert keys["dense_model"] == cache.key(DENSE_MODEL, {"seed": 1})
     assert f"dense_model/{keys['dense_model']}" in page
     assert "reproduce: papermill" in repr(shown)
-    logging.getLogger("impact_core").handlers[:] = [h for h in logging.getLogger("impact_core").handlers
-                                                    if not isinstance(h, nb._CacheKeys)]
 
 
 # ---- MathJax from the book itself ----------------------------------------------------------
