@@ -6,6 +6,14 @@ file and renamed; the JSON is written last, so an entry without it is partial.
 On load the payload's checksum is verified; a partial or corrupt entry is
 logged, removed and recomputed, never loaded.
 
+Processes that share the cache (the runner's ``--jobs`` workers) never compute the same entry twice:
+a process computes an entry holding an exclusive lock on ``<kind>/.<key>.lock`` (``fcntl.flock``;
+the file is removed when the computation ends), and one that finds it held waits, then loads what
+the other stored. Locks are taken in the order
+entries are built on one another, so they cannot deadlock. The metadata records how long the
+computation took (``seconds``, and ``self_seconds`` without the entries it computed on the way)
+and which task of the runner computed it (``task``, from ``$IMPACT_TASK``): the build's profile.
+
 Every kind of entry is declared once with the version of the code that computes it
 (:func:`artefact`, beside its entry point) and the version is part of every key, so an entry
 computed by older code is never served as new: bump the version when the computation
@@ -14,6 +22,8 @@ recomputes the kind and everything built on it, and nothing else.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -26,7 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .config import config_hash
-from .distributed import barrier, is_main
+from .distributed import barrier, is_main, world_size
 
 log = logging.getLogger("impact_core")
 
@@ -141,11 +151,13 @@ class ResultCache:
         except Exception as err:  # noqa: BLE001
             raise CacheError(f"{kind}/{key}: payload could not be read ({err})") from err
 
-    def save(self, kind: str, key: str, value: Any, inputs: dict) -> None:
+    def save(self, kind: str, key: str, value: Any, inputs: dict, timing: Optional[dict] = None) -> None:
+        """Store an entry; ``timing`` (``seconds``, ``self_seconds``) goes into its metadata."""
         payload, meta = self.paths(kind, key)
         atomic_write_bytes(payload, lambda f: torch.save(value, f))
         info = {"kind": kind, "key": key, "inputs": inputs, "sha256": _sha256(payload),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "task": os.environ.get("IMPACT_TASK"),
+                "threads": torch.get_num_threads(), **(timing or {})}
         text = json.dumps(info, indent=1, sort_keys=True, default=str).encode()
         atomic_write_bytes(meta, lambda f: f.write(text))
 
@@ -154,26 +166,76 @@ class ResultCache:
             if p.exists():
                 p.unlink()
 
-    def get_or_compute(self, kind: str, inputs: dict, compute: Callable[[], Any]) -> Any:
-        key = self.key(kind, inputs)
-        SERVED.setdefault((kind, key))
+    @contextlib.contextmanager
+    def _exclusive(self, kind: str, key: str):
+        """Hold ``<kind>/.<key>.lock`` while computing the entry (not under torchrun, whose
+        processes compute one entry together). Time spent waiting is not this process's compute."""
+        if world_size() > 1:
+            yield
+            return
+        path = self.root / kind / f".{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("cache: waiting for another process computing %s/%s", kind, key)
+                start = time.time()
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                if _NESTED:
+                    _NESTED[-1] += time.time() - start
+            try:
+                yield
+            finally:
+                # removed while held: a process still waiting on it re-checks the cache once it has it
+                # (and finds the entry); one arriving later locks a new file and finds the entry too
+                path.unlink(missing_ok=True)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _try_load(self, kind: str, key: str):
+        """``(True, value)`` for an intact entry; ``(False, None)`` when absent or removed as broken."""
         try:
-            value = self.load(kind, key)
-            log.info("cache: reusing %s/%s", kind, key)
-            return value
+            return True, self.load(kind, key)
         except KeyError:
-            pass
+            return False, None
         except CacheError as err:
             log.warning("cache: %s; recomputing", err)
             self.remove(kind, key)
-        for tmp in stale_temporaries(self.root / kind):
-            log.warning("cache: removing %s, left by a write that was killed", tmp)
-            tmp.unlink(missing_ok=True)
-        log.info("cache: computing %s/%s", kind, key)
-        start = time.time()
-        value = compute()
-        if is_main():  # under torchrun every process computes its share; one writes
-            self.save(kind, key, value, inputs)
-        barrier()
-        log.info("cache: stored %s/%s (%.1f s)", kind, key, time.time() - start)
+            return False, None
+
+    def get_or_compute(self, kind: str, inputs: dict, compute: Callable[[], Any]) -> Any:
+        key = self.key(kind, inputs)
+        SERVED.setdefault((kind, key))
+        found, value = self._try_load(kind, key)
+        if found:
+            log.info("cache: reusing %s/%s", kind, key)
+            return value
+        with self._exclusive(kind, key):
+            found, value = self._try_load(kind, key)  # another process may have stored it meanwhile
+            if found:
+                log.info("cache: reusing %s/%s (computed by another process)", kind, key)
+                return value
+            for tmp in stale_temporaries(self.root / kind):
+                log.warning("cache: removing %s, left by a write that was killed", tmp)
+                tmp.unlink(missing_ok=True)
+            log.info("cache: computing %s/%s", kind, key)
+            start = time.time()
+            _NESTED.append(0.0)
+            try:
+                value = compute()
+            finally:
+                nested = _NESTED.pop()
+            seconds = time.time() - start
+            if _NESTED:
+                _NESTED[-1] += seconds
+            timing = {"seconds": round(seconds, 3), "self_seconds": round(seconds - nested, 3)}
+            if is_main():  # under torchrun every process computes its share; one writes
+                self.save(kind, key, value, inputs, timing)
+            barrier()
+        log.info("cache: stored %s/%s (%.1f s)", kind, key, seconds)
         return value
+
+
+_NESTED: list[float] = []
+"""Per computation in progress in this process (innermost last): seconds spent in the entries it
+computed or waited for on the way, which its ``self_seconds`` leaves out."""

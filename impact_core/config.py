@@ -421,6 +421,7 @@ class Config(Section):
     seeds: Optional[list] = None  # several training seeds: the discussion judges claims across them
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
     precision: str = "fp32"  # "fp32" or "bf16": autocast of the forward-only passes (impact_core.precision)
+    cpu_threads: int = 1  # torch threads of every computation on the CPU: part of every cache key (see cpu_salt)
     cache_dir: str = ".cache/impact"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -438,6 +439,8 @@ class Config(Section):
             raise ConfigError(f"{prefix}device: must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"{prefix}precision: must be 'fp32' or 'bf16', got {self.precision!r}")
+        if isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int) or self.cpu_threads < 1:
+            raise ConfigError(f"{prefix}cpu_threads: must be an integer >= 1, got {self.cpu_threads!r}")
         self.cache_dir = os.path.expandvars(str(self.cache_dir))
         if self.seeds is not None:
             if not isinstance(self.seeds, list) or not self.seeds or not all(isinstance(x, int) for x in self.seeds):

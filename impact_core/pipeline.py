@@ -82,6 +82,7 @@ _PREFLIGHT_PASSED: set[str] = set()
 def preflight(cfg: Config) -> None:
     """All checks that must pass before any compute: data, checkpoint, device (once per
     configuration and process: the entry points call it, the code below them trusts it)."""
+    use_cpu_threads(cfg)
     key = config_hash(cfg.to_dict())
     if key in _PREFLIGHT_PASSED:
         return
@@ -91,9 +92,25 @@ def preflight(cfg: Config) -> None:
     _PREFLIGHT_PASSED.add(key)
 
 
+def use_cpu_threads(cfg: Config) -> None:
+    """On the CPU, run every computation on ``cfg.cpu_threads`` torch threads (default 1).
+
+    A matrix product splits its sums between threads, so the thread count changes the last bits of
+    every number (the dense model trained on one thread differs from the one trained on two). A fixed
+    count makes the numbers independent of how many chapters or work pieces share the machine (the
+    runner runs ``--jobs`` of them side by side, one thread each) and of the machine's core count;
+    :func:`cache_for` puts it in every CPU key."""
+    if resolve_device(cfg).type == "cpu" and torch.get_num_threads() != cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+
+
 def cache_for(cfg: Config) -> ResultCache:
-    """The result cache; with ``precision: bf16`` every key also records the precision."""
-    return ResultCache(cfg.cache_path, salt={"precision": cfg.precision} if cfg.precision != "fp32" else None)
+    """The result cache; every key also records ``precision`` when it is not fp32, and on the CPU
+    ``cpu_threads`` (:func:`use_cpu_threads`)."""
+    salt = {"precision": cfg.precision} if cfg.precision != "fp32" else {}
+    if resolve_device(cfg).type == "cpu":
+        salt["cpu_threads"] = cfg.cpu_threads
+    return ResultCache(cfg.cache_path, salt=salt or None)
 
 
 _SPLITS: dict[str, dict] = {}

@@ -1,14 +1,16 @@
 """The chapter runner behind ``make book``.
 
 1. Validate the preset (unknown keys, bad values, missing data or checkpoint) before any compute.
-2. Execute every chapter listed in ``_toc.yml`` with papermill into a staging copy of the
-   book (``<out>/src``), one OS process per notebook; ``--jobs N`` runs N at once.
+2. Compute the levels' pieces and execute every chapter listed in ``_toc.yml`` with papermill into
+   a staging copy of the book (``<out>/src``): the work plan of :mod:`impact_core.schedule`, ``--jobs N``
+   processes at once (one torch thread each on the CPU).
 3. Stop with a non-zero exit naming the chapter if any raised or stored an error output.
 4. Only then build the staged book with ``jupyter-book build -W`` (warnings are errors;
    ``execute_notebooks: off``: papermill executed, the book only renders).
 
 Everything lands in ``<out>/_build/`` (default: the repository root): ``src/`` the executed
-chapters, ``logs/`` papermill's logs, ``html/`` the book.
+chapters, ``logs/`` papermill's logs (``logs/pieces/`` the pieces'), ``html/`` the book,
+``timings.json`` seconds per piece and chapter.
 
 The hosted report: each executed chapter is re-tagged for reading (:func:`report_tags`: set-up and
 parameter cells removed, the analysis code collapsed behind a toggle, outputs in front); every table
@@ -28,18 +30,18 @@ import subprocess
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
 
 import yaml
 
 from .config import REPO_ROOT, load_config
+from .schedule import TaskError, plan, run_plan
 
 KERNEL = "impact"
 
 
-class ChapterError(RuntimeError):
+class ChapterError(TaskError):
     """A chapter notebook raised while being executed."""
 
 
@@ -127,7 +129,7 @@ def execute_chapter(chapter: str, src: Path, preset: str, log_dir: Path, jobs: i
 
     With ``jobs`` chapters at once, each kernel gets ``cores // jobs`` threads (OpenMP threads
     that outnumber the cores spin against each other and run several times slower)."""
-    env = dict(os.environ)
+    env = dict(os.environ, IMPACT_TASK=chapter)
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     env.update(report_env(chapter, src))
@@ -153,26 +155,6 @@ def execute_chapter(chapter: str, src: Path, preset: str, log_dir: Path, jobs: i
                            f"(log: {log_file})\n{tail}")
     tag_for_report(target)
     return time.time() - start
-
-
-def chapter_waves(chapters: list[str]) -> list[list[str]]:
-    """The chapters in waves that may run side by side, from the level registry: a level's chapter
-    runs after the chapters of the levels it names in ``after`` (pruning builds the models every
-    other level takes from the cache); chapters of no level (the discussion, which reads every
-    level's results) run last, one wave each, in table-of-contents order."""
-    from .levels import level_of_chapter
-
-    level_chapters = [c for c in chapters if level_of_chapter(c) is not None]
-    done: set[str] = set()
-    waves = []
-    while len(done) < len(level_chapters):
-        names_done = {level_of_chapter(c).name for c in done}
-        selected = {level_of_chapter(c).name for c in level_chapters}
-        wave = [c for c in level_chapters if c not in done
-                and all(a in names_done or a not in selected for a in level_of_chapter(c).after)]
-        waves.append(wave)
-        done.update(wave)
-    return waves + [[c] for c in chapters if level_of_chapter(c) is None]
 
 
 MATHJAX_ENTRY = "tex-chtml.js"
@@ -272,16 +254,15 @@ def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None
     log_dir = out / "_build" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     selected = list(chapters) if chapters else toc_chapters()
-    print(f"[impact] preset {preset}: executing {len(selected)} chapter(s) -> {src}", flush=True)
-    timings = {}
-    for wave in chapter_waves(selected):
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # each job is its own OS process
-            futures = {c: pool.submit(execute_chapter, c, src, preset, log_dir, jobs if len(wave) > 1 else 1)
-                       for c in wave}
-            for c, f in futures.items():
-                timings[c] = f.result()
-                print(f"[impact]   {c}: {timings[c]:.0f} s", flush=True)
-    print("[impact] building HTML (jupyter-book build -W)", flush=True)
+    tasks = plan(cfg, selected)
+    pieces = sum(t.piece is not None for t in tasks)
+    print(f"[impact] preset {preset}: {pieces} cached piece(s) and {len(selected)} chapter(s) on {max(1, jobs)} "
+          f"process(es) -> {src}", flush=True)
+    start = time.time()
+    timings = run_plan(tasks, jobs, preset, lambda c: execute_chapter(c, src, preset, log_dir, jobs), log_dir,
+                       say=lambda line: print(line, flush=True))
+    timings["total"] = time.time() - start
+    print(f"[impact] pieces and chapters: {timings['total']:.0f} s; building HTML (jupyter-book build -W)", flush=True)
     html = build_html(src, out)
     (out / "_build" / "timings.json").write_text(json.dumps(timings, indent=1))
     print(f"[impact] book written to {html}/index.html", flush=True)

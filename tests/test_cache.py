@@ -156,3 +156,59 @@ def test_a_version_bump_recomputes_its_entries_and_those_built_on_them(tiny_fmni
     computed, reused = build()
     assert computed == {"pruned_model", "accuracy"}  # the 50% model and its accuracy; dense's all reused
     assert {"dense_model", "neuron_metrics"} <= reused  # dense and its neuron metrics
+
+
+WORKER = """
+import sys, time
+from impact_core.cache import ResultCache, artefact
+artefact("thing", 1)
+def compute():
+    with open(sys.argv[2], "a") as f:
+        f.write("computed\\n")
+    time.sleep(1.0)
+    return {"who": sys.argv[3]}
+print(ResultCache(sys.argv[1]).get_or_compute("thing", {"x": 1}, compute)["who"])
+"""
+
+
+def test_two_processes_compute_an_entry_once(tmp_path):
+    """The second process waits for the first one's lock, then loads what it stored."""
+    import subprocess
+    import sys
+
+    from impact_core.config import REPO_ROOT
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    calls = tmp_path / "calls.txt"
+    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(calls), name],
+                              stdout=subprocess.PIPE, text=True, env=env) for name in ("first", "second")]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert calls.read_text() == "computed\n"  # one computation
+    assert outs[0] == outs[1] and outs[0] in ("first", "second")  # both got the stored value
+
+
+def test_metadata_records_the_time_of_the_computation_and_its_task(tmp_path, monkeypatch):
+    """``seconds`` includes the entries computed on the way; ``self_seconds`` leaves them out."""
+    import time
+
+    monkeypatch.setenv("IMPACT_TASK", "circuits, 70%")
+    cache = ResultCache(tmp_path)
+
+    def inner():
+        time.sleep(0.3)
+        return 1
+
+    def outer():
+        value = cache.get_or_compute("thing", {"x": "inner"}, inner)
+        time.sleep(0.05)
+        return value + 1
+
+    assert cache.get_or_compute("thing", {"x": "outer"}, outer) == 2
+    meta = {x: json.loads(cache.paths("thing", cache.key("thing", {"x": x}))[1].read_text()) for x in ("inner", "outer")}
+    assert meta["inner"]["seconds"] >= 0.3 and meta["inner"]["self_seconds"] == pytest.approx(meta["inner"]["seconds"])
+    assert meta["outer"]["seconds"] >= meta["inner"]["seconds"] + 0.05
+    assert meta["outer"]["self_seconds"] == pytest.approx(meta["outer"]["seconds"] - meta["inner"]["seconds"], abs=0.01)
+    assert meta["outer"]["task"] == "circuits, 70%" and meta["outer"]["threads"] >= 1

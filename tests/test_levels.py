@@ -8,7 +8,8 @@ import yaml
 from conftest import tiny_config
 from impact_core import claims, discussion, levels, notebook, pipeline
 from impact_core.config import load_config
-from impact_core.runner import chapter_waves, toc_chapters
+from impact_core.runner import toc_chapters
+from impact_core.schedule import plan
 
 
 def test_builtin_levels_match_the_book():
@@ -27,8 +28,9 @@ def test_builtin_levels_match_the_book():
                 section, field = key.split(".")
                 assert hasattr(getattr(cfg, section), field), key
     assert [c for c in toc if levels.level_of_chapter(c) is None] == ["book/chapters/07_discussion"]
-    waves = chapter_waves(toc)
-    assert waves[0] == ["book/chapters/01_pruning"] and waves[-1] == ["book/chapters/07_discussion"]
+    tasks = {t.name: t for t in plan(cfg, toc)}
+    assert tasks["book/chapters/07_discussion"].needs == set(toc) - {"book/chapters/07_discussion"}
+    assert "dense model" in tasks["book/chapters/02_neuron"].needs  # the pruning level's pieces come first
     with pytest.raises(ValueError, match="unknown level"):
         levels.get_level("neurons")
 
@@ -84,8 +86,10 @@ def test_a_registered_level_is_prepared_judged_and_listed(toy_level, tiny_fmnist
     out = levels.all_claims(cfg, ["toy"])
     assert [c.id for c in out] == ["toy.self"] and out[0].verdict == claims.REPRODUCED
     assert "dense top-1 is above -0.5" in discussion.glue_values(out, [0])["list_survive"]
-    assert chapter_waves(["book/chapters/01_pruning", "book/chapters/07_toy", "book/chapters/07_discussion"]) == [
-        ["book/chapters/01_pruning"], ["book/chapters/07_toy"], ["book/chapters/07_discussion"]]
+    tasks = {t.name: t for t in plan(cfg, ["book/chapters/01_pruning", "book/chapters/07_toy",
+                                           "book/chapters/07_discussion"])}
+    assert "book/chapters/01_pruning" in tasks["book/chapters/07_toy"].needs  # ``after`` orders the chapters
+    assert tasks["book/chapters/07_discussion"].needs == {"book/chapters/01_pruning", "book/chapters/07_toy"}
     # the chapter's parameters become config overrides; an unknown one is rejected
     namespace = {"preset": str(preset), "sparsity": 0.3, "blocks": 4}
     cfg_chapter = notebook.chapter_config("toy", namespace, set())

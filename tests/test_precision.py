@@ -95,5 +95,25 @@ def test_precision_in_config_and_cache_keys(tmp_path):
     fp32 = load_config("smoke")
     bf16 = load_config("smoke", overrides={"precision": "bf16"})
     inputs = {"a": 1}
-    assert cache_for(fp32).key("accuracy", inputs) == ResultCache(tmp_path).key("accuracy", inputs)  # fp32 keys unchanged
+    salted = ResultCache(tmp_path, salt={"cpu_threads": fp32.cpu_threads})  # on the CPU: the thread count
+    assert cache_for(fp32).key("accuracy", inputs) == salted.key("accuracy", inputs)  # fp32 adds nothing more
     assert cache_for(bf16).key("accuracy", inputs) != cache_for(fp32).key("accuracy", inputs)
+
+
+def test_cpu_threads_fix_the_numbers_and_enter_the_keys(tmp_path):
+    """The thread count changes the last bits of a training run, so it is one setting of the config
+    (default 1), applied by preflight whatever the process had, and part of every CPU key."""
+    from impact_core.pipeline import preflight
+
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        load_config("smoke", overrides={"cpu_threads": 0})
+    one, two = load_config("smoke"), load_config("smoke", overrides={"cpu_threads": 2})
+    assert one.cpu_threads == 1
+    assert cache_for(one).key("accuracy", {"a": 1}) != cache_for(two).key("accuracy", {"a": 1})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        preflight(one)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -40,6 +40,10 @@ class Level:
                 their chapters first).
     check:      ``check(cfg)``: what must hold of the data for this level before any compute
                 (run once, at the edge: by the chapter and by ``prepare``), or None.
+    pieces:     ``pieces(cfg) -> list[Piece]``: the independent parts of what the chapter computes
+                (one cached entry point for one model each), which the runner computes side by side
+                in ``--jobs`` processes before the chapter reads them from the cache; None: the
+                chapter computes everything itself.
     """
 
     name: str
@@ -51,6 +55,31 @@ class Level:
     parameters: Mapping[str, str] = field(default_factory=dict)
     after: tuple[str, ...] = ()
     check: Optional[Callable[..., None]] = None
+    pieces: Optional[Callable[..., list]] = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One independent part of a chapter's computation: ``run(cfg)`` calls the cached entry point
+    ``entry(cfg, *args, **kwargs)`` (a module-level function, so a piece can be sent to a worker
+    process), after which the chapter finds the result in the cache.
+
+    of:    the model it builds or analyses, ``(sparsity, method)`` (the plan starts it after that
+           model; a pruned model after the dense one).
+    model: it builds a model: the runner starts models before any analysis.
+    cost:  rough seconds on the default preset on one thread; it only orders the work (longest
+           first), so a wrong value costs time, never a wrong number."""
+
+    label: str
+    entry: Callable
+    args: tuple = ()
+    kwargs: Mapping = field(default_factory=dict)
+    of: tuple = (0.0, "wanda")
+    model: bool = False
+    cost: float = 1.0
+
+    def run(self, cfg) -> None:
+        self.entry(cfg, *self.args, **dict(self.kwargs))
 
 
 _LEVELS: dict[str, Level] = {}
@@ -107,6 +136,29 @@ def over_models(entry: Callable[..., dict], sparsities) -> dict:
     from ..pipeline import CONTROL
 
     return {"by_sparsity": {s: entry(s, "wanda") for s in with_dense(sparsities)}, "control": entry(0.0, CONTROL)}
+
+
+def model_pieces(what: str, entry: Callable, sparsities, cost: float, **kwargs) -> list[Piece]:
+    """A :class:`Piece` of ``entry(cfg, sparsity, method=...)`` for each model :func:`over_models` visits:
+    dense, every sparsity and the control."""
+    from ..pipeline import CONTROL, model_label
+
+    models = [(s, "wanda") for s in with_dense(sparsities)] + [(0.0, CONTROL)]
+    return [Piece(f"{what}, {model_label(s, m)}", entry, (s,), {"method": m, **kwargs}, of=(s, m), cost=cost)
+            for s, m in models]
+
+
+def level_pieces(cfg, names: Sequence[str]) -> list[Piece]:
+    """The pieces of the levels ``names`` (levels without pieces contribute none), duplicates dropped."""
+    out, seen = [], set()
+    for name in names:
+        level = get_level(name)
+        for piece in level.pieces(cfg) if level.pieces else []:
+            ident = (piece.entry.__module__, piece.entry.__qualname__, piece.args, tuple(sorted(piece.kwargs.items())))
+            if ident not in seen:
+                seen.add(ident)
+                out.append(piece)
+    return out
 
 
 def for_seed(cfg, seed: int):

@@ -19,7 +19,7 @@ from ..claims import Claim, Judge, as_array, change_claim, judge_chance
 from ..config import Config
 from ..methods.circuits import ClassSets, balanced_indices, compute_circuits, edge_counts, ncq_edges
 from ..pipeline import CONTROL
-from . import Level, register_level, with_dense
+from . import Level, Piece, model_pieces, register_level, with_dense
 
 log = logging.getLogger("impact_core")
 
@@ -251,11 +251,26 @@ def gather(cfg) -> dict:
             "pruning_only": pruning_only_edges(cfg, top) if top > 0 else None}
 
 
+def pieces(cfg) -> list[Piece]:
+    """The circuits :func:`gather` reads (each model at its k; the sparsest and the control also at the
+    dense k) and the chapter's k sweep of Table 7 at the sparsest level."""
+    top = max(with_dense(cfg.circuit.sparsities))
+    out = model_pieces("circuits", circuit_results, cfg.circuit.sparsities, cost=70)
+    out.append(Piece("circuits at the dense k, control", circuit_results, (0.0,),
+                     {"k": cfg.circuit.k_dense, "method": CONTROL}, of=(0.0, CONTROL), cost=70))
+    if top > 0:
+        out += [Piece(f"circuits at k={k:g}, {pipeline.model_label(top)}", circuit_results, (top,), {"k": k},
+                      of=(top, "wanda"), cost=70)
+                for k in sorted({float(cfg.circuit.k_dense), *map(float, sweep_ks(cfg))} - {default_k(cfg, top)})]
+    return out
+
+
 register_level(Level(
     name="circuit", title="Circuit level", section="circuit", gather=gather, claims=circuit_claims,
     chapter="book/chapters/04_circuit", after=("pruning",), check=check_sets,
     parameters={"sparsity": "circuit.sparsities", "classes": "circuit.classes",
-                "k": ("circuit.k_dense", "circuit.k_sparse"), "epochs": "circuit.epochs", "lr": "circuit.lr"}))
+                "k": ("circuit.k_dense", "circuit.k_sparse"), "epochs": "circuit.epochs", "lr": "circuit.lr"},
+    pieces=pieces))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from ..data import Batches, seeded_subset
 from ..methods import sae_features
 from ..methods.sae import (BatchTopKSAE, activation_chunks, buffered_batches, check_tokens, choose_decode_impl,
                            evaluate, fit, shuffled_batches, tokens_per_image)
-from . import Level, over_models, register_level
+from . import Level, Piece, model_pieces, over_models, register_level, with_dense
 from .neuron import neuron_claims
 
 log = logging.getLogger("impact_core")
@@ -301,11 +301,33 @@ def gather(cfg) -> dict:
     return out
 
 
+def model_results(cfg, sparsity: float, method: str = "wanda") -> None:
+    """Everything :func:`gather` reads of one model: its SAEs' quality over the SAE seeds, then the
+    latents' metrics (built on the seed-0 SAE)."""
+    quality_over_seeds(cfg, sparsity, method=method)
+    sae_feature_metrics(cfg, sparsity, method=method)
+
+
+def pieces(cfg) -> list[Piece]:
+    """Each model's SAEs and latent metrics (:func:`model_results`), then the chapter's sweeps of
+    Tables 5 and 6 (one SAE each, :func:`sweep_rows`)."""
+    s_cfg = cfg.sae
+    out = model_pieces("SAEs", model_results, s_cfg.sparsities, cost=60)
+    for s in with_dense(s_cfg.sparsities):
+        for spec in sweep_rows(s_cfg.tokens, s_cfg.k, s_cfg.expansion, dense=(s == 0)):
+            if (spec["tokens"], spec["k"], spec["expansion"]) == (s_cfg.tokens, s_cfg.k, s_cfg.expansion):
+                continue  # the probe's SAE (seed 0): the model's own piece trains it
+            out.append(Piece(f"SAE sweep, {pipeline.model_label(s)} {spec['tokens']} k={spec['k']} x{spec['expansion']}",
+                             train_sae, (s, spec["tokens"], spec["k"], spec["expansion"]), of=(s, "wanda"),
+                             cost=40 if spec["tokens"] == s_cfg.tokens else 90))
+    return out
+
+
 register_level(Level(
     name="layer", title="Layer level", section="sae", gather=gather, claims=layer_claims,
     chapter="book/chapters/03_layer", after=("pruning",),
     parameters={"sparsity": "sae.sparsities", "block": "sae.block", "tokens": "sae.tokens", "k": "sae.k",
-                "expansion": "sae.expansion"}))
+                "expansion": "sae.expansion"}, pieces=pieces))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from ..config import Config
 from ..data import batches, seeded_positions
 from ..methods import attribution as attr
 from ..methods.perturbation import RISE_BLUR, SCORE_KEYS, figure_positions, other_rule, score_chunk
-from . import Level, over_models, register_level
+from . import Level, Piece, model_pieces, over_models, register_level
 
 ATTRIBUTION = artefact("attribution_results", 4)  # 4: random patch scores, two substitutes, the other LayerScale rule
 
@@ -270,11 +270,16 @@ def gather(cfg) -> dict:
     return over_models(lambda s, method: attribution_results(cfg, s, method=method), cfg.attribution.sparsities)
 
 
+def pieces(cfg) -> list[Piece]:
+    """:func:`attribution_results` of each model (dense, every sparsity, the control)."""
+    return model_pieces("attribution", attribution_results, cfg.attribution.sparsities, cost=100)
+
+
 register_level(Level(
     name="model", title="Model level", section="attribution", gather=gather, claims=model_claims,
     chapter="book/chapters/05_model", after=("pruning",),
     parameters={"sparsity": "attribution.sparsities", "images": "attribution.images", "steps": "attribution.steps",
-                "references": "attribution.references"}))
+                "references": "attribution.references"}, pieces=pieces))
 
 
 # ---------------------------------------------------------------------------------------------

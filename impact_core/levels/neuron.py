@@ -22,7 +22,7 @@ from ..methods.neuron import NEURON_METRICS, SAME, analyse, block_unit_counts, c
 from ..methods.sites import site_name
 from ..methods.unit_metrics import max_over_patches, paired_comparison
 from ..pipeline import CONTROL, model_label
-from . import Level, over_models, register_level
+from . import Level, Piece, model_pieces, over_models, register_level
 
 log = logging.getLogger("impact_core")
 
@@ -158,10 +158,15 @@ def gather(cfg) -> dict:
     return over_models(lambda s, method: neuron_metrics(cfg, s, method=method), cfg.neuron.sparsities)
 
 
+def pieces(cfg) -> list[Piece]:
+    """:func:`neuron_metrics` of each model (dense, every sparsity, the control)."""
+    return model_pieces("neuron metrics", neuron_metrics, cfg.neuron.sparsities, cost=25)
+
+
 register_level(Level(
     name="neuron", title="Neuron level", section="neuron", gather=gather, claims=neuron_claims,
     chapter="book/chapters/02_neuron", after=("pruning",),
-    parameters={"sparsity": "neuron.sparsities", "blocks": "neuron.blocks", "top_k": "neuron.top_k"}))
+    parameters={"sparsity": "neuron.sparsities", "blocks": "neuron.blocks", "top_k": "neuron.top_k"}, pieces=pieces))
 
 
 # ---------------------------------------------------------------------------------------------

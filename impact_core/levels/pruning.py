@@ -15,7 +15,7 @@ from ..config import Config
 from ..methods.pruning import layer_sparsity, prunable_linears
 from ..paper_values import PAPER_TABLE_1
 from ..pipeline import CONTROL
-from . import Level, register_level, with_dense
+from . import Level, Piece, register_level, with_dense
 
 
 def accuracy_table(cfg: Config) -> pd.DataFrame:
@@ -125,6 +125,18 @@ def gather(cfg) -> dict:
     return {"accuracy": acc, "control": pipeline.accuracy(cfg, 0.0, CONTROL)}
 
 
+def pieces(cfg) -> list[Piece]:
+    """The dense model, then every pruned model and the control with its accuracy (one piece each)."""
+    out = [Piece("dense model", pipeline.dense_model, model=True, cost=420)]
+    for m in cfg.pruning.methods:
+        out += [Piece(f"model {pipeline.model_label(s, m)}", pipeline.accuracy, (s, m), of=(s, m), model=True, cost=25)
+                for s in sorted(cfg.pruning.sparsities) if s > 0]
+    out += [Piece("model control", pipeline.accuracy, (0.0, CONTROL), of=(0.0, CONTROL), model=True, cost=25),
+            Piece("accuracy dense", pipeline.accuracy, (0.0,), cost=8)]
+    return out
+
+
 register_level(Level(
     name="pruning", title="Pruning", section="pruning", gather=gather, claims=pruning_claims,
-    chapter="book/chapters/01_pruning", parameters={"sparsity": "pruning.sparsities", "methods": "pruning.methods"}))
+    chapter="book/chapters/01_pruning", parameters={"sparsity": "pruning.sparsities", "methods": "pruning.methods"},
+    pieces=pieces))

@@ -37,7 +37,7 @@ from ..methods.pruning import PRUNING_METHODS, prunable_linears
 from ..models import architecture
 from ..paper_values import PAPER_TABLE_1
 from ..pipeline import TRAINED_SPARSE
-from . import Level, register_level
+from . import Level, Piece, register_level
 from .circuit import check_sets, circuit_results
 from .layer import quality_over_seeds
 from .model import attribution_results
@@ -380,7 +380,30 @@ def check(cfg) -> None:
     check_sets(cfg)
 
 
+def pieces(cfg) -> list[Piece]:
+    """The trained-sparse models (independent of the dense one: they start with it), the 2:4 model, then
+    :func:`analyse`'s four analyses of every model the level chapters do not analyse themselves (the
+    trained-sparse and 2:4 models; a Wanda model at a sparsity outside a level's own list)."""
+    out = []
+    for c in comparisons(cfg):
+        if c["missing"] is None and c["kind"] == "trained":
+            out.append(Piece(f"model {label(*c['b'])}", pipeline.accuracy, c["b"], of=c["b"], model=True, cost=490))
+        elif c["missing"] is None:
+            out.append(Piece(f"model {label(*c['b'])}", pipeline.accuracy, c["b"], of=c["b"], model=True, cost=25))
+    own = {"neuron metrics": (neuron_metrics, {}, cfg.neuron.sparsities, 25),
+           "SAEs": (quality_over_seeds, {}, cfg.sae.sparsities, 45),
+           "circuits": (circuit_results, {"k": cfg.circuit.k_sparse}, cfg.circuit.sparsities, 70),
+           "attribution": (attribution_results, {}, cfg.attribution.sparsities, 100)}
+    for s, method in models(cfg):
+        for what, (entry, extra, level_sparsities, cost) in own.items():
+            if s == 0 or (method == "wanda" and s in level_sparsities):
+                continue  # the level's own pieces compute it
+            out.append(Piece(f"{what}, {label(s, method)}", entry, (s,), {"method": method, **extra}, of=(s, method),
+                             cost=cost))
+    return out
+
+
 register_level(Level(
     name=LEVEL, title="Sparsity trained in", section="sparse_training", gather=gather, claims=sparse_training_claims,
-    chapter="book/chapters/06_sparse_training", after=("pruning",), check=check,
-    parameters={"sparsity": "sparse_training.sparsities"}))
+    chapter="book/chapters/06_sparse_training", after=("pruning", "neuron", "layer", "circuit", "model"), check=check,
+    parameters={"sparsity": "sparse_training.sparsities"}, pieces=pieces))

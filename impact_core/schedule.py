@@ -1,0 +1,207 @@
+"""The book's work plan: the levels' pieces and the chapters, on ``--jobs`` processes.
+
+``make book`` used to run whole chapters side by side, and a chapter computed everything it showed;
+the two cores then idled while one long chapter (or the dense training) ran alone. The plan breaks
+the work into the levels' :class:`~impact_core.levels.Piece` objects (one cached entry point for one
+model each: a model, one model's circuits, one SAE sweep row) and the chapters, and runs them as
+tasks on ``jobs`` slots:
+
+* a piece runs in a worker process of its own (spawned once per slot, ``cpu_threads`` torch
+  threads); a chapter runs with papermill, as before, and reads its pieces from the cache;
+* a task starts when what it needs is done: an analysis after the model it analyses (a pruned
+  model after the dense one), a chapter after its level's pieces and those of the levels it comes
+  after, the chapters of no level (the discussion) after every other chapter;
+* of the ready tasks, models go first (the dense and the trained-sparse models start together),
+  then the longest (``Piece.cost``), so the last task to end is a short one.
+
+The order changes the wall time, never a number: every piece is a cached entry point, the cache's
+locks keep two processes from computing the same entry, and every computation runs on the same
+number of threads whichever slot it lands on (:func:`impact_core.pipeline.use_cpu_threads`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import re
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+log = logging.getLogger("impact_core")
+
+
+class TaskError(RuntimeError):
+    """A piece or a chapter of the plan failed."""
+
+CHAPTER_COST = 40.0
+"""Rough seconds of a chapter whose pieces are cached (kernel start, tables, figures, galleries)."""
+
+
+@dataclass
+class Task:
+    """A piece (``piece`` set) or a chapter (``chapter`` set), and the names of the tasks it needs."""
+
+    name: str
+    needs: set[str] = field(default_factory=set)
+    piece: object = None
+    chapter: Optional[str] = None
+    model: bool = False
+    cost: float = CHAPTER_COST
+
+
+def slug(text: str) -> str:
+    """A file name for a task's log: ``SAE sweep, dense cls k=16 x4`` -> ``SAE-sweep-dense-cls-k-16-x4``."""
+    return re.sub(r"[^A-Za-z0-9.%]+", "-", text).strip("-").replace("%", "pct")
+
+
+def plan(cfg, chapters: list[str]) -> list[Task]:
+    """The tasks of a build of ``chapters`` (``_toc.yml`` paths) on ``cfg``: the pieces of their levels,
+    then the chapters, each with what it needs (see the module docstring)."""
+    from .levels import get_level, level_of_chapter, level_pieces
+    from .pipeline import TRAINED_SPARSE
+
+    selected = [lv.name for lv in map(level_of_chapter, chapters) if lv is not None]
+    tasks: list[Task] = []
+    by_level: dict[str, list[str]] = {}
+    taken: set[str] = set()
+    for name in selected:
+        by_level[name] = []
+        for piece in level_pieces(cfg, [name]):
+            if piece.label in taken:  # the same piece declared by two levels: computed once
+                continue
+            taken.add(piece.label)
+            tasks.append(Task(piece.label, piece=piece, model=piece.model, cost=piece.cost))
+            by_level[name].append(piece.label)
+    models = {t.piece.of: t.name for t in tasks if t.model}
+    dense = models.get((0.0, "wanda"))
+    for t in tasks:
+        if t.piece is None:
+            continue
+        of = t.piece.of
+        if t.model:
+            if dense and t.name != dense and of[1] != TRAINED_SPARSE:
+                t.needs.add(dense)  # a pruned model (or the control) starts from the dense one
+        elif of in models:
+            t.needs.add(models[of])
+        elif dense and of[1] != TRAINED_SPARSE:
+            t.needs.add(dense)
+    level_chapters = []
+    for chapter in chapters:
+        level = level_of_chapter(chapter)
+        if level is None:
+            continue
+        needs = set(by_level.get(level.name, []))
+        for other in level.after:
+            if other in by_level:
+                needs.update(by_level[other])
+                needs.add(get_level(other).chapter)
+        tasks.append(Task(chapter, needs=needs, chapter=chapter))
+        level_chapters.append(chapter)
+    for chapter in chapters:  # chapters of no level (the discussion) read every level: they come last
+        if level_of_chapter(chapter) is None:
+            tasks.append(Task(chapter, needs=set(level_chapters), chapter=chapter))
+            level_chapters.append(chapter)
+    return tasks
+
+
+def ready_order(task: Task) -> tuple:
+    """Of the tasks ready to start: models first, then the longest."""
+    return (not task.model, -task.cost, task.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+_WORKER_CFG: dict = {}
+
+
+def _start_worker(preset: str) -> None:
+    """Worker process start: load the preset once, set its torch threads."""
+    from .config import load_config
+    from .pipeline import preflight
+
+    cfg = load_config(preset)
+    preflight(cfg)
+    _WORKER_CFG["cfg"] = cfg
+
+
+def run_piece(piece, log_path: str) -> float:
+    """In a worker: ``piece.run(cfg)`` with the cache's log and the progress bars in ``log_path``;
+    returns seconds. ``$IMPACT_TASK`` names the piece in the metadata of what it caches."""
+    from .pipeline import use_cpu_threads
+
+    cfg = _WORKER_CFG["cfg"]
+    use_cpu_threads(cfg)
+    os.environ["IMPACT_TASK"] = piece.label
+    handler = logging.FileHandler(log_path, mode="w")
+    handler.setFormatter(logging.Formatter("[impact] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    start = time.time()
+    try:
+        with open(log_path, "a") as stream, contextlib.redirect_stderr(stream):
+            piece.run(cfg)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    return time.time() - start
+
+
+def run_plan(tasks: list[Task], jobs: int, preset: str, run_chapter: Callable[[str], float], log_dir: Path,
+             say: Callable[[str], None] = print) -> dict[str, float]:
+    """Run ``tasks`` on ``jobs`` slots (see the module docstring); returns seconds per task.
+
+    ``run_chapter(chapter) -> seconds`` executes one chapter. A failed task stops the plan: the
+    running tasks finish, nothing new starts, and the error is raised."""
+    names = {t.name for t in tasks}
+    unknown = {n for t in tasks for n in t.needs} - names
+    if unknown:
+        raise ValueError(f"tasks need unknown tasks: {sorted(unknown)}")
+    piece_logs = log_dir / "pieces"
+    piece_logs.mkdir(parents=True, exist_ok=True)
+    jobs = max(1, jobs)
+    pending = list(tasks)
+    done: set[str] = set()
+    running: dict[Future, Task] = {}
+    timings: dict[str, float] = {}
+    error: Optional[BaseException] = None
+    has_pieces = any(t.piece is not None for t in tasks)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state inherited
+    workers = (ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(preset,))
+               if has_pieces else contextlib.nullcontext())
+    with workers as pool, ThreadPoolExecutor(jobs) as chapters:
+        while pending or running:
+            ready = sorted((t for t in pending if t.needs <= done), key=ready_order)
+            while error is None and ready and len(running) < jobs:
+                task = ready.pop(0)
+                pending.remove(task)
+                if task.piece is not None:
+                    future = pool.submit(run_piece, task.piece, str(piece_logs / f"{slug(task.name)}.log"))
+                else:
+                    future = chapters.submit(run_chapter, task.chapter)
+                running[future] = task
+            if not running:
+                if error is None and pending:
+                    raise ValueError(f"tasks that can never start: {[t.name for t in pending]}")
+                break
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                task = running.pop(future)
+                try:
+                    timings[task.name] = future.result()
+                except BaseException as err:  # noqa: BLE001 - re-raised once the running tasks end
+                    if task.piece is not None and not isinstance(err, TaskError):
+                        err = TaskError(f"piece {task.name!r} failed: {err.__class__.__name__}: {err}\n"
+                                        f"(log: {piece_logs / (slug(task.name) + '.log')})")
+                    error = error or err
+                    say(f"[impact]   {task.name}: FAILED ({err.__class__.__name__})")
+                    continue
+                done.add(task.name)
+                say(f"[impact]   {task.name}: {timings[task.name]:.0f} s")
+    if error is not None:
+        raise error
+    return timings

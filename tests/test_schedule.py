@@ -1,0 +1,112 @@
+"""The work plan of ``make book``: pieces and chapters as tasks, what each waits for, the order in
+which ready tasks start, failures, and the same numbers whichever process computes a piece."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from impact_core import levels, pipeline
+from impact_core.config import load_config
+from impact_core.runner import toc_chapters
+from impact_core.schedule import Task, TaskError, plan, ready_order, run_plan
+
+
+def test_the_plan_waits_for_models_and_levels():
+    cfg = load_config("default")
+    tasks = {t.name: t for t in plan(cfg, toc_chapters())}
+    assert tasks["dense model"].needs == set() and tasks["dense model"].model
+    assert tasks["model trained sparse 70%"].needs == set()  # trained from scratch: starts beside the dense model
+    assert tasks["model 70%"].needs == {"dense model"} and tasks["model magnitude 90%"].needs == {"dense model"}
+    assert tasks["circuits, 70%"].needs == {"model 70%"}
+    assert tasks["circuits, trained sparse 70%"].needs == {"model trained sparse 70%"}
+    assert tasks["attribution, control"].needs == {"model control"}
+    assert tasks["neuron metrics, dense"].needs == {"dense model"}
+    neuron = tasks["book/chapters/02_neuron"].needs
+    assert {"neuron metrics, 70%", "neuron metrics, control", "dense model", "book/chapters/01_pruning"} <= neuron
+    assert not any(n.startswith("circuits") for n in neuron)
+    # the chapter after every level waits for their pieces and chapters
+    sparse = tasks["book/chapters/06_sparse_training"].needs
+    assert {"circuits, 70%", "book/chapters/04_circuit", "attribution, trained sparse 70%"} <= sparse
+    # the probe's own SAE is not trained twice (once by the model's piece, once by the sweep)
+    assert not [n for n in tasks if n.startswith("SAE sweep, dense cls k=16 x8")]
+    # no piece is declared twice
+    labels = [p.label for p in levels.level_pieces(cfg, levels.level_names())]
+    assert len(labels) == len(set(labels))
+
+
+def test_models_start_first_then_the_longest():
+    tasks = [Task("short", cost=1), Task("long", cost=50), Task("model", model=True, cost=5), Task("mid", cost=10)]
+    assert [t.name for t in sorted(tasks, key=ready_order)] == ["model", "long", "mid", "short"]
+
+
+def _recorder(durations: dict, fail: str | None = None):
+    """A ``run_chapter`` that sleeps ``durations[name]``, records start/end and the concurrency."""
+    events, lock, state = [], threading.Lock(), {"running": 0, "most": 0}
+
+    def run(name):
+        with lock:
+            state["running"] += 1
+            state["most"] = max(state["most"], state["running"])
+            events.append(("start", name))
+        time.sleep(durations[name])
+        with lock:
+            state["running"] -= 1
+            events.append(("end", name))
+        if name == fail:
+            raise RuntimeError(f"{name} broke")
+        return durations[name]
+
+    return run, events, state
+
+
+def test_run_plan_respects_needs_and_slots(tmp_path):
+    tasks = [Task("a", chapter="a", cost=3), Task("b", chapter="b", needs={"a"}), Task("c", chapter="c", cost=2),
+             Task("d", chapter="d", needs={"b", "c"})]
+    run, events, state = _recorder({"a": 0.2, "b": 0.05, "c": 0.05, "d": 0.01})
+    timings = run_plan(tasks, 2, "smoke", run, tmp_path, say=lambda line: None)
+    assert set(timings) == {"a", "b", "c", "d"}
+    order = [name for what, name in events if what == "start"]
+    assert order[:2] == ["a", "c"]  # the longest ready first
+    assert events.index(("end", "a")) < events.index(("start", "b"))
+    assert events.index(("end", "b")) < events.index(("start", "d")) and events.index(("end", "c")) < events.index(
+        ("start", "d"))
+    assert state["most"] == 2
+
+
+def test_a_failed_task_stops_the_plan(tmp_path):
+    tasks = [Task("a", chapter="a"), Task("b", chapter="b", needs={"a"})]
+    run, events, _ = _recorder({"a": 0.01, "b": 0.01}, fail="a")
+    with pytest.raises(RuntimeError, match="a broke"):
+        run_plan(tasks, 2, "smoke", run, tmp_path, say=lambda line: None)
+    assert ("start", "b") not in events
+    with pytest.raises(ValueError, match="unknown tasks"):
+        run_plan([Task("x", chapter="x", needs={"nope"})], 1, "smoke", run, tmp_path, say=lambda line: None)
+    with pytest.raises(ValueError, match="never start"):
+        run_plan([Task("x", chapter="x", needs={"y"}), Task("y", chapter="y", needs={"x"})], 1, "smoke", run,
+                 tmp_path, say=lambda line: None)
+
+
+def test_a_failed_piece_names_itself_and_its_log(tmp_path, monkeypatch):
+    """A piece runs in a worker process; its error comes back naming the piece and its log file."""
+    monkeypatch.setenv("IMPACT_CACHE", str(tmp_path / "cache"))
+    piece = levels.Piece("bad piece", pipeline.accuracy, (0.5, "no_such_method"), of=(0.5, "no_such_method"))
+    with pytest.raises(TaskError, match=r"piece 'bad piece' failed: ValueError: unknown pruning method[\s\S]*bad-piece"):
+        run_plan([Task("bad piece", piece=piece)], 1, "smoke", lambda c: 0.0, tmp_path, say=lambda line: None)
+
+
+def test_pieces_computed_by_the_book_equal_those_computed_here(smoke_book, tmp_path, monkeypatch):
+    """The smoke book computed its models in worker processes, two at a time; the same entries
+    computed again in this process, from an empty cache, are equal bit for bit."""
+    cfg = load_config("smoke")
+    built = pipeline.cache_for(cfg)
+    key = built.key(pipeline.PRUNED_MODEL, pipeline.pruned_inputs(cfg, 0.7, "wanda"))
+    by_the_book = built.load(pipeline.PRUNED_MODEL, key)["state"]
+    monkeypatch.setenv("IMPACT_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(2)  # whatever this process had: the config's cpu_threads applies
+    here = pipeline.pruned_model(cfg, 0.7).state_dict()
+    assert torch.get_num_threads() == cfg.cpu_threads
+    assert by_the_book.keys() == here.keys()
+    assert all(torch.equal(by_the_book[k], here[k]) for k in here)
