@@ -1,4 +1,4 @@
-"""Command line: ``python -m impact_core {book,bench,prepare} ...``."""
+"""Command line: ``python -m impact_core {book,bench,prepare,compare,cost} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,25 @@ def prepare(preset: str, stages, seed=None) -> None:
             levels.prepare(cfg, [name])
             say(name, "cached")
     distributed.barrier()
+
+
+def cost_command(preset: str, device: str, gpus: int) -> int:
+    """Print :func:`impact_core.cost.project`'s table for ``preset`` on ``gpus`` x ``device``."""
+    from . import cost
+    from .config import load_config
+
+    cfg = load_config(preset)
+    if gpus < 1:
+        print(f"[impact] ERROR: --gpus must be >= 1, got {gpus}", file=sys.stderr)
+        return 2
+    try:
+        dev = cost.get_device(device, cfg.model)
+    except ValueError as err:
+        print(f"[impact] ERROR: {err}", file=sys.stderr)
+        return 2
+    print(f"{preset} on {gpus} x {dev.name}: {dev.note}")
+    print(cost.format_table(cost.project(cfg, dev, gpus)))
+    return 0
 
 
 def level_names() -> list[str]:
@@ -66,6 +85,12 @@ def main(argv=None) -> int:
     compare.add_argument("old")
     compare.add_argument("new")
 
+    cost = sub.add_parser("cost", help="predicted FLOPs, bytes, memory and hours of every stage of a preset "
+                          "(impact_core.cost; computes nothing but shapes)")
+    cost.add_argument("--preset", default="default", help="params/<preset>.yaml or a YAML path")
+    cost.add_argument("--device", default="h100", help="cpu (this machine, calibrated now), h100 or h200")
+    cost.add_argument("--gpus", type=int, default=1, help="devices under torchrun (data-parallel stages split)")
+
     args = parser.parse_args(argv)
     if args.command == "prepare":
         unknown = [s for s in args.stages if s not in level_names()]
@@ -98,6 +123,8 @@ def main(argv=None) -> int:
             n = sum(len(v) for v in diff.values())
             print(f"[impact] {n} glued value(s) differ" if n else "[impact] every glued value is identical")
             return 1 if n else 0
+        elif args.command == "cost":
+            return cost_command(args.preset, args.device, args.gpus)
     except (ConfigError, FileNotFoundError) as err:
         print(f"[impact] ERROR: {err}", file=sys.stderr)
         return 2

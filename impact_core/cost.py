@@ -718,7 +718,7 @@ def _tokens_per_image(cfg: Config, tokens: str) -> int:
 
 
 def sae_training(cfg: Config, steps: Optional[int] = None, tokens: Optional[str] = None, k: Optional[int] = None,
-                 expansion: Optional[int] = None) -> StageCost:
+                 expansion: Optional[int] = None, eval_images: Optional[int] = None) -> StageCost:
     """``sae.fit``: ``steps`` x :func:`sae_step` on batches of ``sae.batch_size`` activations, then
     ``sae.evaluate``: 4 d m FLOPs per evaluation token (encode + dense decode). Memory: the SAE with
     Adam (16 B per parameter), its step's activations and the activation buffers (up to
@@ -728,7 +728,8 @@ def sae_training(cfg: Config, steps: Optional[int] = None, tokens: Optional[str]
     tokens = s.tokens if tokens is None else tokens
     steps = s.steps if steps is None else steps
     step = sae_step(s.batch_size, d, m, k, s.aux_k)
-    n_eval = min(split_sizes(cfg)[1], s.eval_images or split_sizes(cfg)[1]) * _tokens_per_image(cfg, tokens)
+    n_eval = min(split_sizes(cfg)[1], s.eval_images or split_sizes(cfg)[1]) if eval_images is None else eval_images
+    n_eval *= _tokens_per_image(cfg, tokens)
     evaluate = Work(4 * n_eval * d * m, 4 * (3 * n_eval * m + 2 * n_eval * d), 20 * math.ceil(n_eval / 4096))
     n_train = split_sizes(cfg)[0] if s.train_images is None else min(s.train_images, split_sizes(cfg)[0])
     buffer = min(s.buffer_max_mb * 2 ** 20, 4 * d * (n_train * _tokens_per_image(cfg, tokens) + n_eval))
@@ -1160,56 +1161,66 @@ def on_gpus(stage: StageCost, gpus: int) -> StageCost:
 @dataclass
 class Projection:
     """:func:`project`'s result: per stage (cost, prediction on one device, seconds on ``gpus``), hours
-    per chapter on ``gpus``, and the circuit stages at 1,000 classes instead of the preset's."""
+    per chapter on ``gpus``, the total, the device-hours of the whole book on one device, and
+    ``circuits[classes]`` = {runs, run_device_hours, device_hours, hours} for the preset's classes
+    and for 1,000 (:func:`project`)."""
 
     device: Device
     gpus: int
     rows: list
     chapters: dict
     total_hours: float
-    gpu_hours: float
+    device_hours: float
     circuits: dict
+
+
+def seconds_on(stage: StageCost, device: Device, gpus: int = 1, efficiency: float = DP_EFFICIENCY) -> float:
+    """Wall seconds of ``stage`` on ``gpus`` devices: one process's share (:func:`on_gpus`), divided
+    by the data-parallel ``efficiency`` when the stage is split."""
+    split = gpus > 1 and bool(stage.shard)
+    return predict(on_gpus(stage, gpus), device).seconds / (efficiency if split else 1.0)
 
 
 def project(cfg: Config, device: Device, gpus: int = 1, efficiency: float = DP_EFFICIENCY,
             classes: int = 1000) -> Projection:
-    """Hours per chapter of the book on ``gpus`` devices under torchrun (:func:`on_gpus`, then
-    ``/ efficiency`` for the split stages), and the circuits of ``classes`` classes (every circuit
-    stage with ``circuit.classes`` = the first ``classes`` classes) in GPU-hours and in hours on
-    ``gpus`` devices, beside the preset's own circuits."""
+    """Hours per chapter of the book on ``gpus`` devices under torchrun (:func:`seconds_on`), and the
+    circuits with ``circuit.classes`` = the first ``classes`` classes beside the preset's own: per
+    (model, k) run and for all the book's runs, in device-hours (one device) and in hours on ``gpus``."""
     rows, chapters = [], {c: 0.0 for c in CHAPTERS}
     for st in stage_costs(cfg):
-        one = predict(st, device)
-        many = predict(on_gpus(st, gpus), device).seconds / (efficiency if gpus > 1 and st.shard else 1.0)
-        rows.append((st, one, many))
-        chapters[st.chapter] += many / 3600
+        rows.append((st, predict(st, device), seconds_on(st, device, gpus, efficiency)))
+        chapters[st.chapter] += rows[-1][2] / 3600
     circuits = {}
-    for label, c in (("preset", cfg), (f"{classes} classes", dataclasses.replace(
-            cfg, circuit=dataclasses.replace(cfg.circuit, classes=list(range(min(classes, cfg.model.num_classes))))))):
-        parts = [st for st in stage_costs(c) if st.stage.startswith("circuit")]
-        one = sum(predict(st, device).seconds for st in parts)
-        many = sum(predict(on_gpus(st, gpus), device).seconds / (efficiency if gpus > 1 and st.shard else 1.0)
-                   for st in parts)
-        circuits[label] = {"classes": _circuit_classes(c, None), "gpu_hours": one / 3600, "hours": many / 3600}
-    total = sum(chapters.values())
-    return Projection(device, gpus, rows, {c: h for c, h in chapters.items() if h > 0}, total,
+    wide = dataclasses.replace(cfg, circuit=dataclasses.replace(
+        cfg.circuit, classes=list(range(min(classes, cfg.model.num_classes)))))
+    for c in (cfg, wide):
+        run = [circuit_masks(c), circuit_evaluation(c)]
+        book = [st for st in stage_costs(c) if st.stage.startswith("circuit")]
+        circuits[_circuit_classes(c, None)] = {
+            "runs": sum(st.runs for st in book if st.stage.startswith("circuit masks")),
+            "run_device_hours": sum(predict(st, device).seconds for st in run) / 3600,
+            "device_hours": sum(predict(st, device).seconds for st in book) / 3600,
+            "hours": sum(seconds_on(st, device, gpus, efficiency) for st in book) / 3600}
+    return Projection(device, gpus, rows, {c: h for c, h in chapters.items() if h > 0}, sum(chapters.values()),
                       sum(r[1].seconds for r in rows) / 3600, circuits)
 
 
 def format_table(proj: Projection) -> str:
-    """A markdown table of :func:`project`'s stages and the hours per chapter."""
-    dev = proj.device
-    lines = [f"| chapter | stage | runs | FLOPs | bytes | peak memory | largest batch | seconds (1 {dev.name}) "
-             f"| binding | hours ({proj.gpus} x {dev.name}) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """:func:`project` as markdown: the stages, the hours per chapter and the circuits' classes."""
+    dev, g = proj.device, proj.gpus
+    lines = [f"| chapter | stage | runs | FLOPs | bytes | peak memory (at batch) | largest batch | seconds on 1 "
+             f"{dev.name} | binding | hours on {g} x {dev.name} |", "|---|---|---|---|---|---|---|---|---|---|"]
     for st, one, many in proj.rows:
         big = largest_batch(st, dev)
         lines.append(f"| {st.chapter} | {st.stage} | {st.runs} | {st.flops:.3g} | {st.bytes:.3g} | "
-                     f"{st.peak_bytes / GB:.2f} GB (batch {st.batch}) | {'-' if big is None else big} | "
+                     f"{st.peak_bytes / GB:.3g} GB ({st.batch}) | {'-' if big is None else big} | "
                      f"{one.seconds:.4g} | {one.binding} | {many / 3600:.3g} |")
-    lines.append("")
-    lines.append(f"| chapter | hours on {proj.gpus} x {dev.name} |")
-    lines.append("|---|---|")
-    for chapter, hours in proj.chapters.items():
-        lines.append(f"| {chapter} | {hours:.3g} |")
-    lines.append(f"| **total** | **{proj.total_hours:.3g}** ({proj.gpu_hours:.3g} device-hours on one {dev.name}) |")
+    lines += ["", f"| chapter | hours on {g} x {dev.name} |", "|---|---|"]
+    lines += [f"| {chapter} | {hours:.3g} |" for chapter, hours in proj.chapters.items()]
+    lines.append(f"| **total** | **{proj.total_hours:.3g}** (the book on one {dev.name}: "
+                 f"{proj.device_hours:.3g} device-hours) |")
+    lines += ["", f"| circuit classes | (model, k) runs in the book | one run, {dev.name}-hours | all runs, "
+              f"{dev.name}-hours | all runs, hours on {g} x {dev.name} |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {c['runs']} | {c['run_device_hours']:.3g} | {c['device_hours']:.3g} | {c['hours']:.3g} |"
+              for k, c in proj.circuits.items()]
     return "\n".join(lines)

@@ -46,6 +46,13 @@ def test_magnitude_mask_keeps_exactly_k_largest():
         assert torch.equal(keep, magnitude_mask_reference(w, s))
         assert int(keep.sum()) == kept_weights(w.numel(), s)
         assert w.abs()[keep].min() >= w.abs()[~keep].max() if (~keep).any() else True
+    # many ties at the threshold (rounded weights, exact zeros, +/- the same magnitude): the lower
+    # flat index is kept first, as the stable sort keeps it
+    tied = torch.round(torch.randn(12, 10, generator=g) * 2) / 2
+    tied[3] = 0.0
+    tied[5] = -tied[6]
+    for s in (0.1, 0.25, 0.5, 0.6, 0.75, 0.9, 0.99):
+        assert torch.equal(magnitude_mask(tied, s), magnitude_mask_reference(tied, s)), s
 
 
 def test_the_anneal_reaches_the_target_on_its_step():
