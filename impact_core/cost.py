@@ -56,10 +56,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import io
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -68,6 +70,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .cache import ResultCache, artefact
 from .config import Config, ModelConfig
 
 GB = 1e9
@@ -205,6 +208,13 @@ class Unit:
         """Activation memory per image: saved for backward + TRANSIENT x the largest tensor written."""
         return self.per_image.saved + TRANSIENT * self.widest
 
+    def as_list(self) -> list[float]:
+        return [*dataclasses.astuple(self.fixed), *dataclasses.astuple(self.per_image), self.widest]
+
+    @classmethod
+    def from_list(cls, values) -> "Unit":
+        return cls(Work(*values[:4]), Work(*values[4:8]), values[8])
+
 
 TRACE_BATCH = 2
 
@@ -230,10 +240,12 @@ def trace(run: Callable, model: torch.nn.Module, mcfg: ModelConfig, per_batch_on
             return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
         return _FusedAttention.apply(tally, q, k, v)
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     F.scaled_dot_product_attention = attention
-    try:
-        with contextlib.redirect_stderr(io.StringIO()), tally, \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    try:  # new tensors on the model's device; attention as matrix products, whose FLOPs are counted
+        with contextlib.redirect_stderr(io.StringIO()), torch.device(_device(model)), sdpa_kernel(SDPBackend.MATH), \
+                tally, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             run(model, mcfg, TRACE_BATCH)
     finally:
         F.scaled_dot_product_attention = _SDPA
@@ -427,6 +439,9 @@ UNITS = {"forward": _u_forward, "train": _u_train, "forward_backward": _u_forwar
 
 
 PER_BATCH_UNITS = ("masks", "project")
+REAL_UNITS = ("project",)
+"""Units traced with real weights on the CPU: ``sparse_training.magnitude_mask`` reads values."""
+COST_UNITS = artefact("cost_units", 1)
 _MODELS: dict[tuple, dict[int, torch.nn.Module]] = {}
 _TRACES: dict[tuple, tuple[Unit, Unit]] = {}
 
@@ -437,15 +452,35 @@ def _shape_key(mcfg: ModelConfig) -> tuple:
             mcfg.num_heads, mcfg.mlp_ratio)
 
 
-def _traced(mcfg: ModelConfig, name: str) -> tuple[Unit, Unit]:
-    """Unit ``name`` traced on ``meta`` at depth 1 and 2 (once per shape and process)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+@functools.lru_cache(maxsize=1)
+def _code_hash() -> str:
+    """What a trace depends on besides the shape: this module, the model and method code it runs,
+    torch and timm (part of the cache key, so a change there traces again)."""
+    import timm
 
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256(f"{torch.__version__} {timm.__version__}".encode())
+    for path in [Path(__file__).resolve(), here / "models.py", *sorted((here / "methods").glob("*.py"))]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _trace_depths(mcfg: ModelConfig, name: str) -> list:
+    """Unit ``name`` traced at depth 1 and 2 (on ``meta``, or the CPU for :data:`REAL_UNITS`)."""
+    if name in REAL_UNITS:
+        models = {L: model_at_depth(mcfg, L, "cpu") for L in (1, 2)}
+    else:
+        models = _MODELS.setdefault(_shape_key(mcfg), {L: model_at_depth(mcfg, L) for L in (1, 2)})
+    return [trace(UNITS[name], models[L], mcfg, name in PER_BATCH_UNITS).as_list() for L in (1, 2)]
+
+
+def _traced(mcfg: ModelConfig, name: str) -> tuple[Unit, Unit]:
+    """Unit ``name`` at depth 1 and 2, from the result cache (``cost_units``; traced on first use)."""
     key = _shape_key(mcfg)
     if (key, name) not in _TRACES:
-        models = _MODELS.setdefault(key, {L: model_at_depth(mcfg, L) for L in (1, 2)})
-        with sdpa_kernel(SDPBackend.MATH), torch.device("meta"):  # attention as matrix products: counted
-            _TRACES[key, name] = tuple(trace(UNITS[name], models[L], mcfg, name in PER_BATCH_UNITS) for L in (1, 2))
+        inputs = {"shape": list(key), "unit": name, "code": _code_hash()}
+        pair = ResultCache(Config().cache_path).get_or_compute(COST_UNITS, inputs, lambda: _trace_depths(mcfg, name))
+        _TRACES[key, name] = tuple(Unit.from_list(x) for x in pair)
     return _TRACES[key, name]
 
 
