@@ -258,12 +258,13 @@ def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None
     pieces = sum(t.piece is not None for t in tasks)
     print(f"[impact] preset {preset}: {pieces} cached piece(s) and {len(selected)} chapter(s) on {max(1, jobs)} "
           f"process(es) -> {src}", flush=True)
-    start = time.time()
-    timings = run_plan(tasks, jobs, preset, lambda c: execute_chapter(c, src, preset, log_dir, jobs), log_dir,
+    started, start = time.strftime("%Y-%m-%dT%H:%M:%S"), time.time()
+    seconds = run_plan(tasks, jobs, preset, lambda c: execute_chapter(c, src, preset, log_dir, jobs), log_dir,
                        say=lambda line: print(line, flush=True))
-    timings["total"] = time.time() - start
+    timings = {"preset": preset, "started": started, "jobs": max(1, jobs), "total": time.time() - start,
+               "tasks": seconds}  # read by ``python -m impact_core profile``
+    (out / "_build" / "timings.json").write_text(json.dumps(timings, indent=1))
     print(f"[impact] pieces and chapters: {timings['total']:.0f} s; building HTML (jupyter-book build -W)", flush=True)
     html = build_html(src, out)
-    (out / "_build" / "timings.json").write_text(json.dumps(timings, indent=1))
     print(f"[impact] book written to {html}/index.html", flush=True)
     return html

@@ -2,6 +2,7 @@
 which ready tasks start, failures, and the same numbers whichever process computes a piece."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -110,3 +111,32 @@ def test_pieces_computed_by_the_book_equal_those_computed_here(smoke_book, tmp_p
     assert torch.get_num_threads() == cfg.cpu_threads
     assert by_the_book.keys() == here.keys()
     assert all(torch.equal(by_the_book[k], here[k]) for k in here)
+
+
+def test_the_profile_reads_the_build_and_what_it_cached(tmp_path):
+    """Tasks by wall time and artefacts by self seconds, from timings.json and the cache's metadata;
+    entries created before the build (reused, not computed) are left out."""
+    from impact_core.cache import ResultCache, artefact
+    from impact_core.profile import computed_entries, markdown, profile_tables
+
+    artefact("thing", 1)
+    cache = ResultCache(tmp_path / "cache")
+    cache.save("thing", "old", 1, {}, {"seconds": 99.0, "self_seconds": 99.0})
+    meta = cache.paths("thing", "old")[1]
+    info = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**info, "created": "2000-01-01T00:00:00"}))  # from an earlier build
+    for key, task, sec, own in (("a", "circuits, 70%", 30.0, 20.0), ("b", "circuits, 70%", 10.0, 10.0),
+                                ("c", "book/chapters/02_neuron", 2.0, 2.0)):
+        cache.save("thing", key, 1, {}, {"seconds": sec, "self_seconds": own})
+        m = cache.paths("thing", key)[1]
+        m.write_text(json.dumps({**json.loads(m.read_text()), "task": task}))
+    timings = {"started": "2001-01-01T00:00:00", "jobs": 2, "total": 40.0,
+               "tasks": {"circuits, 70%": 31.0, "book/chapters/02_neuron": 9.0, "dense model": 35.0}}
+    entries = computed_entries(tmp_path / "cache", timings["started"])
+    assert len(entries) == 3 and entries.self_seconds.sum() == 32.0
+    tables = profile_tables(timings, entries)
+    assert list(tables["tasks"].task) == ["dense model", "circuits, 70%", "book/chapters/02_neuron"]
+    assert tables["kinds"].iloc[0].to_dict() == {"kind": "thing", "entries": 3, "self_seconds": 32.0, "seconds": 42.0}
+    assert tables["pairs"].iloc[0].self_seconds == 30.0
+    text = markdown(timings, tables)
+    assert "40 s wall, 75 s of task time (94% of the slots busy)" in text and "| dense model" in text
