@@ -9,7 +9,8 @@ does not depend on their values), and predicted by the cost model on the CPU dev
 that width (:func:`impact_core.cost.calibrate_cpu`). Each slice is timed twice and the faster run
 kept. The table gives measured and predicted seconds, the relative error (predicted / measured - 1)
 and the term the model says binds. Then the ``paper`` preset's projection on one H100, on 8 H100s,
-and its circuits for 1,000 classes. Not a ``make bench`` benchmark (no fast path, no target).
+and its circuits for 1,000 classes; the ``default`` book's chapters predicted on this CPU (the README
+gives their measured minutes). Not a ``make bench`` benchmark (no fast path, no target).
 """
 from __future__ import annotations
 
@@ -207,6 +208,14 @@ def main(argv=None) -> int:
               f"{d.overhead_s * 1e6:.1f} us |" for w, d in devices.items()]
     lines += ["", f"JPEG decode + resize + crop of a 500 x 375 image on one core: {jpeg_decode_seconds() * 1e3:.1f} ms "
               f"(the GPU devices assume {cost.H100.decode_s * 1e3:.0f} ms)."]
+    default = load_config("default")
+    device = devices.get(default.model.embed_dim) or cost.calibrate_cpu(default.model)
+    book = cost.project(default, device)
+    lines += ["", f"### `default` on this CPU ({torch.get_num_threads()} thread(s)), predicted", "",
+              "| chapter | predicted minutes | binding of its largest stage |", "|---|---|---|"]
+    for chapter, hours in book.chapters.items():
+        rows = [(many, one.binding) for st, one, many in book.rows if st.chapter == chapter]
+        lines.append(f"| {chapter} | {60 * hours:.1f} | {max(rows)[1]} |")
     paper = load_config("paper")
     for gpus in (1, 8):
         proj = cost.project(paper, cost.H100, gpus=gpus)

@@ -2,15 +2,17 @@
 
 Units of work
     A stage repeats a few *units* (one forward, one training step, one circuit-mask step, one
-    batch of Chefer maps, ...) over images and models. Each unit is run once with the project's
-    own functions on the ``meta`` device (shapes only, no arithmetic) at the model's real shape,
-    under ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs) and a dispatch mode that counts
-    aten operators ("ops") and the bytes each one reads and writes (views move nothing). A unit's
-    cost is affine in the batch B and in the depth L, ``c(L, B) = a + b B + c L + d L B``, so it
-    is traced at L, B in {1, 2} and extrapolated (exact for these models; tested). For one image
-    of a ViT the traced forward equals the textbook count (:func:`vit_forward_flops`)::
+    batch of Chefer maps, ...) over images and models. Each unit runs once with the project's own
+    functions on the ``meta`` device (shapes only, no arithmetic) at the model's real shape under
+    :class:`_Tally`, a dispatch mode that counts aten operators ("ops"), their FLOPs (the formulas
+    of ``torch.utils.flop_counter.FlopCounterMode``'s registry) and the bytes each one reads and
+    writes (views move nothing; matrix products apart). Parameter-shaped tensors and operators are
+    per call, the rest per image; the model's fused attention counts as one kernel that moves
+    q, k, v and its output. Costs are affine in the depth, so a unit is traced at depth 1 and 2
+    and extrapolated (exact; tested); traces are cached (``cost_units``). For one image of a ViT
+    the traced forward equals the textbook count (:func:`vit_forward_flops`)::
 
-        2 N P C d                                     patch embedding (P = patch, C = channels)
+        2 N P^2 C d                                   patch embedding (P = patch, C = channels)
         + L [2 N (4 d^2 + 2 r d^2) + 4 N^2 d]         qkv, proj, fc1, fc2; q k^T and A v
         + 2 d classes                                 head
 
@@ -40,14 +42,16 @@ Stages (one model each; :func:`stage_costs` multiplies them over every model the
     insertion/deletion  per image: (4 methods + other rule) x references x 2 x (steps + 1) forwards
 
 Time (:func:`predict`)
-    compute = flops / (peak FLOP/s x efficiency), memory = bytes / (bandwidth x efficiency),
-    overhead = ops x seconds per op, load = decoded images x seconds per image / loader workers::
+    A roofline per kernel class: eager PyTorch runs matrix products (compute-bound) and elementwise
+    operators (memory-bound) one after the other, so their times add::
 
-        kernels  = max(compute, memory)                       (a roofline)
-        run      = kernels + overhead        on a CPU (one thread of control does both)
-                 = max(kernels, overhead)    on a GPU (operators are queued while kernels run)
-        seconds  = run + load                with no loader workers (num_workers = 0)
-                 = max(run, load / workers)  otherwise
+        compute  = FLOPs / (peak FLOP/s x efficiency)
+        memory   = other bytes / (bandwidth x efficiency) + max(0, matmul bytes / bandwidth - compute)
+        overhead = operators x seconds per operator
+        load     = decoded images x seconds per image / max(1, loader workers)
+        run      = compute + memory + overhead          on a CPU (one thread of control does all)
+                 = max(compute + memory, overhead)      on a GPU (operators queue while kernels run)
+        seconds  = run + load   (num_workers = 0: the main process decodes)   or   max(run, load)
 
     The binding term is the largest of compute, memory, overhead and load.
 """
@@ -92,21 +96,23 @@ stragglers); an assumption. Applied on top of the work each process really does.
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Work:
-    """FLOPs, bytes read and written, aten operators and bytes saved for backward of some work."""
+    """FLOPs, bytes read and written (``mm_bytes`` of them by matrix products, convolutions and
+    attention), aten operators and bytes saved for backward of some work."""
 
     flops: float = 0.0
     bytes: float = 0.0
     ops: float = 0.0
     saved: float = 0.0
+    mm_bytes: float = 0.0
 
     def __add__(self, other: "Work") -> "Work":
-        return Work(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        return Work(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
 
     def __sub__(self, other: "Work") -> "Work":
         return self + other * -1
 
     def __mul__(self, k: float) -> "Work":
-        return Work(*(a * k for a in dataclasses.astuple(self)))
+        return Work(*(a * k for a in vars(self).values()))
 
     __rmul__ = __mul__
 
@@ -125,32 +131,36 @@ class _Tally(TorchDispatchMode):
         super().__init__()
         self.registry = FlopCounterMode(display=False).flop_registry
         self.param_shapes, self.batch = param_shapes, batch
-        self.ops, self.flops, self.bytes, self.param_bytes, self.widest = 0, 0, 0, 0, 0
-        self.inside = 0
+        # bytes per image / per call (parameter-shaped), and of them those of matrix products
+        self.ops, self.flops, self.widest, self.inside = 0, 0, 0, 0
+        self.bytes, self.param_bytes, self.mm_bytes, self.param_mm_bytes = 0, 0, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func._overloadpacket in self.registry:
+        matmul = func._overloadpacket in self.registry
+        if matmul:
             self.flops += self.registry[func._overloadpacket](*args, **kwargs, out_val=out)
         if self.inside:
             return out
         self.ops += 1
         if not (func.is_view or func._overloadpacket.__name__ in self.NO_TRAFFIC):
-            self.book((args, kwargs, out))
+            self.book((args, kwargs, out), matmul)
             for t in pytree.tree_leaves(out):
                 if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == self.batch:
                     self.widest = max(self.widest, t.numel() * t.element_size())
         return out
 
-    def book(self, tensors) -> None:
+    def book(self, tensors, matmul: bool = False) -> None:
         for t in pytree.tree_leaves(tensors):
             if isinstance(t, torch.Tensor):
                 size = t.numel() * t.element_size()
-                if tuple(t.shape) in self.param_shapes:
-                    self.param_bytes += size
-                else:
-                    self.bytes += size
+                per_call = tuple(t.shape) in self.param_shapes
+                self.param_bytes += size if per_call else 0
+                self.bytes += 0 if per_call else size
+                if matmul:
+                    self.param_mm_bytes += size if per_call else 0
+                    self.mm_bytes += 0 if per_call else size
 
     @contextlib.contextmanager
     def fused(self, *io):
@@ -161,7 +171,7 @@ class _Tally(TorchDispatchMode):
         finally:
             self.inside -= 1
         self.ops += 1
-        self.book(io)
+        self.book(io, matmul=True)
 
 
 _SDPA = F.scaled_dot_product_attention
@@ -176,7 +186,7 @@ class _FusedAttention(torch.autograd.Function):
     def forward(ctx, tally, q, k, v):
         with tally.fused(q, k, v):
             out = _SDPA(q, k, v)
-        tally.book(out)
+        tally.book(out, matmul=True)
         ctx.tally = tally
         ctx.save_for_backward(q, k, v)
         return out
@@ -187,7 +197,7 @@ class _FusedAttention(torch.autograd.Function):
         with torch.enable_grad(), ctx.tally.fused(q, k, v, grad):
             leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
             grads = torch.autograd.grad(_SDPA(*leaves), leaves, grad)
-        ctx.tally.book(grads)
+        ctx.tally.book(grads, matmul=True)
         return (None, *grads)
 
 
@@ -209,11 +219,12 @@ class Unit:
         return self.per_image.saved + TRANSIENT * self.widest
 
     def as_list(self) -> list[float]:
-        return [*dataclasses.astuple(self.fixed), *dataclasses.astuple(self.per_image), self.widest]
+        return [*vars(self.fixed).values(), *vars(self.per_image).values(), self.widest]
 
     @classmethod
     def from_list(cls, values) -> "Unit":
-        return cls(Work(*values[:4]), Work(*values[4:8]), values[8])
+        n = len(dataclasses.fields(Work))
+        return cls(Work(*values[:n]), Work(*values[n:2 * n]), values[2 * n])
 
 
 TRACE_BATCH = 2
@@ -250,8 +261,8 @@ def trace(run: Callable, model: torch.nn.Module, mcfg: ModelConfig, per_batch_on
     finally:
         F.scaled_dot_product_attention = _SDPA
     B = 1 if per_batch_only else TRACE_BATCH
-    image = Work(tally.flops / B, tally.bytes / B, 0, sum(saved.values()) / B)
-    fixed = Work(0, tally.param_bytes, tally.ops, 0)
+    image = Work(tally.flops / B, tally.bytes / B, 0, sum(saved.values()) / B, tally.mm_bytes / B)
+    fixed = Work(0, tally.param_bytes, tally.ops, 0, tally.param_mm_bytes)
     if per_batch_only:
         return Unit(fixed + image, Work(), 0.0)
     return Unit(fixed, image, tally.widest / B)
@@ -376,11 +387,12 @@ def _mask_setup(model):
 
 def _u_circuit_step(model, mcfg, B):
     """The body of ``circuits.train_masks``'s step for one class of B images: Heaviside masks at every
-    site, the masked forward, task loss + k x node count, backward to the mask logits, AdamW, clamp."""
+    site, the masked forward, task loss + k x node count, backward to the mask logits, foreach AdamW
+    and clamp."""
     from .methods import circuits
 
     hooked, logits, means = _mask_setup(model)
-    opt = torch.optim.AdamW(list(logits.values()), lr=1e-2, weight_decay=0.01)
+    opt = torch.optim.AdamW(list(logits.values()), lr=1e-2, weight_decay=0.01, foreach=True)
     classes = torch.zeros(1, dtype=torch.long)
     y = torch.zeros(1, B, dtype=torch.long)
     masks = {nm: circuits.heaviside(t, 1.0) for nm, t in logits.items()}
@@ -393,8 +405,8 @@ def _u_circuit_step(model, mcfg, B):
     loss.sum().backward()
     opt.step()
     with torch.no_grad():
-        for t in logits.values():
-            t.clamp_(-1.0, 1.0)
+        torch._foreach_clamp_min_(list(logits.values()), -1.0)
+        torch._foreach_clamp_max_(list(logits.values()), 1.0)
 
 
 def _u_circuit_eval(model, mcfg, B):
@@ -441,9 +453,11 @@ UNITS = {"forward": _u_forward, "train": _u_train, "forward_backward": _u_forwar
 PER_BATCH_UNITS = ("masks", "project")
 REAL_UNITS = ("project",)
 """Units traced with real weights on the CPU: ``sparse_training.magnitude_mask`` reads values."""
-COST_UNITS = artefact("cost_units", 1)
+COST_UNITS = artefact("cost_units", 2)  # 2: bytes of matrix products apart
 _MODELS: dict[tuple, dict[int, torch.nn.Module]] = {}
 _TRACES: dict[tuple, tuple[Unit, Unit]] = {}
+_AT_DEPTH: dict[tuple, Unit] = {}
+_PARAMS: dict[tuple, int] = {}
 
 
 def _shape_key(mcfg: ModelConfig) -> tuple:
@@ -465,12 +479,16 @@ def _code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def _meta_models(mcfg: ModelConfig) -> dict[int, torch.nn.Module]:
+    key = _shape_key(mcfg)
+    if key not in _MODELS:
+        _MODELS[key] = {L: model_at_depth(mcfg, L) for L in (1, 2)}
+    return _MODELS[key]
+
+
 def _trace_depths(mcfg: ModelConfig, name: str) -> list:
     """Unit ``name`` traced at depth 1 and 2 (on ``meta``, or the CPU for :data:`REAL_UNITS`)."""
-    if name in REAL_UNITS:
-        models = {L: model_at_depth(mcfg, L, "cpu") for L in (1, 2)}
-    else:
-        models = _MODELS.setdefault(_shape_key(mcfg), {L: model_at_depth(mcfg, L) for L in (1, 2)})
+    models = {L: model_at_depth(mcfg, L, "cpu") for L in (1, 2)} if name in REAL_UNITS else _meta_models(mcfg)
     return [trace(UNITS[name], models[L], mcfg, name in PER_BATCH_UNITS).as_list() for L in (1, 2)]
 
 
@@ -492,10 +510,13 @@ class Units:
         self.mcfg = mcfg
 
     def __getitem__(self, name: str) -> Unit:
-        one, two = _traced(self.mcfg, name)
-        more = self.mcfg.depth - 1
-        return Unit(one.fixed + (two.fixed - one.fixed) * more, one.per_image + (two.per_image - one.per_image) * more,
-                    max(one.widest, two.widest))
+        key = (_shape_key(self.mcfg), self.mcfg.depth, name)
+        if key not in _AT_DEPTH:
+            one, two = _traced(self.mcfg, name)
+            more = self.mcfg.depth - 1
+            _AT_DEPTH[key] = Unit(one.fixed + (two.fixed - one.fixed) * more,
+                                  one.per_image + (two.per_image - one.per_image) * more, max(one.widest, two.widest))
+        return _AT_DEPTH[key]
 
 
 def units(mcfg: ModelConfig) -> Units:
@@ -513,12 +534,12 @@ def vit_forward_flops(mcfg: ModelConfig, images: int = 1) -> float:
 
 
 def n_params(mcfg: ModelConfig) -> int:
-    d, L, r = mcfg.embed_dim, mcfg.depth, mcfg.mlp_ratio
-    hidden = int(d * r)
-    block = 4 * d + 3 * d * d + 3 * d + d * d + d + d + d * hidden + hidden + hidden * d + d + 2 * d + 2 * d
-    patches = _tokens(mcfg) - 1
-    return L * block + mcfg.in_chans * mcfg.patch_size ** 2 * d + d + patches * d + d + 2 * d + d * mcfg.num_classes \
-        + mcfg.num_classes
+    """Parameters of the model, counted on its ``meta`` copies at depth 1 and 2 and extrapolated."""
+    key = (_shape_key(mcfg), mcfg.depth)
+    if key not in _PARAMS:
+        one, two = (sum(p.numel() for p in model.parameters()) for model in _meta_models(mcfg).values())
+        _PARAMS[key] = one + (two - one) * (mcfg.depth - 1)
+    return _PARAMS[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,14 +552,15 @@ def sae_step(rows: int, d: int, m: int, k: int, aux_k: int, dead_fraction: float
     auxiliary loss over the ``dead_fraction`` m dead latents, 6 rows d x (m, dense) or (k, sparse)
     and 6 rows d x (dead m, dense) or (aux_k, sparse). Bytes: the (rows, m) pre-activations pass
     about 14 times (ReLU, BatchTopK, scatter, masks, aux top-k, their gradients); parameters and
-    Adam states about 16 times. Operators: counted on a small SAE (:func:`sae_step_ops`)."""
+    Adam states about 16 times (of these, the matrix products move the pre-activations twice, the
+    weights and the inputs four times). Operators: counted on a small SAE (:func:`sae_step_ops`)."""
     from .methods.sae import choose_decode_impl
 
     sparse = choose_decode_impl(m, k) == "sparse"
     flops = 4 * rows * d * m + 6 * rows * d * (k if sparse else m) + 6 * rows * d * (aux_k if sparse else dead_fraction * m)
     bytes_ = 4 * (14 * rows * m + 8 * rows * d + 16 * 2 * m * d)
     saved = 4 * (4 * rows * m + 2 * rows * d)
-    return Work(flops, bytes_, sae_step_ops(), saved)
+    return Work(flops, bytes_, sae_step_ops(), saved, mm_bytes=4 * (2 * rows * m + 4 * m * d + 4 * rows * d))
 
 
 @functools.lru_cache(maxsize=1)
@@ -580,6 +602,7 @@ class StageCost:
     flops: float = 0.0
     bytes: float = 0.0
     peak_bytes: float = 0.0
+    mm_bytes: float = 0.0
     forwards: float = 0.0
     backwards: float = 0.0
     ops: float = 0.0
@@ -597,6 +620,7 @@ class StageCost:
         """Two stages' work done one after the other (peak: the larger; runs: added)."""
         big = self if self.peak_bytes >= other.peak_bytes else other
         return dataclasses.replace(self, flops=self.flops + other.flops, bytes=self.bytes + other.bytes,
+                                   mm_bytes=self.mm_bytes + other.mm_bytes,
                                    forwards=self.forwards + other.forwards, backwards=self.backwards + other.backwards,
                                    ops=self.ops + other.ops, images_loaded=self.images_loaded + other.images_loaded,
                                    chunks=self.chunks + other.chunks, runs=self.runs + other.runs,
@@ -613,21 +637,18 @@ def split_sizes(cfg: Config) -> tuple[int, int]:
 
 def _stage(cfg: Config, name: str, work: Work, unit: Unit, batch: int, *, forwards=0.0, backwards=0.0,
            precision: str = "fp32", fixed_mem: float = 0.0, loaded: float = 0.0, workers: int = 0,
-           shard: str = "rows", chunks: int = 0, grows: bool = True) -> StageCost:
-    """A StageCost from ``work``; memory = weights (+ bf16 copies) + ``fixed_mem`` + activations x batch."""
+           shard: str = "rows", chunks: int = 0) -> StageCost:
+    """A StageCost from ``work`` (bytes x :data:`BF16_BYTES` under bf16; forward-only passes run at
+    ``cfg.precision``, the rest fp32); memory = weights (+ their bf16 copies) + ``fixed_mem`` +
+    ``unit``'s activations x batch; images are decoded only from an image folder."""
     scale = BF16_BYTES if precision == "bf16" else 1.0
-    weights = n_params(cfg.model) * (6 if precision == "bf16" else 4)
-    act = unit.act_bytes() * scale if grows else 0.0
-    fixed = weights + fixed_mem
-    return StageCost(stage=name, flops=work.flops, bytes=work.bytes * scale, ops=work.ops, forwards=forwards,
-                     backwards=backwards, precision=precision, batch=batch, fixed_peak=fixed, act_per_image=act,
-                     peak_bytes=fixed + act * batch, images_loaded=loaded if cfg.data.kind == "imagefolder" else 0.0,
-                     workers=workers, shard=shard, chunks=chunks)
-
-
-def _precision(cfg: Config) -> str:
-    """The forward-only passes run under ``cfg.precision`` (``impact_core.precision``); the rest fp32."""
-    return cfg.precision
+    fixed = n_params(cfg.model) * (6 if precision == "bf16" else 4) + fixed_mem
+    act = unit.act_bytes() * scale
+    return StageCost(stage=name, flops=work.flops, bytes=work.bytes * scale, mm_bytes=work.mm_bytes * scale,
+                     ops=work.ops, forwards=forwards, backwards=backwards, precision=precision, batch=batch,
+                     fixed_peak=fixed, act_per_image=act, peak_bytes=fixed + act * batch,
+                     images_loaded=loaded if cfg.data.kind == "imagefolder" else 0.0, workers=workers, shard=shard,
+                     chunks=chunks)
 
 
 def dense_training(cfg: Config, steps: Optional[int] = None, sparse: bool = False) -> StageCost:
@@ -659,7 +680,7 @@ def calibration(cfg: Config, images: Optional[int] = None) -> StageCost:
     u, b = units(cfg.model), cfg.data.batch_size
     n = cfg.data.calib_images if images is None else images
     return _stage(cfg, "Wanda calibration", u["calibration"].over(n, b), u["calibration"], b, forwards=n,
-                  precision=_precision(cfg), loaded=n)
+                  precision=cfg.precision, loaded=n)
 
 
 def evaluation(cfg: Config, images: Optional[int] = None) -> StageCost:
@@ -667,7 +688,7 @@ def evaluation(cfg: Config, images: Optional[int] = None) -> StageCost:
     u, b = units(cfg.model), cfg.data.batch_size
     n = split_sizes(cfg)[1] if images is None else images
     return _stage(cfg, "evaluation", u["forward"].over(n, b), u["forward"], b, forwards=n,
-                  precision=_precision(cfg), loaded=n)
+                  precision=cfg.precision, loaded=n)
 
 
 def _site_elements(mcfg: ModelConfig) -> int:
@@ -683,7 +704,7 @@ def site_means(cfg: Config, images: Optional[int] = None) -> StageCost:
     n = cfg.data.calib_images if images is None else images
     sums = 8 * _tokens(cfg.model) * cfg.model.depth * _site_elements(cfg.model)
     return _stage(cfg, "dataset means", u["site_means"].over(n, b), u["site_means"], b, forwards=n,
-                  precision=_precision(cfg), fixed_mem=sums, loaded=n)
+                  precision=cfg.precision, fixed_mem=sums, loaded=n)
 
 
 def _neuron_images(cfg: Config) -> int:
@@ -729,7 +750,8 @@ def gallery(cfg: Config, images: int, stage: str, workers: int = 0, sae_tokens: 
     chapter's, so in the book); ``sae_tokens`` per image also go through the SAE encoder (2 d m)."""
     u, b = units(cfg.model), cfg.data.batch_size
     d, m, _ = _sae_shape(cfg, None, None)
-    work = u["forward"].over(images, b) + Work(2 * sae_tokens * d * m * images, 4 * sae_tokens * m * images, 0)
+    enc = 4 * sae_tokens * m * images
+    work = u["forward"].over(images, b) + Work(2 * sae_tokens * d * m * images, enc, 0, 0, enc)
     return _stage(cfg, stage, work, u["forward"], b, forwards=images, loaded=images, workers=workers, shard="")
 
 
@@ -738,7 +760,7 @@ def sae_activations(cfg: Config, images: int) -> StageCost:
     forward) in batches of ``data.batch_size``; see :func:`stage_costs` for how many images."""
     u, b = units(cfg.model), cfg.data.batch_size
     return _stage(cfg, "SAE activations", u["forward"].over(images, b), u["forward"], b, forwards=images,
-                  precision=_precision(cfg), loaded=images)
+                  precision=cfg.precision, loaded=images)
 
 
 def _sae_shape(cfg: Config, k: Optional[int], expansion: Optional[int]) -> tuple[int, int, int]:
@@ -765,12 +787,14 @@ def sae_training(cfg: Config, steps: Optional[int] = None, tokens: Optional[str]
     step = sae_step(s.batch_size, d, m, k, s.aux_k)
     n_eval = min(split_sizes(cfg)[1], s.eval_images or split_sizes(cfg)[1]) if eval_images is None else eval_images
     n_eval *= _tokens_per_image(cfg, tokens)
-    evaluate = Work(4 * n_eval * d * m, 4 * (3 * n_eval * m + 2 * n_eval * d), 20 * math.ceil(n_eval / 4096))
+    evaluate = Work(4 * n_eval * d * m, 4 * (3 * n_eval * m + 2 * n_eval * d), 20 * math.ceil(n_eval / 4096), 0,
+                    4 * (2 * n_eval * m + 2 * n_eval * d))
     n_train = split_sizes(cfg)[0] if s.train_images is None else min(s.train_images, split_sizes(cfg)[0])
     buffer = min(s.buffer_max_mb * 2 ** 20, 4 * d * (n_train * _tokens_per_image(cfg, tokens) + n_eval))
     memory = 16 * 2 * m * d + step.saved + 3 * 4 * s.batch_size * m + buffer
     return StageCost(stage="SAE training", flops=step.flops * steps + evaluate.flops,
-                     bytes=step.bytes * steps + evaluate.bytes, ops=step.ops * steps + evaluate.ops,
+                     bytes=step.bytes * steps + evaluate.bytes, mm_bytes=step.mm_bytes * steps + evaluate.mm_bytes,
+                     ops=step.ops * steps + evaluate.ops,
                      forwards=steps, backwards=steps, batch=s.batch_size, peak_bytes=memory, fixed_peak=memory,
                      shard="")
 
@@ -786,7 +810,7 @@ def sae_features(cfg: Config, images: Optional[int] = None) -> StageCost:
     n_eval = split_sizes(cfg)[1]
     n = min(n_eval, s.eval_images or n_eval) if images is None else images
     per_tok = _tokens_per_image(cfg, s.tokens)
-    splice = Work(6 * per_tok * d * m, 4 * per_tok * (4 * m + 4 * d), 0)
+    splice = Work(6 * per_tok * d * m, 4 * per_tok * (4 * m + 4 * d), 0, 0, 4 * per_tok * (3 * m + 4 * d))
     block = s.block % cfg.model.depth
     share = (cfg.model.depth - 1 - block) / cfg.model.depth
     work = _with_backward(u, share).over(n, b) + u["forward"].over(2.5 * n, b) + splice * (3.5 * n) \
@@ -1079,7 +1103,7 @@ class Device:
 
 def _gpu(name: str, bandwidth: float, memory: float, note: str) -> Device:
     return Device(name=name, peak_flops={"bf16": 989e12, "fp32": 67e12}, bandwidth=bandwidth, overhead_s=6e-6,
-                  memory=memory, efficiency={"bf16": 0.55, "fp32": 0.75}, bandwidth_efficiency=0.8,
+                  memory=memory, efficiency={"bf16": 0.7, "fp32": 0.75}, bandwidth_efficiency=0.8,
                   async_dispatch=True, decode_s=4e-3, note=note)
 
 
@@ -1098,33 +1122,36 @@ def _best(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
-def calibrate_cpu(mcfg: Optional[ModelConfig] = None, rows: int = 4096, repeat: int = 3) -> Device:
-    """Measure this machine (a few seconds, at ``torch.get_num_threads()`` threads):
+def calibrate_cpu(mcfg: Optional[ModelConfig] = None, repeat: int = 3) -> Device:
+    """Measure this machine at ``torch.get_num_threads()`` threads (a few seconds):
 
-    * FLOP/s of ``torch.matmul`` at the model's sizes: ``(rows, d) @ (d, 3d)``, ``(d, 4d)`` and
-      ``(4d, d)`` (qkv, fc1, fc2), in fp32 and bf16;
-    * bandwidth of a copy of a 256 MB tensor (reads and writes counted);
-    * per-operator overhead: the time of one ``torch.add`` of two one-element tensors;
+    * FLOP/s of ``torch.matmul`` at the model's sizes, ``(rows, d) @ (d, 3d)``, ``(d, r d)`` and
+      ``(r d, d)`` (qkv, fc1, fc2; about 1 GFLOP a call, a quarter in bf16), in fp32 and bf16;
+    * bandwidth: a copy of a 256 MB tensor (read and write counted);
+    * per-operator overhead: the mean time of many tiny operators of the kinds a ViT runs (add, mul,
+      linear, layer_norm, gelu, softmax, a copy) on 1 x 16 tensors, where arithmetic is negligible;
     * memory: the machine's RAM."""
     import os
 
-    d = 192 if mcfg is None else mcfg.embed_dim
-    hidden = int(d * (4.0 if mcfg is None else mcfg.mlp_ratio))
+    mcfg = ModelConfig() if mcfg is None else mcfg
+    d, hidden = mcfg.embed_dim, int(mcfg.embed_dim * mcfg.mlp_ratio)
+    shapes = [(d, 3 * d), (d, hidden), (hidden, d)]
+    per_row = sum(2 * i * o for i, o in shapes)
     peak = {}
-    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        shapes = [(d, 3 * d), (d, hidden), (hidden, d)]
-        flops = sum(2 * rows * i * o for i, o in shapes)
+    for precision, dtype, budget in (("fp32", torch.float32, 1e9), ("bf16", torch.bfloat16, 0.25e9)):
+        rows = int(min(4096, max(256, budget / per_row)))
         mats = [(torch.randn(rows, i, dtype=dtype), torch.randn(i, o, dtype=dtype)) for i, o in shapes]
-        peak[precision] = flops / _best(lambda: [a @ b for a, b in mats], repeat)
+        peak[precision] = rows * per_row / _best(lambda: [a @ b for a, b in mats], repeat)
     src = torch.ones(64 * 2 ** 20)
     dst = torch.empty_like(src)
     bandwidth = 2 * src.nbytes / _best(lambda: dst.copy_(src), repeat)
-    a, b = torch.ones(1), torch.ones(1)
-    n = 2000
-    overhead = _best(lambda: [torch.add(a, b) for _ in range(n)], repeat) / n
+    x, w = torch.randn(1, 16), torch.randn(16, 16)
+    tiny = [lambda: x + x, lambda: x * x, lambda: F.linear(x, w), lambda: F.layer_norm(x, (16,)),
+            lambda: F.gelu(x), lambda: x.softmax(-1), lambda: x.t().contiguous()]
+    overhead = _best(lambda: [op() for _ in range(300) for op in tiny], repeat) / (300 * len(tiny))
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return Device(name="cpu", peak_flops=peak, bandwidth=bandwidth, overhead_s=overhead, memory=memory,
-                  note=f"this machine, {torch.get_num_threads()} threads, calibrated at d={d}")
+                  note=f"this machine, {torch.get_num_threads()} thread(s), calibrated at d={d}")
 
 
 DEVICES = {"cpu": calibrate_cpu, "h100": lambda mcfg=None: H100, "h200": lambda mcfg=None: H200}
@@ -1150,16 +1177,18 @@ class Prediction:
 
 
 def predict(stage: StageCost, device: Device) -> Prediction:
-    """The module docstring's formula: a roofline, the dispatch overhead and the image loading."""
+    """The module docstring's formula: a roofline per kernel class (matrix products, everything else),
+    the dispatch overhead and the image loading; ``memory_s`` is the memory time not hidden by compute."""
+    bandwidth = device.bandwidth * device.bandwidth_efficiency
     compute = stage.flops / (device.peak_flops[stage.precision] * device.efficiency[stage.precision])
-    memory = stage.bytes / (device.bandwidth * device.bandwidth_efficiency)
+    mm_memory = stage.mm_bytes / bandwidth
+    memory = (stage.bytes - stage.mm_bytes) / bandwidth + max(0.0, mm_memory - compute)
     overhead = stage.ops * device.overhead_s
-    load = stage.images_loaded * device.decode_s
-    kernels = max(compute, memory)
+    load = stage.images_loaded * device.decode_s / max(1, stage.workers)
+    kernels = compute + memory
     run = max(kernels, overhead) if device.async_dispatch else kernels + overhead
-    seconds = run + load if stage.workers == 0 else max(run, load / stage.workers)
-    terms = {"compute": compute, "memory": memory, "overhead": overhead,
-             "load": load if stage.workers == 0 else load / stage.workers}
+    seconds = run + load if stage.workers == 0 else max(run, load)
+    terms = {"compute": compute, "memory": memory, "overhead": overhead, "load": load}
     return Prediction(seconds, compute, memory, overhead, load, max(terms, key=terms.get))
 
 
@@ -1187,7 +1216,7 @@ def on_gpus(stage: StageCost, gpus: int) -> StageCost:
     else:
         k = math.ceil(stage.chunks / gpus) / max(1, stage.chunks)
         ops, batch = stage.ops * k, stage.batch
-    return dataclasses.replace(stage, flops=stage.flops * k, bytes=stage.bytes * k, ops=ops,
+    return dataclasses.replace(stage, flops=stage.flops * k, bytes=stage.bytes * k, mm_bytes=stage.mm_bytes * k, ops=ops,
                                forwards=stage.forwards * k, backwards=stage.backwards * k,
                                images_loaded=stage.images_loaded * k, batch=batch,
                                peak_bytes=stage.fixed_peak + stage.act_per_image * batch)
