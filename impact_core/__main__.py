@@ -1,9 +1,10 @@
-"""Command line: ``python -m impact_core {book,bench,prepare,compare,cost} ...``."""
+"""Command line: ``python -m impact_core {book,bench,prepare,compare,cost,profile} ...``."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from .config import ConfigError
 
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
     book.add_argument("--chapters", nargs="*", help="chapter paths as in _toc.yml (default: all); "
                       "the others keep their last executed version")
     book.add_argument("--out", default=".", help="folder that receives _build/ (HTML in <out>/_build/html)")
-    book.add_argument("--jobs", type=int, default=1, help="chapters executed in parallel processes")
+    book.add_argument("--jobs", type=int, default=1, help="processes computing the levels' pieces and executing "
+                      "the chapters side by side (impact_core.schedule), one CPU thread each")
 
     bench = sub.add_parser("bench", help="fast paths against their references; writes benchmarks/latest.json")
     bench.add_argument("--device", default="cpu")
@@ -91,6 +93,10 @@ def main(argv=None) -> int:
     cost.add_argument("--device", default="h100", help="cpu (this machine, calibrated now), h100 or h200")
     cost.add_argument("--gpus", type=int, default=1, help="devices under torchrun (data-parallel stages split)")
 
+    prof = sub.add_parser("profile", help="where a build's time went: tasks, cached artefacts (impact_core.profile)")
+    prof.add_argument("--out", default=".", help="the folder holding the build's _build/ (as make book's OUT)")
+    prof.add_argument("--preset", default=None, help="the preset whose cache to read (default: the build's)")
+
     args = parser.parse_args(argv)
     if args.command == "prepare":
         unknown = [s for s in args.stages if s not in level_names()]
@@ -98,11 +104,12 @@ def main(argv=None) -> int:
             parser.error(f"--stages: unknown level {unknown[0]!r}; known: {', '.join(level_names())}")
     try:
         if args.command == "book":
-            from .runner import ChapterError, build_book
+            from .runner import build_book
+            from .schedule import TaskError
 
             try:
                 build_book(args.preset, args.chapters, args.out, args.jobs)
-            except ChapterError as err:
+            except TaskError as err:
                 print(f"[impact] ERROR: {err}", file=sys.stderr)
                 return 1
         elif args.command == "bench":
@@ -125,6 +132,14 @@ def main(argv=None) -> int:
             return 1 if n else 0
         elif args.command == "cost":
             return cost_command(args.preset, args.device, args.gpus)
+        elif args.command == "profile":
+            from . import profile
+            from .config import load_config
+
+            timings = profile.read_timings(Path(args.out))
+            cfg = load_config(args.preset or timings["preset"])
+            entries = profile.computed_entries(cfg.cache_path, timings["started"])
+            print(profile.markdown(timings, profile.profile_tables(timings, entries)))
     except (ConfigError, FileNotFoundError) as err:
         print(f"[impact] ERROR: {err}", file=sys.stderr)
         return 2
