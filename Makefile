@@ -1,8 +1,9 @@
 # impact: `make book` builds the reproduction, `make test` runs the tests.
 # Each target does its own set-up on a fresh machine (virtual environment, kernel, data).
 PRESET ?= default
-# chapters between pruning and discussion run JOBS at a time, one core each
-JOBS ?= 2
+# processes that compute the levels' pieces and run the chapters side by side, one CPU thread each
+# (impact_core/schedule.py); the numbers do not depend on it
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PORT ?= 8000
 OUT ?= .
 VENV := .venv
