@@ -119,13 +119,22 @@ def ready_order(task: Task) -> tuple:
 _WORKER_CFG: dict = {}
 
 
-def _start_worker(preset: str) -> None:
-    """Worker process start: load the preset once, set its torch threads."""
-    from .config import load_config
+def _start_worker(preset: str, counter) -> None:
+    """Worker process start: load the preset once, set its torch threads; on a machine with several
+    GPUs, worker i computes on GPU ``i mod count`` (a config that names no GPU index), so the pieces
+    of ``make book JOBS=8`` on an 8-GPU node (SAE sweeps, circuit k sweeps) spread over the GPUs."""
+    import torch
+
+    from .config import load_config, resolve_device
     from .pipeline import preflight
 
+    with counter.get_lock():
+        index, counter.value = counter.value, counter.value + 1
     cfg = load_config(preset)
     preflight(cfg)
+    device = resolve_device(cfg)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(index % torch.cuda.device_count())
     _WORKER_CFG["cfg"] = cfg
 
 
@@ -171,8 +180,8 @@ def run_plan(tasks: list[Task], jobs: int, preset: str, run_chapter: Callable[[s
     error: Optional[BaseException] = None
     has_pieces = any(t.piece is not None for t in tasks)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state inherited
-    workers = (ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(preset,))
-               if has_pieces else contextlib.nullcontext())
+    workers = (ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                                   initargs=(preset, context.Value("i", 0))) if has_pieces else contextlib.nullcontext())
     with workers as pool, ThreadPoolExecutor(jobs) as chapters:
         while pending or running:
             ready = sorted((t for t in pending if t.needs <= done), key=ready_order)
