@@ -636,11 +636,14 @@ def split_sizes(cfg: Config) -> tuple[int, int]:
 
 
 def _stage(cfg: Config, name: str, work: Work, unit: Unit, batch: int, *, forwards=0.0, backwards=0.0,
-           precision: str = "fp32", fixed_mem: float = 0.0, loaded: float = 0.0, workers: int = 0,
+           precision: str = "fp32", fixed_mem: float = 0.0, loaded: float = 0.0, workers: Optional[int] = None,
            shard: str = "rows", chunks: int = 0) -> StageCost:
     """A StageCost from ``work`` (bytes x :data:`BF16_BYTES` under bf16; forward-only passes run at
     ``cfg.precision``, the rest fp32); memory = weights (+ their bf16 copies) + ``fixed_mem`` +
-    ``unit``'s activations x batch; images are decoded only from an image folder."""
+    ``unit``'s activations x batch; images are decoded only from an image folder, by
+    ``data.num_workers`` loader processes unless ``workers`` says otherwise (every pass over a
+    split uses the split's workers: :func:`impact_core.data.batches`)."""
+    workers = cfg.data.num_workers if workers is None else workers
     scale = BF16_BYTES if precision == "bf16" else 1.0
     fixed = n_params(cfg.model) * (6 if precision == "bf16" else 4) + fixed_mem
     act = unit.act_bytes() * scale
@@ -745,7 +748,7 @@ def neuron_ablation(cfg: Config, images: Optional[int] = None) -> StageCost:
                   loaded=n + val, workers=cfg.data.num_workers)
 
 
-def gallery(cfg: Config, images: int, stage: str, workers: int = 0, sae_tokens: int = 0) -> StageCost:
+def gallery(cfg: Config, images: int, stage: str, workers: Optional[int] = None, sae_tokens: int = 0) -> StageCost:
     """A gallery's forward over ``images`` images (``neuron.neuron_gallery``, ``layer.sae_gallery``: the
     chapter's, so in the book); ``sae_tokens`` per image also go through the SAE encoder (2 d m)."""
     u, b = units(cfg.model), cfg.data.batch_size

@@ -84,6 +84,7 @@ class Split:
     dataset: object
     indices: np.ndarray
     classes: list
+    num_workers: int = 0  # DataLoader workers decoding an image folder (``data.num_workers``; in-memory data: none)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -94,7 +95,8 @@ class Split:
 
     def subset(self, indices: np.ndarray, name: Optional[str] = None) -> "Split":
         """A sub-split; ``indices`` index into this split."""
-        return Split(name or self.name, self.dataset, self.indices[np.asarray(indices)], self.classes)
+        return Split(name or self.name, self.dataset, self.indices[np.asarray(indices)], self.classes,
+                     self.num_workers)
 
 
 class InMemoryImages:
@@ -176,16 +178,21 @@ def load_splits(cfg: Config) -> dict[str, Split]:
     rng = np.random.default_rng(cfg.seed)
     calib_idx = np.sort(rng.permutation(train_idx)[: cfg.data.calib_images])
     eval_idx = seeded_positions(len(evals), cfg.data.eval_images, cfg.seed + 1)
+    workers = cfg.data.num_workers
     return {
-        "train": Split("train", train, train_idx, classes),
-        "calib": Split("calib", train, calib_idx, classes),
-        "eval": Split("eval", evals, eval_idx, classes),
+        "train": Split("train", train, train_idx, classes, workers),
+        "calib": Split("calib", train, calib_idx, classes, workers),
+        "eval": Split("eval", evals, eval_idx, classes, workers),
     }
 
 
 def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0,
-            limit: Optional[int] = None, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(images, labels)`` batches of a split; shuffled deterministically by ``seed``."""
+            limit: Optional[int] = None, num_workers: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(images, labels)`` batches of a split; shuffled deterministically by ``seed``.
+
+    An image folder is decoded by ``num_workers`` DataLoader processes (default: the split's, i.e.
+    ``data.num_workers``), so every pass over it (training, calibration, means, evaluation, the
+    level chapters') uses the preset's workers; the order of the batches does not depend on them."""
     idx = split.indices
     if shuffle:
         idx = idx[np.random.default_rng(seed).permutation(len(idx))]
@@ -196,8 +203,9 @@ def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0,
         for start in range(0, len(idx), batch_size):
             yield ds.batch(idx[start:start + batch_size])
         return
+    workers = split.num_workers if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx.tolist()), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers)
+                                         shuffle=False, num_workers=workers)
     for images, labels in loader:
         yield images, labels
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from impact_core.data import DataError, batches, check_data, load_splits, read_idx
 from tests.conftest import tiny_config, write_idx
@@ -72,6 +73,14 @@ def test_imagefolder_loader(tmp_path):
     assert s["train"].classes == ["n01440764", "n01443537"] and len(s["eval"]) == 6 and len(s["calib"]) == 4
     x, y = next(batches(s["eval"], 4))
     assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 0, 1]
+    # data.num_workers reaches every pass over the folder through the split (a sub-split keeps it);
+    # the batches are the same, in the same order, as the main process decodes them
+    workers = load_splits(Config.from_dict({**cfg.to_dict(), "data": {**cfg.data.to_dict(), "num_workers": 2}}))
+    sub = workers["train"].subset(np.arange(5))
+    assert workers["eval"].num_workers == 2 and sub.num_workers == 2 and s["eval"].num_workers == 0
+    for (a, la), (b, lb) in zip(batches(sub, 2, shuffle=True, seed=3), batches(s["train"].subset(np.arange(5)), 2,
+                                                                                 shuffle=True, seed=3)):
+        assert torch.equal(a, b) and torch.equal(la, lb)
     (tmp_path / "val").rename(tmp_path / "validation")
     with pytest.raises(DataError, match="no 'val/' folder"):
         check_data(cfg)

@@ -57,7 +57,7 @@ def neuron_metrics(cfg, sparsity: float, method: str = "wanda") -> dict:
         check_setup(hooked, nc.blocks, nc.top_k, num_classes)
         means = pipeline.site_means(cfg, sparsity, method)
         split = metric_images(cfg, pipeline.splits(cfg)["eval"])
-        batches = Batches(split, cfg.data.batch_size, num_workers=cfg.data.num_workers)
+        batches = Batches(split, cfg.data.batch_size)
         log.info("neuron metrics %s: %d images (half to select, half to measure), blocks %s, top-%d of %d units "
                  "per block, %d classes", label, len(split), list(nc.blocks), nc.top_k,
                  sum(block_unit_counts(hooked)), num_classes if classes is None else len(classes))
@@ -265,7 +265,7 @@ def neuron_gallery(cfg, sparsity: float, method: str = "wanda", classes=4, image
 
     def compute():
         hooked = pipeline.hooked_model(cfg, sparsity, method)
-        scores = unit_scores(hooked, Batches(split, cfg.data.batch_size, num_workers=cfg.data.num_workers), block,
+        scores = unit_scores(hooked, Batches(split, cfg.data.batch_size), block,
                              units, device=pipeline.resolve_device(cfg))
         values, rows = top_activating(scores, images_per_unit)
         return {"activations": values, "positions": rows}
