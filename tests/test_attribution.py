@@ -115,7 +115,10 @@ def test_fast_equals_plain_reference(rule):
     x = torch.randn(3, 1, 8, 8)
     fast = attr.attribute(m, x, "chefer", layerscale_rule=rule)["patch"]
     ref = torch.stack([attr.chefer_reference(m, x[i], layerscale_rule=rule) for i in range(3)])
-    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-6 * ref.abs().max())
+    # float32 rounding of two different orders of the same sums, at the scale of the map: the inverse
+    # rule (Eq. 14) divides by the LayerScale output, which amplifies it (measured up to 3.7e-5 of the
+    # map's maximum on an AMD EPYC machine, 7e-6 for the z-rule); a wrong rule moves the map by 1e-2 or more
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
 
 
 @pytest.mark.parametrize("method", ["chefer", "rollout", "generic"])
@@ -125,7 +128,10 @@ def test_batched_equals_one_by_one(method):
     target = torch.tensor([0, 1, 2, 1, 0])
     batched = attr.attribute(m, x, method, target=target, batch_size=5)
     single = [attr.attribute(m, x[i:i + 1], method, target=int(target[i])) for i in range(5)]
-    assert torch.allclose(batched["maps"], torch.cat([s["maps"] for s in single]), atol=1e-5)
+    # maps scaled to a maximum of 1; a batch of one runs other matrix kernels than a batch of five, and
+    # rollout multiplies their rounding through the layers' attention products (measured up to 4.7e-5
+    # on an AMD EPYC machine); an image mixed up with another would move its map by far more
+    assert torch.allclose(batched["maps"], torch.cat([s["maps"] for s in single]), atol=1e-4)
     assert torch.equal(batched["target"], target)
 
 
