@@ -65,17 +65,8 @@ def plan(cfg, chapters: list[str]) -> list[Task]:
     from .pipeline import TRAINED_SPARSE
 
     selected = [lv.name for lv in map(level_of_chapter, chapters) if lv is not None]
-    tasks: list[Task] = []
-    by_level: dict[str, list[str]] = {}
-    taken: set[str] = set()
-    for name in selected:
-        by_level[name] = []
-        for piece in level_pieces(cfg, [name]):
-            if piece.label in taken:  # the same piece declared by two levels: computed once
-                continue
-            taken.add(piece.label)
-            tasks.append(Task(piece.label, piece=piece, model=piece.model, cost=piece.cost))
-            by_level[name].append(piece.label)
+    by_level = {name: [p.label for p in level_pieces(cfg, [name])] for name in selected}
+    tasks = [Task(p.label, piece=p, model=p.model, cost=p.cost) for p in level_pieces(cfg, selected)]
     models = {t.piece.of: t.name for t in tasks if t.model}
     dense = models.get((0.0, "wanda"))
     for t in tasks:

@@ -38,6 +38,39 @@ def test_the_plan_waits_for_models_and_levels():
     assert len(labels) == len(set(labels))
 
 
+def _toy_entry(cfg, sparsity, method="wanda"):
+    """A stand-in entry point (never run: the test only plans)."""
+
+
+def test_a_piece_two_levels_declare_is_planned_once_and_awaited_by_both():
+    """Pieces are named by their label: a piece two levels declare is one task, and both chapters
+    wait for it; the same label for two different calls is a declaration error."""
+    shared = levels.Piece("toy shared", _toy_entry, (0.5,), of=(0.5, "wanda"))
+    own = levels.Piece("toy own", _toy_entry, (0.7,), of=(0.7, "wanda"))
+    clash = levels.Piece("toy shared", _toy_entry, (0.9,), of=(0.9, "wanda"))
+
+    def toy(name, pieces):
+        return levels.Level(name, name, "neuron", gather=lambda cfg: {}, claims=lambda runs, judge: [],
+                            chapter=f"toy/{name}", pieces=lambda cfg: pieces)
+
+    cfg = load_config("smoke")
+    levels.register_level(toy("toy_a", [shared]))
+    levels.register_level(toy("toy_b", [shared, own]))
+    try:
+        tasks = plan(cfg, ["toy/toy_a", "toy/toy_b"])
+        assert [t.name for t in tasks] == ["toy shared", "toy own", "toy/toy_a", "toy/toy_b"]
+        by_name = {t.name: t for t in tasks}
+        assert by_name["toy/toy_a"].needs == {"toy shared"}
+        assert by_name["toy/toy_b"].needs == {"toy shared", "toy own"}
+        levels.register_level(toy("toy_c", [clash]))
+        with pytest.raises(ValueError, match="'toy shared' is declared twice for different calls"):
+            plan(cfg, ["toy/toy_a", "toy/toy_c"])
+    finally:
+        for name in ("toy_a", "toy_b", "toy_c"):
+            if name in levels.level_names():
+                levels.unregister_level(name)
+
+
 def test_models_start_first_then_the_longest():
     tasks = [Task("short", cost=1), Task("long", cost=50), Task("model", model=True, cost=5), Task("mid", cost=10)]
     assert [t.name for t in sorted(tasks, key=ready_order)] == ["model", "long", "mid", "short"]

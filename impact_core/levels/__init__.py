@@ -149,16 +149,20 @@ def model_pieces(what: str, entry: Callable, sparsities, cost: float, **kwargs) 
 
 
 def level_pieces(cfg, names: Sequence[str]) -> list[Piece]:
-    """The pieces of the levels ``names`` (levels without pieces contribute none), duplicates dropped."""
-    out, seen = [], set()
+    """The pieces of the levels ``names`` (levels without pieces contribute none), each label once.
+
+    A label names one computation: two levels may declare the same piece (the circuit level lists
+    the models the pruning level trains), and it is kept once. The same label for different calls
+    is a declaration error and raises."""
+    out: dict[str, Piece] = {}
     for name in names:
         level = get_level(name)
         for piece in level.pieces(cfg) if level.pieces else []:
-            ident = (piece.entry.__module__, piece.entry.__qualname__, piece.args, tuple(sorted(piece.kwargs.items())))
-            if ident not in seen:
-                seen.add(ident)
-                out.append(piece)
-    return out
+            known = out.setdefault(piece.label, piece)
+            if (known.entry, known.args, dict(known.kwargs)) != (piece.entry, piece.args, dict(piece.kwargs)):
+                raise ValueError(f"level {name!r}: piece {piece.label!r} is declared twice for different calls "
+                                 f"({known.entry.__qualname__}{known.args} and {piece.entry.__qualname__}{piece.args})")
+    return list(out.values())
 
 
 def for_seed(cfg, seed: int):
