@@ -346,21 +346,10 @@ def _u_calibration(model, mcfg, B):
 
 def _u_site_means(model, mcfg, B):
     """A forward with the float64 sums of ``sites.compute_site_means`` at every site."""
-    from .methods.sites import ALL_SITES
+    from .methods.sites import ALL_SITES, site_sum_hooks
 
     hooked = _hooked(_frozen(model))
-    sums: dict = {}
-
-    def adder(name):
-        def fn(act):
-            s = act.sum(0, dtype=torch.float64)
-            if name in sums:
-                sums[name] += s
-            else:
-                sums[name] = s
-        return fn
-
-    with torch.no_grad(), hooked.hooks({n: adder(n) for n in hooked.site_names(sites=ALL_SITES)}):
+    with torch.no_grad(), hooked.hooks(site_sum_hooks(hooked.site_names(sites=ALL_SITES), {})):
         hooked.model(_images(mcfg, B))
 
 
@@ -386,27 +375,13 @@ def _mask_setup(model):
 
 
 def _u_circuit_step(model, mcfg, B):
-    """The body of ``circuits.train_masks``'s step for one class of B images: Heaviside masks at every
-    site, the masked forward, task loss + k x node count, backward to the mask logits, foreach AdamW
-    and clamp."""
+    """``circuits.mask_step`` (one step of ``circuits.train_masks``) for one class of B images."""
     from .methods import circuits
 
     hooked, logits, means = _mask_setup(model)
     opt = torch.optim.AdamW(list(logits.values()), lr=1e-2, weight_decay=0.01, foreach=True)
-    classes = torch.zeros(1, dtype=torch.long)
-    y = torch.zeros(1, B, dtype=torch.long)
-    masks = {nm: circuits.heaviside(t, 1.0) for nm, t in logits.items()}
-    with hooked.hooks(circuits.mask_hooks(masks, means)):
-        z = hooked.model(_images(mcfg, B))
-    z = z.view(1, -1, z.shape[-1])
-    count = torch.stack([m.sum(-1) for m in masks.values()]).sum(0)
-    loss = circuits.task_loss(z, classes, y) + 1e-5 * count
-    opt.zero_grad(set_to_none=True)
-    loss.sum().backward()
-    opt.step()
-    with torch.no_grad():
-        torch._foreach_clamp_min_(list(logits.values()), -1.0)
-        torch._foreach_clamp_max_(list(logits.values()), 1.0)
+    circuits.mask_step(hooked, logits, means, opt, _images(mcfg, B), torch.zeros(1, B, dtype=torch.long),
+                       torch.zeros(1, dtype=torch.long), k=1e-5)
 
 
 def _u_circuit_eval(model, mcfg, B):

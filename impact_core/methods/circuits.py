@@ -245,6 +245,30 @@ def first_decay_travel(cc) -> float:
     return cc.lr * cc.step_size * steps_per_epoch(2 * cc.train_images_per_class, cc.batch_size)
 
 
+def mask_step(hooked: HookedViT, logits: dict[str, torch.Tensor], means: dict[str, torch.Tensor],
+              opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor, *,
+              k: float, tau: float = 1.0) -> torch.Tensor:
+    """One optimiser step of the masks of K classes at once (the body of :func:`train_masks`).
+
+    Heaviside masks of ``logits`` (``{site: (K, units)}``) at every site, one forward of ``x`` (the K
+    classes' batches stacked), loss = task loss + ``k`` x active node count per class, backward to
+    the logits, ``opt.step()``, then the logits clamped to [-1, 1]. Returns the ``(K,)`` losses.
+    """
+    masks = {nm: heaviside(t, tau) for nm, t in logits.items()}
+    with hooked.hooks(mask_hooks(masks, means)):
+        z = hooked.model(x)
+    z = z.view(len(classes), -1, z.shape[-1])
+    count = torch.stack([m.sum(-1) for m in masks.values()]).sum(0)  # (K,)
+    loss = task_loss(z, classes, y) + k * count
+    opt.zero_grad(set_to_none=True)
+    loss.sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch._foreach_clamp_min_(list(logits.values()), -1.0)
+        torch._foreach_clamp_max_(list(logits.values()), 1.0)
+    return loss.detach()
+
+
 def train_masks(hooked: HookedViT, means: dict[str, torch.Tensor], data: ClassSets, *, k: float,
                 epochs: int, lr: float, step_size: int, gamma: float, batch_size: int, tau: float = 1.0,
                 weight_decay: float = 0.01, init_mean: float = 0.5, init_std: float = 0.01, seed: int = 0,
@@ -274,19 +298,7 @@ def train_masks(hooked: HookedViT, means: dict[str, torch.Tensor], data: ClassSe
             for start in range(0, n, batch_size):
                 x, y = data.images(perm[:, start:start + batch_size])
                 x, y = x.to(device), y.to(device)
-                masks = {nm: heaviside(t, tau) for nm, t in logits.items()}
-                with hooked.hooks(mask_hooks(masks, means)):
-                    z = hooked.model(x)
-                z = z.view(K, -1, z.shape[-1])
-                count = torch.stack([m.sum(-1) for m in masks.values()]).sum(0)  # (K,)
-                loss = task_loss(z, classes, y) + k * count
-                opt.zero_grad(set_to_none=True)
-                loss.sum().backward()
-                opt.step()
-                with torch.no_grad():
-                    torch._foreach_clamp_min_(list(logits.values()), -1.0)
-                    torch._foreach_clamp_max_(list(logits.values()), 1.0)
-                losses.append(loss.detach().cpu())
+                losses.append(mask_step(hooked, logits, means, opt, x, y, classes, k=k, tau=tau).cpu())
                 bar.update(1)
             sched.step()
     finally:

@@ -234,6 +234,21 @@ def mean_ablate(mean: torch.Tensor, keep: torch.Tensor, name: str) -> HookFn:
     return fn
 
 
+def site_sum_hooks(names: list[str], sums: dict[str, torch.Tensor]) -> dict:
+    """Hooks that add each named site's activation, summed over the batch in float64, into ``sums[name]``
+    (created on the first batch, on the activation's device)."""
+    def adder(name):
+        def fn(act):
+            s = act.sum(0, dtype=torch.float64)
+            if name in sums:
+                sums[name] += s
+            else:
+                sums[name] = s
+        return fn
+
+    return {n: adder(n) for n in names}
+
+
 @torch.no_grad()
 def compute_site_means(hooked: HookedViT, batches: Iterable, names: list[str],
                        device: torch.device | str = "cpu", desc: str = "site means",
@@ -245,18 +260,8 @@ def compute_site_means(hooked: HookedViT, batches: Iterable, names: list[str],
     """
     sums: dict[str, torch.Tensor] = {}
     count = 0
-
-    def adder(name):
-        def fn(act):
-            s = act.sum(0, dtype=torch.float64)
-            if name in sums:
-                sums[name] += s
-            else:
-                sums[name] = s
-        return fn
-
     hooked.eval()
-    with hooked.hooks({n: adder(n) for n in names}):
+    with hooked.hooks(site_sum_hooks(names, sums)):
         for images, _labels in tqdm(batches, desc=desc, leave=False):
             images = local_rows(images)
             with autocast(device, precision):
