@@ -240,6 +240,8 @@ class SAEConfig(Section):
     eval_images: Optional[int] = 2000
     top_k: int = 50  # latents per class for the four metrics (paper: top-50, as for neurons)
     buffer_max_mb: int = 1024  # training activations up to this size are buffered, larger ones streamed
+    cache_activations_mb: int = 1024  # buffered activation sets up to this size are stored in the result cache
+                                      # (computed once for every process of a build); 0: never stored
     pool_batches: int = 32  # streaming: the shuffling pool holds this many SAE batches
     seeds: int = 3  # SAE training seeds per model (Table 2 analogue: mean and min-max over them)
 
@@ -249,6 +251,9 @@ class SAEConfig(Section):
             raise ConfigError(f"{prefix}seeds: must be an integer >= 1, got {self.seeds!r}")
         for key in ("top_k", "buffer_max_mb", "pool_batches", "aux_k", "dead_after_steps"):
             _positive(getattr(self, key), prefix + key)
+        if isinstance(self.cache_activations_mb, bool) or not isinstance(self.cache_activations_mb, (int, float)) \
+                or self.cache_activations_mb < 0:
+            raise ConfigError(f"{prefix}cache_activations_mb: must be a number >= 0, got {self.cache_activations_mb!r}")
         if not 0.0 <= self.threshold_beta < 1.0:
             raise ConfigError(f"{prefix}threshold_beta: must lie in [0, 1), got {self.threshold_beta!r}")
         from .methods.sae import TOKEN_SETS

@@ -948,9 +948,10 @@ class _Book:
 
     def sae(self, chapter: str, s: float, m: str, tokens: str, k: int, expansion: int, seed: int,
             book: bool = False) -> None:
-        """One SAE and the activations it needs: buffered (computed once per model and token set in a
-        process: ``prepare`` for the levels' SAEs, the chapter's own for the sweep's) or streamed (each
-        SAE's ``steps x batch / tokens per image`` images, + half a shuffling pool)."""
+        """One SAE and the activations it needs: buffered and stored in the result cache (computed once
+        per model and token set for the whole build, at most ``sae.cache_activations_mb``), buffered only
+        (once per process: ``prepare`` for the levels' SAEs, the chapter's own for the sweep's) or
+        streamed (each SAE's ``steps x batch / tokens per image`` images, + half a shuffling pool)."""
         cfg, sc = self.cfg, self.cfg.sae
         self.model(chapter, s, m)
         if not self.once("sae", self.key(s, m), tokens, k, expansion, seed):
@@ -960,14 +961,22 @@ class _Book:
         n_eval = min(split_sizes(cfg)[1], sc.eval_images or split_sizes(cfg)[1])
         per = _tokens_per_image(cfg, tokens)
         d = cfg.model.embed_dim
+
+        def once_per_set(split: str, images: int) -> bool:
+            mb = 4 * d * per * images / 2 ** 20
+            if mb > sc.buffer_max_mb:
+                return True
+            where = () if mb <= sc.cache_activations_mb else (book,)
+            return self.once(f"sae_{split}_acts", self.key(s, m), tokens, *where)
+
         if 4 * d * per * n_train <= sc.buffer_max_mb * 2 ** 20:
-            if self.once("sae_train_acts", self.key(s, m), tokens, book):
+            if once_per_set("train", n_train):
                 self.add(chapter, _named(sae_activations(cfg, n_train), "SAE activations" + suffix, book))
         else:
             pool = max(sc.pool_batches * sc.batch_size, sc.batch_size)
             images = math.ceil((sc.steps * sc.batch_size + pool / 2) / per)
             self.add(chapter, _named(sae_activations(cfg, images), "SAE activations" + suffix, book))
-        if 4 * d * per * n_eval > sc.buffer_max_mb * 2 ** 20 or self.once("sae_eval_acts", self.key(s, m), tokens, book):
+        if once_per_set("eval", n_eval):
             self.add(chapter, _named(sae_activations(cfg, n_eval), "SAE activations" + suffix, book))
         self.add(chapter, _named(sae_training(cfg, tokens=tokens, k=k, expansion=expansion), "SAE training" + suffix,
                                  book))

@@ -275,6 +275,42 @@ def test_sae_seeds_share_activations_and_the_control_works(tiny_fmnist, tmp_path
     assert feats["impact"].shape == (cfg.model.num_classes,) and feats["topk"].shape == (cfg.model.num_classes, 2)
 
 
+def test_activation_sets_are_stored_once_and_change_nothing(tiny_fmnist, tmp_path, caplog):
+    """An activation set is computed once and stored in the result cache: another SAE on the same model
+    and tokens, in a process without the in-memory buffers (cleared here), reads it instead of running
+    the model again. The SAE trained on stored activations equals the one trained without storing, bit
+    for bit; a set larger than ``sae.cache_activations_mb`` is not stored."""
+    import logging
+
+    from impact_core import pipeline
+    from impact_core.config import ConfigError, load_config
+    from tests.conftest import tiny_config
+
+    sae = {"k": 2, "expansion": 2, "batch_size": 16, "steps": 3, "aux_k": 4, "train_images": 40, "eval_images": 20,
+           "seeds": 1, "top_k": 2}
+    cfg = tiny_config(tiny_fmnist, sae=sae)
+    cfg.cache_dir = str(tmp_path / "stored")
+    layer._ACT_BUFFERS.clear()
+    first = layer.train_sae(cfg, 0.0)
+    stored = pipeline.cache_for(cfg).root / layer.SAE_ACTIVATIONS
+    assert len(list(stored.glob("*.pt"))) == 2  # the train and the eval set
+    layer._ACT_BUFFERS.clear()  # as in another worker process
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="impact_core"):
+        layer.train_sae(cfg, 0.0, k=3)
+    assert caplog.text.count("reusing sae_acts/") == 2 and "SAE activations:" not in caplog.text
+
+    unstored = tiny_config(tiny_fmnist, sae={**sae, "cache_activations_mb": 0})
+    unstored.cache_dir = str(tmp_path / "unstored")
+    layer._ACT_BUFFERS.clear()
+    plain = layer.train_sae(unstored, 0.0)
+    assert not (pipeline.cache_for(unstored).root / layer.SAE_ACTIVATIONS).exists()
+    assert all(torch.equal(first["state"][key], plain["state"][key]) for key in plain["state"])
+    assert first["metrics"]["nmse"] == plain["metrics"]["nmse"]
+    with pytest.raises(ConfigError, match="cache_activations_mb"):
+        load_config("smoke", {"sae.cache_activations_mb": -1})
+
+
 # --- SAE feature metrics: splicing, zero ablation, attribution ------------------------------------------------------
 
 def _tiny_vit_and_sae(tokens="cls"):

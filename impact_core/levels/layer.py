@@ -29,7 +29,7 @@ from .neuron import neuron_claims
 log = logging.getLogger("impact_core")
 
 SAE = artefact("sae", 2)  # 2: "nmse" is the paper's (1 - FVE), the per-sample one "nmse_per_sample"; SAE seeds
-SAE_ACTIVATIONS = artefact("sae_acts", 1)  # names the in-process activation buffers (not stored)
+SAE_ACTIVATIONS = artefact("sae_acts", 1)  # the activation sets SAEs train and are evaluated on (train_sae)
 SAE_FEATURES = artefact("sae_features", 3)  # 2: held-out selection; 3: no all_auroc_max
 
 
@@ -134,9 +134,29 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
         bs_img = cfg.data.batch_size
         streamed = total_mb > s.buffer_max_mb
 
-        def acts_key(split_name, n_images):
-            return pipeline.cache_for(cfg).key(SAE_ACTIVATIONS, {"model": inputs["model"], "block": block, "tokens": tokens,
-                                                            "split": split_name, "images": n_images, "seed": cfg.seed})
+        def activation_set(split_name: str, subset, n_images) -> torch.Tensor:
+            """Every activation row of ``subset`` at once: from this process's LRU (:func:`_buffered`),
+            else from the result cache when the set is at most ``sae.cache_activations_mb`` (one
+            computation serves every SAE of the model in every process of a build), else computed."""
+            cache = pipeline.cache_for(cfg)
+            what = {"model": inputs["model"], "block": block, "tokens": tokens, "split": split_name,
+                    "images": n_images, "seed": cfg.seed}
+            mb = len(subset) * per_image * d * 4 / 2**20
+
+            def compute_rows():
+                log.info("SAE activations: %s, %s tokens of %d %s images (%.1f MB)",
+                         pipeline.model_label(sparsity, method), tokens, len(subset), split_name, mb)
+                chunks = activation_chunks(hooked, tqdm(Batches(subset, bs_img), desc=f"SAE activations ({split_name})",
+                                                        leave=False), name, tokens, device, cfg.precision)
+                return torch.cat(list(chunks))
+
+            def load():
+                if mb > s.cache_activations_mb:
+                    return compute_rows()
+                return cache.get_or_compute(SAE_ACTIVATIONS, what, lambda: {"rows": compute_rows().cpu()})["rows"].to(device)
+
+            return _buffered(cache.key(SAE_ACTIVATIONS, what), s.buffer_max_mb, load)
+
         label = f"{pipeline.model_label(sparsity, method)} {tokens} k={k} x{expansion} seed {sae_seed}"
         if streamed:
             log.info("SAE %s: streaming activations (%.0f MB > buffer_max_mb=%d)", label, total_mb, s.buffer_max_mb)
@@ -148,13 +168,7 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
             stream = shuffled_batches(epoch_chunks, s.batch_size, max(s.pool_batches * s.batch_size, s.batch_size),
                                       seed=seed)
         else:
-            def make_train():
-                log.info("SAE %s: buffering %.1f MB of training activations in memory", label, total_mb)
-                chunks = activation_chunks(hooked, tqdm(Batches(train_split, bs_img), desc="SAE activations",
-                                                        leave=False), name, tokens, device, cfg.precision)
-                return torch.cat(list(chunks))
-
-            rows = _buffered(acts_key("train", s.train_images), s.buffer_max_mb, make_train)
+            rows = activation_set("train", train_split, s.train_images)
             stream = buffered_batches(rows, s.batch_size, seed=seed)
         torch.manual_seed(seed)
         sae = BatchTopKSAE(d, d * expansion, k, threshold_beta=s.threshold_beta, seed=seed,
@@ -164,11 +178,10 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
                       dead_after_steps=s.dead_after_steps, normalize_input=s.normalize_input,
                       desc=f"SAE {label}")
         seconds = time.time() - start
-        eval_chunks = activation_chunks(hooked, Batches(eval_split, bs_img), name, tokens, device, cfg.precision)
-        eval_mb = len(eval_split) * per_image * d * 4 / 2**20
-        if eval_mb <= s.buffer_max_mb:
-            eval_chunks = [_buffered(acts_key("eval", s.eval_images), s.buffer_max_mb,
-                                     lambda: torch.cat(list(eval_chunks)))]
+        if len(eval_split) * per_image * d * 4 / 2**20 <= s.buffer_max_mb:
+            eval_chunks = [activation_set("eval", eval_split, s.eval_images)]
+        else:
+            eval_chunks = activation_chunks(hooked, Batches(eval_split, bs_img), name, tokens, device, cfg.precision)
         metrics = evaluate(sae, eval_chunks)
         metrics["eval_images"] = len(eval_split)
         log.info("SAE %s: nmse %.4f fve %.4f dead %d/%d", label, metrics["nmse"], metrics["fve"],
