@@ -87,7 +87,7 @@ def test_edge_counting_matches_brute_force():
     active = {n: torch.rand(K, hooked.num_units(n), generator=g) > 0.4 for n in circuits.node_sites(hooked)}
     got = circuits.edge_counts(hooked, active)
 
-    H, D, Cd = hooked.num_heads, hooked.head_dim, hooked.embed_dim
+    D, Cd = hooked.head_dim, hooked.embed_dim
     want = [0] * K
     dense = remaining = 0
     for b, blk in enumerate(model.blocks):
