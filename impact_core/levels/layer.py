@@ -130,7 +130,12 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
         d = hooked.embed_dim
         n_tok = hooked.model.patch_embed.num_patches + 1
         per_image = tokens_per_image(tokens, n_tok)
-        total_mb = len(train_split) * per_image * d * 4 / 2**20
+
+        def set_mb(split) -> float:
+            """Size of the float32 activation rows of ``split`` (MB)."""
+            return len(split) * per_image * d * 4 / 2**20
+
+        total_mb = set_mb(train_split)
         bs_img = cfg.data.batch_size
         streamed = total_mb > s.buffer_max_mb
 
@@ -141,7 +146,7 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
             cache = pipeline.cache_for(cfg)
             what = {"model": inputs["model"], "block": block, "tokens": tokens, "split": split_name,
                     "images": n_images, "seed": cfg.seed}
-            mb = len(subset) * per_image * d * 4 / 2**20
+            mb = set_mb(subset)
 
             def compute_rows():
                 log.info("SAE activations: %s, %s tokens of %d %s images (%.1f MB)",
@@ -178,7 +183,7 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
                       dead_after_steps=s.dead_after_steps, normalize_input=s.normalize_input,
                       desc=f"SAE {label}")
         seconds = time.time() - start
-        if len(eval_split) * per_image * d * 4 / 2**20 <= s.buffer_max_mb:
+        if set_mb(eval_split) <= s.buffer_max_mb:
             eval_chunks = [activation_set("eval", eval_split, s.eval_images)]
         else:
             eval_chunks = activation_chunks(hooked, Batches(eval_split, bs_img), name, tokens, device, cfg.precision)
