@@ -187,11 +187,11 @@ def load_splits(cfg: Config) -> dict[str, Split]:
 
 
 def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0,
-            limit: Optional[int] = None, num_workers: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            limit: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images, labels)`` batches of a split; shuffled deterministically by ``seed``.
 
-    An image folder is decoded by ``num_workers`` DataLoader processes (default: the split's, i.e.
-    ``data.num_workers``), so every pass over it (training, calibration, means, evaluation, the
+    An image folder is decoded by the split's ``num_workers`` DataLoader processes
+    (``data.num_workers``), so every pass over it (training, calibration, means, evaluation, the
     level chapters') uses the preset's workers; the order of the batches does not depend on them."""
     idx = split.indices
     if shuffle:
@@ -203,9 +203,8 @@ def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0,
         for start in range(0, len(idx), batch_size):
             yield ds.batch(idx[start:start + batch_size])
         return
-    workers = split.num_workers if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx.tolist()), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers)
+                                         shuffle=False, num_workers=split.num_workers)
     for images, labels in loader:
         yield images, labels
 
