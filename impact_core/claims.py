@@ -39,12 +39,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import stats as S
-from .stats import DOWN, EQUIVALENT, UNDECIDED, UP, Estimate
+from .stats import DOWN, EQUIVALENT, SMALL_DOWN, SMALL_UP, UP, Estimate
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+SMALL = "shown but small"  # the change is shown to exist and shown smaller than the margin
 PIPELINE = "explained by the pipeline"
 PRUNING = "explained by pruning alone"
-VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, PIPELINE, PRUNING)
+VERDICTS = (REPRODUCED, SMALL, NOT_REPRODUCED, INCONCLUSIVE, PIPELINE, PRUNING)
 
 
 @dataclass
@@ -82,11 +83,22 @@ class Claim:
 # rules: pure functions of intervals (tested on synthetic inputs)
 # ---------------------------------------------------------------------------------------------
 def _claimed(reading: str, expected: str) -> bool:
+    """Shown on the claimed side of 0 and not shown smaller than the margin."""
     return reading == (UP if expected == "+" else DOWN)
 
 
+def _claimed_small(reading: str, expected: str) -> bool:
+    """Shown on the claimed side of 0 and shown smaller than the margin."""
+    return reading == (SMALL_UP if expected == "+" else SMALL_DOWN)
+
+
+def _shown_claimed(reading: str, expected: str) -> bool:
+    return _claimed(reading, expected) or _claimed_small(reading, expected)
+
+
 def _opposite(reading: str, expected: str) -> bool:
-    return reading == (DOWN if expected == "+" else UP)
+    """Shown on the other side of 0 (whatever its size)."""
+    return reading in ((DOWN, SMALL_DOWN) if expected == "+" else (UP, SMALL_UP))
 
 
 def judge_direction(effect: Estimate, expected: str, margin: float) -> tuple[str, str]:
@@ -94,6 +106,8 @@ def judge_direction(effect: Estimate, expected: str, margin: float) -> tuple[str
     r = S.side(effect, margin)
     if _claimed(r, expected):
         return REPRODUCED, "the interval lies on the claimed side of 0"
+    if _claimed_small(r, expected):
+        return SMALL, f"a change on the claimed side, shown smaller than the margin (+-{margin:g})"
     if r == EQUIVALENT:
         return NOT_REPRODUCED, f"no change beyond +-{margin:g} (equivalent)"
     if _opposite(r, expected):
@@ -103,49 +117,76 @@ def judge_direction(effect: Estimate, expected: str, margin: float) -> tuple[str
 
 def judge_change(effect: Estimate, control: Optional[Estimate], beyond_control: Optional[Estimate],
                  expected: str, margin: float) -> tuple[str, str]:
-    """A change claim judged against the control (see the module docstring).
+    """A change claim judged against the control; every label needs the evidence it names.
 
     ``effect``: level - dense; ``control``: control - dense; ``beyond_control``: level - control
-    (all paired over the same units)."""
+    (all paired over the same units). In order:
+
+    * *not reproduced*: the level is shown equivalent to dense, or shown to change the other way
+      (against dense or beyond the control), or shown equivalent to the control while the control
+      itself is not shown to carry the effect;
+    * *explained by the pipeline*: the control's effect is shown on the claimed side **and** the
+      level is shown equivalent to the control;
+    * *reproduced*: the change is shown against dense **and** beyond the control, on the claimed
+      side, and neither is shown smaller than the margin;
+    * *shown but small*: both are shown on the claimed side and one of them is shown smaller than
+      the margin (so a more precise interval never turns "reproduced" into "not reproduced");
+    * *inconclusive* otherwise, with the units that would decide."""
     if control is None or beyond_control is None:
         return judge_direction(effect, expected, margin)
-    verdict, why = judge_direction(effect, expected, margin)
-    if verdict == NOT_REPRODUCED:  # no relevant change from dense, or a change the other way
-        return verdict, why
-    r_ctl, r_beyond = S.side(control, margin), S.side(beyond_control, margin)
-    if _claimed(r_beyond, expected):
-        return REPRODUCED, "the level differs from the control in the claimed direction"
-    if _claimed(r_ctl, expected):
-        return PIPELINE, "the control (nothing pruned) shows the effect too"
-    if verdict == REPRODUCED and r_beyond in (EQUIVALENT, UNDECIDED):
-        return PIPELINE, "the level differs from dense but not from the control"
-    if r_beyond == EQUIVALENT:
-        return NOT_REPRODUCED, f"no change beyond the control (within +-{margin:g})"
+    r_eff, r_ctl, r_beyond = (S.side(e, margin) for e in (effect, control, beyond_control))
+    if r_eff == EQUIVALENT:
+        return NOT_REPRODUCED, f"no change from dense beyond +-{margin:g} (equivalent)"
+    if _opposite(r_eff, expected):
+        return NOT_REPRODUCED, "it changes the other way from dense"
     if _opposite(r_beyond, expected):
         return NOT_REPRODUCED, "beyond the control it changes the other way"
-    return INCONCLUSIVE, _needed(beyond_control, margin)
+    if r_beyond == EQUIVALENT:
+        if _shown_claimed(r_ctl, expected):
+            return PIPELINE, "the control (nothing pruned) shows the effect, and the level is equivalent to it"
+        return NOT_REPRODUCED, f"no change beyond the control (within +-{margin:g})"
+    if _shown_claimed(r_eff, expected) and _shown_claimed(r_beyond, expected):
+        if _claimed(r_eff, expected) and _claimed(r_beyond, expected):
+            return REPRODUCED, "the level differs from dense and from the control in the claimed direction"
+        return SMALL, (f"the change is shown against dense and beyond the control, and shown smaller than "
+                       f"the margin (+-{margin:g})")
+    undecided = beyond_control if not _shown_claimed(r_beyond, expected) else effect
+    return INCONCLUSIVE, _needed(undecided, margin)
 
 
 def judge_pruning_only(verdict: str, beyond_counterfactual: Optional[Estimate], expected: str,
                        margin: float) -> tuple[str, Optional[str]]:
-    """Downgrade a reproduced edge claim when pruning alone explains it: the sparse circuits
-    have no fewer edges than the dense circuits' node sets counted on the pruned weights."""
-    if verdict != REPRODUCED or beyond_counterfactual is None:
+    """Can pruning alone explain a reproduced edge claim? ``beyond_counterfactual``: the sparse
+    circuits minus the dense circuits' node sets counted on the pruned weights.
+
+    Stays *reproduced* when the sparse circuits are shown beyond the counterfactual on the claimed
+    side; *explained by pruning alone* when they are shown equivalent to it, or shown on its other
+    side (pruning alone removes more); *inconclusive* when that comparison is undecided."""
+    if verdict not in (REPRODUCED, SMALL) or beyond_counterfactual is None:
         return verdict, None
-    if _claimed(S.side(beyond_counterfactual, margin), expected):
-        return REPRODUCED, None
-    return PRUNING, "the dense circuits counted on the pruned weights fall as far"
+    r = S.side(beyond_counterfactual, margin)
+    if _shown_claimed(r, expected):
+        return verdict, None
+    if r == EQUIVALENT:
+        return PRUNING, "the dense circuits counted on the pruned weights fall as far (equivalent)"
+    if _opposite(r, expected):
+        return PRUNING, "the dense circuits counted on the pruned weights fall further"
+    return INCONCLUSIVE, ("the edges fall, but whether pruning alone explains it is undecided; "
+                          + _needed(beyond_counterfactual, margin))
 
 
-def judge_no_change(family: Sequence[Estimate], margin: float, alpha: float = 0.05) -> tuple[str, dict]:
-    """An equivalence claim over a family of comparisons, Holm-corrected both ways."""
-    fam = [e for e in family if e.distribution.size]
+def judge_no_change(family: Sequence[Estimate], margin: float, alpha: float = S.ALPHA) -> tuple[str, dict]:
+    """An equivalence claim over a family of comparisons.
+
+    *reproduced* when **every** comparison's interval lies inside +-margin (an intersection-union
+    test: no correction); *not reproduced* when **any** lies wholly beyond the margin (Holm over
+    :func:`impact_core.stats.p_beyond`); *inconclusive* otherwise."""
+    fam = [e for e in family if e.finite]
     if not fam:
         return INCONCLUSIVE, {"equivalent": 0, "changed": 0, "n": 0, "needed": None}
-    eq = S.holm([S.equivalence_pvalue(e, margin) for e in fam], alpha)
-    ch = S.holm([S.change_pvalue(e, margin) for e in fam], alpha)
-    needed = [S.samples_needed(e, margin, "equivalence", family=len(fam)) for e, a, b in zip(fam, eq, ch)
-              if not (a or b)]
+    eq = np.array([S.p_equivalent(e, margin) < alpha for e in fam])
+    ch = S.holm([S.p_beyond(e, margin) for e in fam], alpha)
+    needed = [S.samples_needed(e, margin, "equivalence") for e, a, b in zip(fam, eq, ch) if not (a or b)]
     info = {"equivalent": int(eq.sum()), "changed": int(ch.sum()), "n": len(fam),
             "needed": max((x for x in needed if x), default=None)}
     if ch.any():
@@ -156,7 +197,8 @@ def judge_no_change(family: Sequence[Estimate], margin: float, alpha: float = 0.
 
 
 def judge_threshold(est: Estimate, threshold: float) -> str:
-    """"Above ``threshold``": reproduced when the whole interval is above it."""
+    """"Above ``threshold``": reproduced when the whole interval is above it, not reproduced when
+    the whole interval is below it."""
     if not est.finite:
         return INCONCLUSIVE
     return REPRODUCED if est.low > threshold else NOT_REPRODUCED if est.high < threshold else INCONCLUSIVE
@@ -178,27 +220,36 @@ def judge_magnitude(est: Estimate, stated: float, tolerance: float) -> str:
 def judge_chance(ablated_vs_chance: Estimate, random_gap: Optional[Estimate], margin: float) -> tuple[str, str]:
     """Ablation returns one-vs-rest accuracy to chance, and a random node set of the same size
     does not: ``ablated_vs_chance`` = ablated accuracy - 0.5; ``random_gap`` = accuracy with a
-    random set ablated minus with the circuit ablated."""
-    r = S.side(ablated_vs_chance, margin)
-    if r in (UP, DOWN) and abs(ablated_vs_chance.value) > margin:
-        return NOT_REPRODUCED, "ablated accuracy is away from chance"
-    if random_gap is not None:
-        g = S.side(random_gap, margin)
-        if g in (EQUIVALENT, DOWN):
-            return NOT_REPRODUCED, "random node sets of the same size do as well"
-        if r == EQUIVALENT and g == UP:
-            return REPRODUCED, "at chance, and below random node sets of the same size"
-        return INCONCLUSIVE, _needed(random_gap if r == EQUIVALENT else ablated_vs_chance, margin)
-    if r == EQUIVALENT:
-        return REPRODUCED, "at chance (no random-set control)"
-    return INCONCLUSIVE, _needed(ablated_vs_chance, margin)
+    random set ablated minus with the circuit ablated.
+
+    *reproduced* needs the ablated accuracy shown within +-margin of chance **and** the random
+    sets shown to keep more accuracy (``random_gap`` on the + side, not small); without random
+    sets, the equivalence alone (the claim as the paper states it). *not reproduced*
+    when the ablated accuracy is shown beyond the margin from chance, or random sets are shown to
+    do as well (equivalent) or better."""
+    at_chance = S.p_equivalent(ablated_vs_chance, margin) < S.ALPHA
+    if S.p_beyond(ablated_vs_chance, margin) < S.ALPHA:
+        return NOT_REPRODUCED, "ablated accuracy is shown away from chance beyond the margin"
+    if random_gap is None:
+        if at_chance:
+            return REPRODUCED, "shown at chance (no random-set control)"
+        return INCONCLUSIVE, _needed(ablated_vs_chance, margin)
+    g = S.side(random_gap, margin)
+    if g in (EQUIVALENT, DOWN, SMALL_DOWN):
+        return NOT_REPRODUCED, "random node sets of the same size do as well"
+    if at_chance and g == UP:
+        return REPRODUCED, "at chance, and below random node sets of the same size"
+    return INCONCLUSIVE, _needed(random_gap if at_chance else ablated_vs_chance, margin)
 
 
 def trend_reading(trend: Estimate, expected: str, margin: float, span: float) -> str:
     """Dose-response: the slope times the sparsity span read against the margin."""
     r = S.side(trend.scaled(span), margin)
-    return {EQUIVALENT: "flat", UNDECIDED: "undecided"}.get(
-        r, "grows with sparsity" if _claimed(r, expected) else "reverses with sparsity")
+    if _shown_claimed(r, expected):
+        return "grows with sparsity" if _claimed(r, expected) else "grows with sparsity, less than the margin"
+    if _opposite(r, expected):
+        return "reverses with sparsity"
+    return {EQUIVALENT: "flat"}.get(r, "undecided")
 
 
 def _needed(est: Estimate, margin: float) -> str:
@@ -211,27 +262,26 @@ def _needed(est: Estimate, margin: float) -> str:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Judge:
-    """The settings every claim is judged with (``cfg.verdicts``) and the seed of the bootstrap."""
+    """The settings every claim is judged with (``cfg.verdicts``); ``groups`` names what several
+    per-group arrays are (training seeds; replicates of the pipeline)."""
 
     margins: dict
     tolerance: float = 0.25
-    n_resamples: int = 2000
-    alpha: float = 0.05
-    seed: int = 0
+    groups: str = "training seeds"
 
     @classmethod
     def from_config(cls, cfg) -> "Judge":
         v = cfg.verdicts
-        return cls(dict(v.margins), v.magnitude_tolerance, v.n_resamples, v.alpha, cfg.seed)
+        return cls(dict(v.margins), v.magnitude_tolerance)
 
     def diff(self, pairs, unit: str) -> Estimate:
-        return S.mean_difference(pairs, unit, seed=self.seed, n_resamples=self.n_resamples)
+        return S.mean_difference(pairs, unit, groups=self.groups)
 
     def ratio(self, pairs, unit: str) -> Estimate:
-        return S.ratio_of_means(pairs, unit, seed=self.seed, n_resamples=self.n_resamples)
+        return S.ratio_of_means(pairs, unit, groups=self.groups)
 
     def mean(self, samples, unit: str) -> Estimate:
-        return S.mean(samples, unit, seed=self.seed, n_resamples=self.n_resamples)
+        return S.mean(samples, unit, groups=self.groups)
 
 
 def as_array(x) -> np.ndarray:
@@ -272,7 +322,7 @@ def change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metri
     if curve:
         levels = sorted(curve)
         per_level = [curve[s] for s in levels]
-        t = S.trend(levels, per_level, unit, seed=j.seed, n_resamples=j.n_resamples)
+        t = S.trend(levels, per_level, unit, groups=j.groups)
         c.trend = f"{trend_reading(t, expected, margin, max(levels) - min(levels))}: {t.scaled(scale).text(f)}"
         c.curve = [(s, j.mean(curve[s], unit).scaled(scale)) for s in levels]
     return c
@@ -283,7 +333,7 @@ def no_change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, me
     """``comparisons[(block, sparsity)] = (control arrays per seed, level arrays per seed)``."""
     margin = j.margins[metric]
     fam = {k: j.diff(list(zip(c, l)), unit) for k, (c, l) in comparisons.items()}
-    verdict, info = judge_no_change(list(fam.values()), margin, j.alpha)
+    verdict, info = judge_no_change(list(fam.values()), margin)
     needed = f"; about {info['needed']} {unit} would decide" if verdict == INCONCLUSIVE and info["needed"] else ""
     worst = max(fam.values(), key=lambda e: abs(e.value)) if fam else None
     return Claim(id=id, level=level, claim=claim, paper=paper,
@@ -311,28 +361,34 @@ def verdict_counts(claims) -> dict[str, int]:
 # two models compared on the same units (beyond the paper: sparsity trained in, 2:4 vs unstructured)
 # ---------------------------------------------------------------------------------------------
 def judge_direction_family(family: Sequence[Estimate], expected: str, margin: float,
-                           alpha: float = 0.05) -> tuple[str, str]:
-    """A direction claim over a family of comparisons (e.g. blocks), Holm-corrected on bootstrap
-    p-values: *reproduced* when every comparison lies on the claimed side of 0; *not reproduced*
-    when any is equivalent within +-margin (read first, as :func:`judge_direction` does) or goes
-    the other way; *inconclusive* otherwise."""
-    fam = [e for e in family if e.distribution.size]
+                           alpha: float = S.ALPHA) -> tuple[str, str]:
+    """A direction claim over a family of comparisons (e.g. blocks).
+
+    *reproduced* when **every** comparison's interval lies on the claimed side of 0 and none is
+    shown smaller than the margin (intersection-union: no correction); *shown but small* when every
+    one lies on the claimed side and some are shown smaller than the margin; *not reproduced* when
+    **any** is shown equivalent within +-margin or on the other side (Holm over those p-values);
+    *inconclusive* otherwise."""
+    fam = [e for e in family if e.finite]
     if not fam:
-        return INCONCLUSIVE, "no comparison could be bootstrapped"
-    sign = 1.0 if expected == "+" else -1.0
-    two_sided = lambda mass: min(1.0, 2.0 * float(mass))  # noqa: E731 (as a 95% interval reads 0)
-    claimed = S.holm([two_sided(np.mean(sign * e.distribution <= 0)) for e in fam], alpha)
-    opposite = S.holm([two_sided(np.mean(sign * e.distribution >= 0)) for e in fam], alpha)
-    equivalent = S.holm([S.equivalence_pvalue(e, margin) for e in fam], alpha)
-    n, eq, opp = len(fam), int(equivalent.sum()), int((opposite & ~equivalent).sum())
+        return INCONCLUSIVE, "no comparison has an interval"
+    other = "-" if expected == "+" else "+"
+    claimed = np.array([S.p_side(e, expected) < alpha for e in fam])
+    small = np.array([S.p_equivalent(e, margin) < alpha for e in fam])
+    equivalent = S.holm([S.p_equivalent(e, margin) for e in fam], alpha) & ~claimed
+    opposite = S.holm([S.p_side(e, other) for e in fam], alpha)
+    n, eq, opp = len(fam), int(equivalent.sum()), int(opposite.sum())
+    if claimed.all():
+        if small.any():
+            return SMALL, (f"all {n} comparisons lie on the claimed side of 0, {int(small.sum())} shown smaller "
+                           f"than +-{margin:g}")
+        return REPRODUCED, f"all {n} comparisons lie on the claimed side of 0"
     if eq or opp:
         return NOT_REPRODUCED, (f"of {n} comparisons (Holm), {eq} show no change beyond +-{margin:g} and "
                                 f"{opp} change the other way")
-    if claimed.all():
-        return REPRODUCED, f"all {n} comparisons lie on the claimed side of 0 (Holm)"
-    needed = [S.samples_needed(e, margin, family=n) for e, c in zip(fam, claimed) if not c]
+    needed = [S.samples_needed(e, margin) for e, c in zip(fam, claimed) if not c]
     most = max((x for x in needed if x), default=None)
-    return INCONCLUSIVE, (f"{int(claimed.sum())} of {n} comparisons on the claimed side of 0 (Holm), none against"
+    return INCONCLUSIVE, (f"{int(claimed.sum())} of {n} comparisons on the claimed side of 0, none shown against"
                           + (f"; about {most} {fam[0].unit.split(' (')[0]} would decide" if most else ""))
 
 
@@ -353,7 +409,7 @@ def comparison_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, m
     f = "+" + fmt
     if isinstance(a, dict):
         fam = {k: j.diff(list(zip(a[k], b[k])), unit) for k in a}
-        verdict, why = judge_direction_family(list(fam.values()), expected, margin, j.alpha)
+        verdict, why = judge_direction_family(list(fam.values()), expected, margin)
         ours = "; ".join(f"{k}: {_mean_of(a[k], scale):{fmt}} vs {_mean_of(b[k], scale):{fmt}}" for k in a)
         effect = "; ".join(f"{k}: {e.scaled(scale).text(f)}" for k, e in fam.items())
         rule = (f"judge_direction_family: {labels[1]} minus {labels[0]}, paired over {unit}, "

@@ -372,12 +372,11 @@ class SparseTrainingConfig(Section):
 @dataclass
 class VerdictConfig(Section):
     """How claims are judged (impact_core.claims): the smallest effect of interest per metric,
-    in the metric's own units (absolute differences), the magnitude tolerance and the bootstrap."""
+    in the metric's own units (absolute differences), and the magnitude tolerance. The level of
+    every interval and test is fixed (95%, :data:`impact_core.stats.LEVEL`): one alpha for the book."""
 
     margins: dict = field(default_factory=lambda: dict(DEFAULT_MARGINS))
     magnitude_tolerance: float = 0.25  # a stated magnitude matches when our interval lies within x/(1+t) .. x*(1+t)
-    n_resamples: int = 2000
-    alpha: float = 0.05
 
     def validate(self, prefix: str) -> None:
         if not isinstance(self.margins, dict):
@@ -391,9 +390,6 @@ class VerdictConfig(Section):
         for key, value in self.margins.items():
             _positive(value, f"{prefix}margins.{key}")
         _positive(self.magnitude_tolerance, prefix + "magnitude_tolerance")
-        _positive(self.n_resamples, prefix + "n_resamples")
-        if not 0 < self.alpha < 1:
-            raise ConfigError(f"{prefix}alpha: must lie in (0, 1), got {self.alpha!r}")
 
 
 # The smallest effect of interest per metric (absolute, in the metric's units): a change

@@ -9,14 +9,14 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from .claims import INCONCLUSIVE, NOT_REPRODUCED, PIPELINE, PRUNING, REPRODUCED, Claim, verdict_counts
+from .claims import INCONCLUSIVE, NOT_REPRODUCED, PIPELINE, PRUNING, REPRODUCED, SMALL, Claim, verdict_counts
 
 
 def survival(claims: list[Claim]) -> dict[str, list[str]]:
     """Which claims survive the controls, in plain groups for the discussion's opening."""
-    groups = {"survive": [], "pipeline": [], "pruning": [], "not": [], "open": []}
+    groups = {"survive": [], "small": [], "pipeline": [], "pruning": [], "not": [], "open": []}
     for c in claims:
-        key = {REPRODUCED: "survive", PIPELINE: "pipeline", PRUNING: "pruning",
+        key = {REPRODUCED: "survive", SMALL: "small", PIPELINE: "pipeline", PRUNING: "pruning",
                NOT_REPRODUCED: "not"}.get(c.verdict, "open")
         groups[key].append(c.claim)
     return groups
@@ -47,7 +47,7 @@ def dose_response(claims: list[Claim]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-VERDICT_COLOURS = {REPRODUCED: "#d8f0d8", NOT_REPRODUCED: "#f6d5d5", INCONCLUSIVE: "#f3f0d0",
+VERDICT_COLOURS = {REPRODUCED: "#d8f0d8", SMALL: "#e9f3d2", NOT_REPRODUCED: "#f6d5d5", INCONCLUSIVE: "#f3f0d0",
                    PIPELINE: "#dde4f6", PRUNING: "#e8dcf2"}
 
 
@@ -55,7 +55,7 @@ def glue_values(claims: list[Claim], seeds) -> dict:
     """Everything the discussion's prose states: counts per verdict, the claims of each
     :func:`survival` and :func:`dose_groups` group, and the note on training seeds."""
     counts = verdict_counts(claims)
-    names = {REPRODUCED: "reproduced", NOT_REPRODUCED: "not_reproduced", INCONCLUSIVE: "inconclusive",
+    names = {REPRODUCED: "reproduced", SMALL: "small", NOT_REPRODUCED: "not_reproduced", INCONCLUSIVE: "inconclusive",
              PIPELINE: "pipeline", PRUNING: "pruning"}
     out = {"n_claims": len(claims), "n_seeds": len(seeds), **{f"n_{names[v]}": n for v, n in counts.items()}}
     joined = lambda items: "; ".join(items) if items else "none"  # noqa: E731
@@ -63,8 +63,8 @@ def glue_values(claims: list[Claim], seeds) -> dict:
     out.update({f"dose_{k.replace(' ', '_')}": joined(v) for k, v in dose_groups(claims).items()})
     if len(seeds) > 1:
         out["seeds_note"] = (f"This build trained {len(seeds)} dense models (seeds {list(seeds)}) and pruned and "
-                             "analysed each; every interval above is a hierarchical bootstrap (training seeds, then "
-                             "the units within a seed), and the 'seeds' column counts the seeds for which the claim "
+                             "analysed each; every interval above is a Student-t interval over the training seeds (each "
+                             "seed's own mean over its classes or images is one unit), and the 'seeds' column counts the seeds for which the claim "
                              "holds on its own.")
     else:
         out["seeds_note"] = ("This build used one training seed, as the paper used one model per sparsity level. "

@@ -124,11 +124,11 @@ from impact_core import stats as S  # noqa: E402
 from impact_core.config import DEFAULT_MARGINS, load_config  # noqa: E402
 from impact_core.levels import sparse_training as st  # noqa: E402
 
-J = C.Judge(margins=dict(DEFAULT_MARGINS), n_resamples=500)
+J = C.Judge(margins=dict(DEFAULT_MARGINS))
 
 
 def _est(value, low, high, n=30):
-    return S.Estimate(value, low, high, "classes", n, "test", np.random.default_rng(1).uniform(low, high, 1000))
+    return S.Estimate(value, low, high, "classes", n, "test")
 
 
 def test_comparison_claim_is_b_minus_a_paired_and_judged_by_direction():
@@ -162,10 +162,14 @@ def test_judge_direction_family_every_outcome():
     verdict, why = C.judge_direction_family([up, wide, up], "+", 0.02)
     assert verdict == C.INCONCLUSIVE and "2 of 3" in why
     assert C.judge_direction_family([], "+", 0.02)[0] == C.INCONCLUSIVE
-    # Holm: one comparison just past 0 decides alone, not in a family of twelve
-    edge = S.Estimate(0.02, 0.001, 0.04, "classes", 30, "test", np.random.default_rng(2).normal(0.02, 0.0085, 4000))
+    # "every comparison on the claimed side" is intersection-union: no correction for the family's size
+    edge = S.Estimate(0.02, 0.001, 0.04, "classes", 30, "test")
     assert C.judge_direction_family([edge], "+", 0.005)[0] == C.REPRODUCED
-    assert C.judge_direction_family([edge] * 12, "+", 0.005)[0] == C.INCONCLUSIVE
+    assert C.judge_direction_family([edge] * 12, "+", 0.005)[0] == C.REPRODUCED
+    # "any the other way" is Holm-corrected: just past 0 the other way decides alone, not among twelve
+    against = S.Estimate(-0.02, -0.04, -0.001, "classes", 30, "test")
+    assert C.judge_direction_family([against], "+", 0.005)[0] == C.NOT_REPRODUCED
+    assert C.judge_direction_family([against] + [wide] * 11, "+", 0.005)[0] == C.INCONCLUSIVE
 
 
 SIMPLER = {  # the quantity -> (its margin's metric, the side that is simpler)

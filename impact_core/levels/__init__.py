@@ -183,7 +183,7 @@ def level_claims(cfg, name: str) -> list[Claim]:
     judge = Judge.from_config(cfg)
     claims = level.claims(runs, judge)
     if len(seeds) > 1:
-        per_seed = [level.claims([r], dataclasses.replace(judge, seed=s)) for r, s in zip(runs, seeds)]
+        per_seed = [level.claims([r], judge) for r in runs]
         for i, c in enumerate(claims):
             vs = [p[i].verdict for p in per_seed]
             c.seeds = f"{sum(v == c.verdict for v in vs)}/{len(vs)} seeds alone: {c.verdict}"

@@ -151,12 +151,12 @@ def randomisation_check(res: dict, threshold: float = RANDOMISATION_THRESHOLD) -
 CONSERVATION_TOLERANCE = 1e-2  # a rule "conserves" relevance when every ratio (z) or the product over blocks (Eq. 14) is within this of 1
 
 
-def table4(by_model: dict[str, dict], references, seed: int = 0):
+def table4(by_model: dict[str, dict], references):
     """Table 4 analogue per reference: one row per model, each method's insertion and deletion
     as "mean [95% interval over images]" and Chefer minus random (paired over images).
     Returns ``({reference: DataFrame}, long DataFrame of means with model, level, method, metric)``."""
     def cell(v):
-        e = stats.mean([np.asarray(v, dtype=np.float64)], "images", seed=seed)
+        e = stats.mean([np.asarray(v, dtype=np.float64)], "images")
         return f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]", e
 
     tables, rows = {}, []
@@ -177,7 +177,7 @@ def table4(by_model: dict[str, dict], references, seed: int = 0):
     return tables, pd.DataFrame(rows)
 
 
-def layerscale_rule_table(by_model: dict[str, dict], references, rule: str, seed: int = 0):
+def layerscale_rule_table(by_model: dict[str, dict], references, rule: str):
     """Chefer's AUCs under ``rule`` and under the other LayerScale rule on the same images, and
     their paired difference (other minus ``rule``) with its 95% interval over images."""
     other, rows = other_rule(rule), []
@@ -186,7 +186,7 @@ def layerscale_rule_table(by_model: dict[str, dict], references, rule: str, seed
             for metric in ("insertion", "deletion"):
                 ours = res["scores"][ref]["chefer"][metric].double().numpy()
                 alt = res["other_rule"]["scores"][ref][metric].double().numpy()
-                d = stats.mean_difference([(ours, alt)], "images", seed=seed)
+                d = stats.mean_difference([(ours, alt)], "images")
                 rows.append({"model": model, "reference": ref, "metric": metric, f"{rule}-rule": f"{ours.mean():.3f}",
                              f"{other} rule": f"{alt.mean():.3f}", "difference": d.text("+.3f")})
     return pd.DataFrame(rows).set_index(["model", "reference", "metric"])

@@ -390,8 +390,8 @@ def paired_comparison(dense, level, n_boot: int = 2000, seed: int = 0) -> dict:
 
     Pairs with a NaN on either side are dropped. Returns the medians of both sides, the
     median of the paired differences ``level - dense`` (``median_diff``), a 95% bootstrap
-    interval of that median over classes (:func:`impact_core.stats.bootstrap`: BCa from 10
-    classes, percentile below; ``n_boot`` resamples, ``seed``), and the two-sided Wilcoxon signed-rank p-value
+    interval of that median over classes (:func:`impact_core.stats.bootstrap`, percentile;
+    ``n_boot`` resamples, ``seed``; displayed only, no verdict reads it), and the two-sided Wilcoxon signed-rank p-value
     (``scipy.stats.wilcoxon``; 1.0 when every difference is 0, NaN with < 2 pairs).
     """
     from scipy.stats import wilcoxon
