@@ -97,6 +97,11 @@ def main(argv=None) -> int:
     prof.add_argument("--out", default=".", help="the folder holding the build's _build/ (as make book's OUT)")
     prof.add_argument("--preset", default=None, help="the preset whose cache to read (default: the build's)")
 
+    rates = sub.add_parser("error-rates", help="the verdicts' interval coverage and false 'reproduced' rates, "
+                                               "simulated at a preset's sample sizes (impact_core.error_rates)")
+    rates.add_argument("--preset", default="default")
+    rates.add_argument("--draws", type=int, default=2000)
+
     args = parser.parse_args(argv)
     if args.command == "prepare":
         unknown = [s for s in args.stages if s not in level_names()]
@@ -130,6 +135,10 @@ def main(argv=None) -> int:
             n = sum(len(v) for v in diff.values())
             print(f"[impact] {n} glued value(s) differ" if n else "[impact] every glued value is identical")
             return 1 if n else 0
+        elif args.command == "error-rates":
+            from . import error_rates
+
+            error_rates.main(["--preset", args.preset, "--draws", str(args.draws)])
         elif args.command == "cost":
             return cost_command(args.preset, args.device, args.gpus)
         elif args.command == "profile":

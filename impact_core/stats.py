@@ -26,6 +26,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -82,7 +83,9 @@ class Estimate:
         return f"{self.value:{fmt}} [{self.low:{fmt}}, {self.high:{fmt}}] ({self.unit}, n={self.n}, {self.method})"
 
 
+@functools.lru_cache(maxsize=4096)
 def _quantile(df: float) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom (normal at inf)."""
     return float(sps.t.ppf(1 - ALPHA / 2, df)) if np.isfinite(df) else float(sps.norm.ppf(1 - ALPHA / 2))
 
 
