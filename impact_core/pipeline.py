@@ -140,8 +140,8 @@ def dense_inputs(cfg: Config) -> dict:
 def pruned_inputs(cfg: Config, sparsity: float, method: str) -> dict:
     p = cfg.pruning
     return {"dense": cache_for(cfg).key(DENSE_MODEL, dense_inputs(cfg)), "method": method,
-            "sparsity": sparsity, "calib_images": cfg.data.calib_images, "seed": cfg.seed,
-            "finetune": {"images": p.finetune_images, "lr": p.finetune_lr, "batch_size": p.finetune_batch_size,
+            "sparsity": sparsity, "calib_images": cfg.data.calib_images, "calib_batch_size": cfg.data.batch_size,
+            "seed": cfg.seed, "finetune": {"images": p.finetune_images, "lr": p.finetune_lr, "batch_size": p.finetune_batch_size,
                          "weight_decay": cfg.train.weight_decay}}
 
 
@@ -165,7 +165,7 @@ def model_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
 
 def site_means_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
     return {"model": model_inputs(cfg, sparsity, method), "calib_images": cfg.data.calib_images,
-            "sites": list(ALL_SITES)}
+            "data_kind": cfg.data.kind, "batch_size": cfg.data.batch_size, "sites": list(ALL_SITES)}
 
 
 def site_means_key(cfg: Config, sparsity: float, method: str = "wanda") -> str:
@@ -265,9 +265,14 @@ def trained_sparse_model(cfg: Config, sparsity: float) -> torch.nn.Module:
     return _state_to_model(cfg, entry["state"], device)
 
 
+def accuracy_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
+    return {"model": model_inputs(cfg, sparsity, method), "eval_images": cfg.data.eval_images,
+            "data_kind": cfg.data.kind, "batch_size": cfg.data.batch_size}
+
+
 def accuracy(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
     """Top-1 / top-5 on the eval split (cached)."""
-    inputs = {"model": model_inputs(cfg, sparsity, method), "eval_images": cfg.data.eval_images}
+    inputs = accuracy_inputs(cfg, sparsity, method)
 
     def compute():
         model = pruned_model(cfg, sparsity, method)

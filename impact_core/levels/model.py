@@ -41,6 +41,17 @@ def chunk_images(batch_size: int) -> int:
     return 4 * batch_size
 
 
+def attribution_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
+    """The cache inputs of :func:`attribution_results`: ``attribution.batch_size`` sets the chunks whose
+    first positions seed the random baselines, ``data.batch_size`` the loading batches."""
+    a = cfg.attribution
+    return {"model": pipeline.model_inputs(cfg, sparsity, method), "images": a.images, "steps": a.steps,
+            "references": list(a.references), "rise_blur": RISE_BLUR, "layerscale_rule": a.layerscale_rule,
+            "seed": cfg.seed, "eval_images": cfg.data.eval_images, "data_kind": cfg.data.kind,
+            "batch_size": a.batch_size, "data_batch_size": cfg.data.batch_size,
+            "figure": [a.figure_classes, a.figure_per_class], "methods": list(attr.METHODS)}
+
+
 def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
     """Insertion / deletion per image for every attribution method at one sparsity level
     (or the control: ``sparsity=0, method=pipeline.CONTROL``), maps of a few images for
@@ -66,10 +77,7 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
     world_size-th chunk and the per-image results are gathered, equal to one process's
     (a chunk's random-baseline scores are seeded by the chunk's first position)."""
     a = cfg.attribution
-    inputs = {"model": pipeline.model_inputs(cfg, sparsity, method), "images": a.images, "steps": a.steps,
-              "references": list(a.references), "rise_blur": RISE_BLUR, "layerscale_rule": a.layerscale_rule,
-              "seed": cfg.seed, "eval_images": cfg.data.eval_images, "data_kind": cfg.data.kind,
-              "figure": [a.figure_classes, a.figure_per_class], "methods": list(attr.METHODS)}
+    inputs = attribution_inputs(cfg, sparsity, method)
     label = pipeline.model_label(sparsity, method)
 
     def compute():

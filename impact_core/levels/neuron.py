@@ -38,7 +38,8 @@ def neuron_inputs(cfg, sparsity: float, method: str = "wanda") -> dict:
     nc = cfg.neuron
     return {"model": pipeline.model_inputs(cfg, sparsity, method),
             "site_means": pipeline.site_means_key(cfg, sparsity, method),
-            "data": {"kind": cfg.data.kind, "eval_images": cfg.data.eval_images}, "seed": cfg.seed,
+            "data": {"kind": cfg.data.kind, "eval_images": cfg.data.eval_images, "batch_size": cfg.data.batch_size},
+            "seed": cfg.seed,
             "neuron": {"blocks": list(nc.blocks), "top_k": nc.top_k, "images": nc.images, "classes": nc.classes,
                        "validation_units": nc.validation_units, "validation_images": nc.validation_images}}
 
