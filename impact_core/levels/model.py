@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed, pipeline, stats
 from ..cache import artefact
-from ..claims import Claim, Judge, as_array, change_claim
+from ..claims import NOT_REPRODUCED, REPRODUCED, Claim, Judge, as_array, change_claim, judge_threshold
 from ..config import Config
 from ..data import batches, seeded_positions
 from ..methods import attribution as attr
@@ -132,27 +132,35 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
     return pipeline.cache_for(cfg).get_or_compute(ATTRIBUTION, inputs, compute)
 
 
-RANDOMISATION_THRESHOLD = 0.5  # the randomisation check fails above this median rank correlation
+RANDOMISATION_THRESHOLD = 0.5  # a method fails the randomisation check when its mean rank correlation is above this
 
 
 def randomisation_check(res: dict, threshold: float = RANDOMISATION_THRESHOLD) -> dict[str, dict]:
     """The model-parameter randomisation test (Adebayo et al. 2018) per method of
-    ``res["randomisation"]``: ``{"median_spearman", "constant_maps", "passed"}``.
+    ``res["randomisation"]``: ``{"median_spearman", "mean_spearman", "low", "high", "constant_maps",
+    "verdict"}``.
 
     ``constant_maps`` counts images whose rank correlation is undefined (NaN: a trained or
-    randomised map is constant); ``median_spearman`` is the median over the others.
-    ``passed`` needs no constant map and a median at most ``threshold``: a map that does
-    not change when every weight is re-initialised does not explain the model."""
+    randomised map is constant); the mean over the others has a 95% t interval over images.
+    The verdict is the judging layer's threshold rule (:func:`impact_core.claims.judge_threshold`
+    on "below ``threshold``"): "passes" when no map is constant and the whole interval lies below
+    the threshold, "fails" when a map is constant or the whole interval lies above it, else
+    "undecided". A map that does not change when every weight is re-initialised does not explain
+    the model."""
     out = {}
     for m, rho in res["randomisation"].items():
         rho = np.asarray(rho, dtype=np.float64)
         if rho.size == 0:
             raise ValueError(f"no randomisation correlations for {m!r}")
         finite = rho[np.isfinite(rho)]
-        median = float(np.median(finite)) if finite.size else float("nan")
         constant = int(rho.size - finite.size)
-        out[m] = {"median_spearman": median, "constant_maps": constant,
-                  "passed": bool(constant == 0 and median <= threshold)}
+        est = stats.mean([finite], "images")
+        below = judge_threshold(est.scaled(-1), -threshold)  # "above -threshold" of the negated correlation
+        verdict = ("fails" if constant or below == NOT_REPRODUCED else "passes" if below == REPRODUCED
+                   else "undecided")
+        out[m] = {"median_spearman": float(np.median(finite)) if finite.size else float("nan"),
+                  "mean_spearman": est.value, "low": est.low, "high": est.high, "constant_maps": constant,
+                  "verdict": verdict}
     return out
 
 
@@ -202,17 +210,21 @@ def layerscale_rule_table(by_model: dict[str, dict], references, rule: str):
 
 def randomisation_summary(by_model: dict[str, dict], method: str = "chefer"):
     """:func:`randomisation_check` of every model as a table, and what the chapter states about
-    ``method``: the largest median rank correlation, constant maps, failing models, pass / fail."""
+    ``method``: the largest mean rank correlation, constant maps, failing and undecided models, and
+    whether it passes on every model, fails on one, or is undecided."""
     checks = {model: randomisation_check(res) for model, res in by_model.items()}
     table = pd.DataFrame([{"model": model, "method": attr.METHOD_LABELS[m], **c}
                           for model, per in checks.items() for m, c in per.items()]).set_index(["model", "method"])
     ours = {model: per[method] for model, per in checks.items()}
-    medians = np.array([c["median_spearman"] for c in ours.values()], dtype=np.float64)
+    medians = np.array([c["mean_spearman"] for c in ours.values()], dtype=np.float64)
     return table, {"rand_threshold": RANDOMISATION_THRESHOLD,
                    "rand_rho": float(np.nanmax(medians)) if np.isfinite(medians).any() else float("nan"),
                    "rand_constant": int(sum(c["constant_maps"] for c in ours.values())),
-                   "rand_failed": ", ".join(m for m, c in ours.items() if not c["passed"]) or "none",
-                   "rand_pass": "passes" if all(c["passed"] for c in ours.values()) else "fails"}
+                   "rand_failed": ", ".join(m for m, c in ours.items() if c["verdict"] == "fails") or "none",
+                   "rand_undecided": ", ".join(m for m, c in ours.items() if c["verdict"] == "undecided") or "none",
+                   "rand_pass": ("fails" if any(c["verdict"] == "fails" for c in ours.values()) else
+                                 "passes" if all(c["verdict"] == "passes" for c in ours.values()) else
+                                 "is undecided on")}
 
 
 def conservation_summary(conservation: dict[str, list[dict]]):

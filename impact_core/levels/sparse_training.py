@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .. import pipeline
+from .. import stats as S
 from ..claims import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Claim, Judge, as_array, comparison_claim,
                       not_measured)
 from ..methods.pruning import PRUNING_METHODS, prunable_linears
@@ -283,20 +284,22 @@ def claims_table(claims: list[Claim], run: dict) -> pd.DataFrame:
 
 def accuracy_gap(run: dict, comp: dict, j: Judge) -> dict:
     """Top-1 of B minus A for one comparison, paired over images, and a sentence saying whether the two
-    models are comparable classifiers (within the ``top1`` margin) or by how much they differ."""
+    models are comparable classifiers (the interval inside the ``top1`` margin) or by how much they
+    differ: the judging layer's reading of the interval (:func:`impact_core.stats.side`)."""
     a, b = run["models"][comp["a"]], run["models"][comp["b"]]
     est = j.diff([(as_array(a["accuracy"]["correct"]), as_array(b["accuracy"]["correct"]))], "images")
     margin = j.margins["top1"]
     la, lb = a["label"], b["label"]
     head = f"{lb} reaches {b['accuracy']['top1']:.4f} top-1, {la} {a['accuracy']['top1']:.4f}"
     gap = f"{100 * est.value:+.2f} points [{100 * est.low:+.2f}, {100 * est.high:+.2f}] (paired over images)"
-    if est.finite and -margin < est.low and est.high < margin:
+    reading = S.side(est, margin)
+    if reading in (S.EQUIVALENT, S.SMALL_UP, S.SMALL_DOWN):
         note = f"{head}: {gap}, within +-{100 * margin:g} points, so the two are comparable classifiers."
-    elif est.finite and est.high < 0:
+    elif reading == S.DOWN:
         note = (f"{head}: {gap}. The {lb} model is the weaker classifier by {-100 * est.value:.1f} points, so a "
                 f"smaller circuit or a different unit below may partly reflect a model that learned less, not one "
                 f"that is simpler.")
-    elif est.finite and est.low > 0:
+    elif reading == S.UP:
         note = f"{head}: {gap}; the {lb} model is the stronger classifier."
     else:
         note = (f"{head}: {gap}. The images do not tell the two apart, nor show them equal within "
