@@ -404,7 +404,8 @@ def attribute(model: nn.Module, images: torch.Tensor, method: str = "chefer", ta
 
 def relevance_conservation(model: nn.Module, images: torch.Tensor, layerscale_rule: str = "z",
                            target=None) -> list[dict]:
-    """Per rule step: relevance summed at the step's output and at its input, mean over images.
+    """Per rule step: relevance summed at the step's output and at its input, mean over images,
+    and the ratio input / output: its mean and its extremes over the images.
 
     A conserving rule gives ``at_input / at_output = 1``. Rows run from the head down to
     block 0, each named by the site at the step's output (:mod:`.sites`), per block ``i``::
@@ -433,8 +434,10 @@ def relevance_conservation(model: nn.Module, images: torch.Tensor, layerscale_ru
     rows = []
     for r in record:
         out, inp = r["at_output"].double(), r["at_input"].double()
+        ratio = inp / out
         rows.append({"layer": r["layer"], "rule": layerscale_rule, "at_output": float(out.mean()),
-                     "at_input": float(inp.mean()), "ratio": float((inp / out).mean())})
+                     "at_input": float(inp.mean()), "ratio": float(ratio.mean()),
+                     "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max())})
     return rows
 
 
