@@ -33,7 +33,7 @@ The rules (each tested on inputs that produce each of its outcomes):
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -262,26 +262,51 @@ def _needed(est: Estimate, margin: float) -> str:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Judge:
-    """The settings every claim is judged with (``cfg.verdicts``); ``groups`` names what several
-    per-group arrays are (training seeds; replicates of the pipeline)."""
+    """The settings every claim is judged with (``cfg.verdicts``) and the design of the runs.
+
+    A level's claims receive one array (or tuple of paired arrays) per run; ``per_group``
+    consecutive runs form one group (a training seed's replicates, pooled), and ``groups`` names
+    what several groups are: "training seeds" or "replicates" of the pipeline. Several groups are
+    the units of every interval (:mod:`impact_core.stats`); one group's units are its own."""
 
     margins: dict
     tolerance: float = 0.25
     groups: str = "training seeds"
+    per_group: int = 1
 
     @classmethod
     def from_config(cls, cfg) -> "Judge":
         v = cfg.verdicts
         return cls(dict(v.margins), v.magnitude_tolerance)
 
+    def nested(self, seeds: int, runs_per_seed: int) -> "Judge":
+        """The judge of ``seeds`` training seeds with ``runs_per_seed`` replicates each, runs seed-major:
+        several seeds are the groups (each pools its replicates); one seed's replicates are the groups."""
+        if seeds > 1:
+            return replace(self, groups="training seeds", per_group=runs_per_seed)
+        return replace(self, groups="replicates" if runs_per_seed > 1 else self.groups, per_group=1)
+
+    def pool(self, runs: Sequence) -> list:
+        """One entry per group: the runs of a group concatenated (paired tuples stay paired)."""
+        runs = list(runs)
+        if self.per_group == 1:
+            return runs
+        flat = lambda xs: np.concatenate([as_array(x).ravel() for x in xs])  # noqa: E731
+        out = []
+        for i in range(0, len(runs), self.per_group):
+            block = runs[i:i + self.per_group]
+            out.append(tuple(flat([b[j] for b in block]) for j in range(len(block[0])))
+                       if isinstance(block[0], tuple) else flat(block))
+        return out
+
     def diff(self, pairs, unit: str) -> Estimate:
-        return S.mean_difference(pairs, unit, groups=self.groups)
+        return S.mean_difference(self.pool(pairs), unit, groups=self.groups)
 
     def ratio(self, pairs, unit: str) -> Estimate:
-        return S.ratio_of_means(pairs, unit, groups=self.groups)
+        return S.ratio_of_means(self.pool(pairs), unit, groups=self.groups)
 
     def mean(self, samples, unit: str) -> Estimate:
-        return S.mean(samples, unit, groups=self.groups)
+        return S.mean(self.pool(samples), unit, groups=self.groups)
 
 
 def as_array(x) -> np.ndarray:
@@ -321,7 +346,7 @@ def change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metri
             c.magnitude = f"{judge_magnitude(eff.scaled(scale), stated, j.tolerance)}: vs {stated:+g}"
     if curve:
         levels = sorted(curve)
-        per_level = [curve[s] for s in levels]
+        per_level = [j.pool(curve[s]) for s in levels]
         t = S.trend(levels, per_level, unit, groups=j.groups)
         c.trend = f"{trend_reading(t, expected, margin, max(levels) - min(levels))}: {t.scaled(scale).text(f)}"
         c.curve = [(s, j.mean(curve[s], unit).scaled(scale)) for s in levels]

@@ -420,6 +420,12 @@ class Config(Section):
     name: str = "custom"
     seed: int = 0
     seeds: Optional[list] = None  # several training seeds: the discussion judges claims across them
+    # Independent replicates of the pipeline's stochastic stages for every pruned model and the control
+    # (calibration draw, fine-tuning order and seed, SAE seeds, circuit masks' initialisation, random
+    # baselines) on the same dense model: the replicate is the unit of the level-versus-control
+    # comparison (impact_core.stats), with classes or images nested inside it.
+    replicates: int = 1
+    replicate: int = 0  # which replicate this config computes (set by levels.for_replicate; 0: today's seeds)
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
     precision: str = "fp32"  # "fp32" or "bf16": autocast of the forward-only passes (impact_core.precision)
     cpu_threads: int = 1  # torch threads of every computation on the CPU: part of every cache key (see cpu_salt)
@@ -443,6 +449,12 @@ class Config(Section):
         if isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int) or self.cpu_threads < 1:
             raise ConfigError(f"{prefix}cpu_threads: must be an integer >= 1, got {self.cpu_threads!r}")
         self.cache_dir = os.path.expandvars(str(self.cache_dir))
+        for key in ("replicates", "replicate"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "replicates" else 0):
+                raise ConfigError(f"{prefix}{key}: must be an integer >= {1 if key == 'replicates' else 0}, got {v!r}")
+        if self.replicate >= self.replicates:
+            raise ConfigError(f"{prefix}replicate: {self.replicate} is not one of the {self.replicates} replicate(s)")
         if self.seeds is not None:
             if not isinstance(self.seeds, list) or not self.seeds or not all(isinstance(x, int) for x in self.seeds):
                 raise ConfigError(f"{prefix}seeds: must be a non-empty list of integers, got {self.seeds!r}")

@@ -13,10 +13,12 @@ sparsity reuses the dense model and everything else it shares.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .methods import pruning
@@ -125,6 +127,33 @@ def splits(cfg: Config):
     return _SPLITS[key]
 
 
+REPLICATE_STRIDE = 7919  # a prime: replicate r's seeds sit 7919 r above replicate 0's, apart from every other offset
+
+
+def run_seed(cfg: Config, offset: int = 0) -> int:
+    """The seed of a stochastic stage of replicate ``cfg.replicate`` (fine-tuning, calibration draw,
+    SAE initialisation, circuit masks, random baselines): ``cfg.seed + offset`` for replicate 0 (the
+    seeds every earlier build used) and ``+ 7919 * replicate`` beyond it. The dense model and the
+    evaluation images are the same in every replicate."""
+    return cfg.seed + offset + REPLICATE_STRIDE * cfg.replicate
+
+
+def replicate_inputs(cfg: Config) -> dict:
+    """What a replicate adds to a cache key: nothing for replicate 0 (its entries are today's), else its index."""
+    return {"replicate": cfg.replicate} if cfg.replicate else {}
+
+
+def calibration_split(cfg: Config):
+    """The calibration images pruning scores its weights on: ``data.calib_images`` drawn from the training
+    images, at ``seed`` for replicate 0 (the ``calib`` split) and at :func:`run_seed` beyond it."""
+    data = splits(cfg)
+    if not cfg.replicate:
+        return data["calib"]
+    train = data["train"]
+    idx = np.sort(np.random.default_rng(run_seed(cfg)).permutation(train.indices)[: cfg.data.calib_images])
+    return dataclasses.replace(train, name="calib", indices=idx)
+
+
 def dense_inputs(cfg: Config) -> dict:
     inputs = {"model": cfg.model.to_dict(), "seed": cfg.seed}
     if architecture(cfg.model).trained_here:
@@ -141,7 +170,7 @@ def pruned_inputs(cfg: Config, sparsity: float, method: str) -> dict:
     p = cfg.pruning
     return {"dense": cache_for(cfg).key(DENSE_MODEL, dense_inputs(cfg)), "method": method,
             "sparsity": sparsity, "calib_images": cfg.data.calib_images, "calib_batch_size": cfg.data.batch_size,
-            "seed": cfg.seed, "finetune": {"images": p.finetune_images, "lr": p.finetune_lr, "batch_size": p.finetune_batch_size,
+            "seed": cfg.seed, **replicate_inputs(cfg), "finetune": {"images": p.finetune_images, "lr": p.finetune_lr, "batch_size": p.finetune_batch_size,
                          "weight_decay": cfg.train.weight_decay}}
 
 
@@ -223,7 +252,7 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
         if method != CONTROL:
             norms = None
             if pruning.pruning_method(method).needs_input_norms:
-                norms = pruning.input_norms(model, Batches(data["calib"], cfg.data.batch_size), device=device,
+                norms = pruning.input_norms(model, Batches(calibration_split(cfg), cfg.data.batch_size), device=device,
                                             precision=cfg.precision)
             masks = pruning.prune_model(model, method, sparsity, norms)
         p = cfg.pruning
@@ -231,7 +260,7 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
         if p.finetune_images > 0:
             losses = train_classifier(model, data["train"], images=p.finetune_images,
                                       batch_size=p.finetune_batch_size, lr=p.finetune_lr,
-                                      weight_decay=cfg.train.weight_decay, seed=cfg.seed + 1, device=device,
+                                      weight_decay=cfg.train.weight_decay, seed=run_seed(cfg, 1), device=device,
                                       after_step=None if masks is None else (lambda m: pruning.apply_masks(m, masks)),
                                       desc=f"fine-tune {method} {sparsity:g}")
         return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "finetune_steps": len(losses)}

@@ -7,8 +7,8 @@ entry points (computed on first use), the function that turns those results into
 ``python -m impact_core prepare``, the book runner, the chapters and the discussion read this
 registry and nothing else, so a new level is one new module (see the README, "Adding a level").
 
-    get_level("neuron").gather(cfg)          # the cached results of one training seed
-    level_claims(cfg, "neuron")              # its claims over every training seed of cfg
+    get_level("neuron").gather(cfg)          # the cached results of one training seed and replicate
+    level_claims(cfg, "neuron")              # its claims over every training seed and replicate of cfg
     all_claims(cfg)                          # every registered level's claims, in order
 
 The artefact layer: the modules here call down into :mod:`impact_core.methods` (tensors in,
@@ -44,6 +44,9 @@ class Level:
                 (one cached entry point for one model each), which the runner computes side by side
                 in ``--jobs`` processes before the chapter reads them from the cache; None: the
                 chapter computes everything itself.
+    replicated: its claims are judged over ``cfg.replicates`` replicates of the pipeline (each piece
+                that ``per_replicate`` once per replicate); False: replicate 0 only (a level whose
+                models cannot be replicated on one dense model, like a model trained sparse from scratch).
     """
 
     name: str
@@ -56,6 +59,7 @@ class Level:
     after: tuple[str, ...] = ()
     check: Optional[Callable[..., None]] = None
     pieces: Optional[Callable[..., list]] = None
+    replicated: bool = True
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,9 @@ class Piece:
            model; a pruned model after the dense one).
     model: it builds a model: the runner starts models before any analysis.
     cost:  rough seconds on the default preset on one thread; it only orders the work (longest
-           first), so a wrong value costs time, never a wrong number."""
+           first), so a wrong value costs time, never a wrong number.
+    per_replicate: the claims read it in every replicate (False: a table of replicate 0 only, such as a sweep).
+    replicate: which replicate it computes (:func:`replicated_pieces` sets it)."""
 
     label: str
     entry: Callable
@@ -77,9 +83,11 @@ class Piece:
     of: tuple = (0.0, "wanda")
     model: bool = False
     cost: float = 1.0
+    per_replicate: bool = True
+    replicate: int = 0
 
     def run(self, cfg) -> None:
-        self.entry(cfg, *self.args, **dict(self.kwargs))
+        self.entry(for_replicate(cfg, self.replicate), *self.args, **dict(self.kwargs))
 
 
 _LEVELS: dict[str, Level] = {}
@@ -148,8 +156,27 @@ def model_pieces(what: str, entry: Callable, sparsities, cost: float, **kwargs) 
             for s, m in models]
 
 
+def replicated_pieces(cfg, pieces: list[Piece]) -> list[Piece]:
+    """``pieces`` and, for each replicate ``r`` from 1 to ``cfg.replicates - 1``, a copy of every piece the
+    claims read per replicate (``per_replicate``) except the dense model itself, labelled
+    ``", replicate r"``; an analysis of a pruned model (or the control) waits for that replicate's model,
+    ``of = (sparsity, method, r)``, an analysis of the dense model for the one dense model."""
+    from ..pipeline import CONTROL
+
+    out = list(pieces)
+    for r in range(1, cfg.replicates):
+        for p in pieces:
+            dense = p.of[0] == 0 and p.of[1] != CONTROL
+            if not p.per_replicate or (p.model and dense):
+                continue
+            out.append(dataclasses.replace(p, label=f"{p.label}, replicate {r}", replicate=r,
+                                           of=p.of if dense else (*p.of[:2], r)))
+    return out
+
+
 def level_pieces(cfg, names: Sequence[str]) -> list[Piece]:
-    """The pieces of the levels ``names`` (levels without pieces contribute none), each label once.
+    """The pieces of the levels ``names`` (levels without pieces contribute none), each label once;
+    a replicated level's pieces once per replicate (:func:`replicated_pieces`).
 
     A label names one computation: two levels may declare the same piece (the circuit level lists
     the models the pruning level trains), and it is kept once. The same label for different calls
@@ -157,9 +184,11 @@ def level_pieces(cfg, names: Sequence[str]) -> list[Piece]:
     out: dict[str, Piece] = {}
     for name in names:
         level = get_level(name)
-        for piece in level.pieces(cfg) if level.pieces else []:
+        own = level.pieces(cfg) if level.pieces else []
+        for piece in replicated_pieces(cfg, own) if level.replicated else own:
             known = out.setdefault(piece.label, piece)
-            if (known.entry, known.args, dict(known.kwargs)) != (piece.entry, piece.args, dict(piece.kwargs)):
+            if (known.entry, known.args, dict(known.kwargs), known.replicate) != (
+                    piece.entry, piece.args, dict(piece.kwargs), piece.replicate):
                 raise ValueError(f"level {name!r}: piece {piece.label!r} is declared twice for different calls "
                                  f"({known.entry.__qualname__}{known.args} and {piece.entry.__qualname__}{piece.args})")
     return list(out.values())
@@ -170,20 +199,40 @@ def for_seed(cfg, seed: int):
     return dataclasses.replace(cfg, seed=seed)
 
 
+def for_replicate(cfg, replicate: int):
+    """The same configuration for another replicate of the pipeline (its own seeds and cache entries
+    for every pruned model, the control and every analysis; the same dense model)."""
+    return cfg if cfg.replicate == replicate else dataclasses.replace(cfg, replicate=replicate)
+
+
+def runs_of(cfg, level: Level) -> list[tuple[int, int]]:
+    """The (training seed, replicate) pairs whose results the level's claims read, seed-major."""
+    seeds = cfg.seeds or [cfg.seed]
+    replicates = range(cfg.replicates if level.replicated else 1)
+    return [(s, r) for s in seeds for r in replicates]
+
+
 # ---------------------------------------------------------------------------------------------
 # the single entry points of the verdicts
 # ---------------------------------------------------------------------------------------------
 def level_claims(cfg, name: str) -> list[Claim]:
-    """The claims of one level over every training seed of ``cfg`` (the same objects the discussion
-    shows; chapters glue them with :func:`impact_core.notebook.glue_claims`). With several seeds
-    the ``seeds`` column counts the seeds whose own verdict agrees."""
+    """The claims of one level over every training seed and replicate of ``cfg`` (the same objects
+    the discussion shows; chapters glue them with :func:`impact_core.notebook.glue_claims`).
+
+    The unit of every interval is the top level of the design: the training seeds when there are
+    several (each seed's replicates pooled inside it), else the replicates when there are several,
+    else the classes / images / SAE seeds of the one run (:class:`~impact_core.claims.Judge`). With
+    several seeds the ``seeds`` column counts the seeds whose own verdict agrees."""
     level = get_level(name)
     seeds = cfg.seeds or [cfg.seed]
-    runs = [level.gather(for_seed(cfg, s)) for s in seeds]
-    judge = Judge.from_config(cfg)
+    pairs = runs_of(cfg, level)
+    per_seed_runs = len(pairs) // len(seeds)
+    runs = [level.gather(for_replicate(for_seed(cfg, s), r)) for s, r in pairs]
+    judge = Judge.from_config(cfg).nested(len(seeds), per_seed_runs)
     claims = level.claims(runs, judge)
     if len(seeds) > 1:
-        per_seed = [level.claims([r], judge) for r in runs]
+        alone = Judge.from_config(cfg).nested(1, per_seed_runs)
+        per_seed = [level.claims(runs[i * per_seed_runs:(i + 1) * per_seed_runs], alone) for i in range(len(seeds))]
         for i, c in enumerate(claims):
             vs = [p[i].verdict for p in per_seed]
             c.seeds = f"{sum(v == c.verdict for v in vs)}/{len(vs)} seeds alone: {c.verdict}"
@@ -196,13 +245,14 @@ def all_claims(cfg, names: Sequence[str] | None = None) -> list[Claim]:
 
 
 def prepare(cfg, names: Sequence[str]) -> None:
-    """Compute and cache everything the claims of ``names`` read, for ``cfg.seed`` (``prepare --seed``
-    fills another training seed)."""
+    """Compute and cache everything the claims of ``names`` read, for ``cfg.seed`` and every replicate
+    (``prepare --seed`` fills another training seed)."""
     for name in names:
         level = get_level(name)
         if level.check is not None:
             level.check(cfg)
-        level.gather(cfg)
+        for r in range(cfg.replicates if level.replicated else 1):
+            level.gather(for_replicate(cfg, r))
 
 
 def _register_modules() -> None:

@@ -47,7 +47,7 @@ def circuit_inputs(cfg: Config, sparsity: float, k: float, method: str = "wanda"
         c.pop(key)
     return {"model": pipeline.model_inputs(cfg, sparsity, method),
             "site_means": pipeline.site_means_key(cfg, sparsity, method), "k": float(k),
-            "classes": resolve_classes(cfg), "circuit": c, "seed": cfg.seed,
+            "classes": resolve_classes(cfg), "circuit": c, "seed": cfg.seed, **pipeline.replicate_inputs(cfg),
             "train_images": cfg.data.train_images, "eval_images": cfg.data.eval_images}
 
 
@@ -73,7 +73,7 @@ def circuit_results(cfg: Config, sparsity: float, k: Optional[float] = None, met
         hooked = pipeline.hooked_model(cfg, sparsity, method)
         means = pipeline.site_means(cfg, sparsity, method)
         log.info("circuits: %d classes at %s, k=%g", len(classes), pipeline.model_label(sparsity, method), k)
-        out = compute_circuits(hooked, means, train, evals, cc, k=k, seed=cfg.seed,
+        out = compute_circuits(hooked, means, train, evals, cc, k=k, seed=pipeline.run_seed(cfg),
                                device=pipeline.resolve_device(cfg))
         out["sparsity"] = float(sparsity)
         return out
@@ -260,7 +260,7 @@ def pieces(cfg) -> list[Piece]:
                      {"k": cfg.circuit.k_dense, "method": CONTROL}, of=(0.0, CONTROL), cost=70))
     if top > 0:
         out += [Piece(f"circuits at k={k:g}, {pipeline.model_label(top)}", circuit_results, (top,), {"k": k},
-                      of=(top, "wanda"), cost=70)
+                      of=(top, "wanda"), cost=70, per_replicate=k == float(cfg.circuit.k_dense))
                 for k in sorted({float(cfg.circuit.k_dense), *map(float, sweep_ks(cfg))} - {default_k(cfg, top)})]
     return out
 

@@ -43,8 +43,9 @@ def resolve_block(cfg, block: Optional[int] = None) -> int:
 
 
 def sae_rng_seed(cfg, sae_seed: int) -> int:
-    """The seed of SAE seed ``sae_seed`` (its initialisation and batch order): ``cfg.seed + 1009 * sae_seed``."""
-    return cfg.seed + 1009 * sae_seed
+    """The seed of SAE seed ``sae_seed`` (its initialisation and batch order): ``cfg.seed + 1009 * sae_seed``
+    in replicate 0, :func:`impact_core.pipeline.run_seed` beyond it."""
+    return pipeline.run_seed(cfg) + 1009 * sae_seed
 
 
 def check_sae_seed(sae_seed) -> int:
@@ -60,7 +61,7 @@ def sae_settings(cfg, tokens: str, k: int, expansion: int, block: int, sae_seed:
             "batch_size": s.batch_size, "steps": s.steps, "aux_coefficient": s.aux_coefficient,
             "aux_k": s.aux_k, "dead_after_steps": s.dead_after_steps, "threshold_beta": s.threshold_beta,
             "normalize_input": s.normalize_input, "train_images": s.train_images,
-            "eval_images": s.eval_images, "seed": cfg.seed}
+            "eval_images": s.eval_images, "seed": cfg.seed, **pipeline.replicate_inputs(cfg)}
 
 
 def sae_inputs(cfg, sparsity: float, tokens: str, k: int, expansion: int, method: str = "wanda",
@@ -337,7 +338,7 @@ def pieces(cfg) -> list[Piece]:
                 continue  # the probe's SAE (seed 0): the model's own piece trains it
             out.append(Piece(f"SAE sweep, {pipeline.model_label(s)} {spec['tokens']} k={spec['k']} x{spec['expansion']}",
                              train_sae, (s, spec["tokens"], spec["k"], spec["expansion"]), of=(s, "wanda"),
-                             cost=40 if spec["tokens"] == s_cfg.tokens else 90))
+                             cost=40 if spec["tokens"] == s_cfg.tokens else 90, per_replicate=False))
     return out
 
 

@@ -47,8 +47,8 @@ def attribution_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> d
     a = cfg.attribution
     return {"model": pipeline.model_inputs(cfg, sparsity, method), "images": a.images, "steps": a.steps,
             "references": list(a.references), "rise_blur": RISE_BLUR, "layerscale_rule": a.layerscale_rule,
-            "seed": cfg.seed, "eval_images": cfg.data.eval_images, "data_kind": cfg.data.kind,
-            "batch_size": a.batch_size, "data_batch_size": cfg.data.batch_size,
+            "seed": cfg.seed, **pipeline.replicate_inputs(cfg), "eval_images": cfg.data.eval_images,
+            "data_kind": cfg.data.kind, "batch_size": a.batch_size, "data_batch_size": cfg.data.batch_size,
             "figure": [a.figure_classes, a.figure_per_class], "methods": list(attr.METHODS)}
 
 
@@ -87,7 +87,7 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
         pos = evaluation_positions(cfg)
         labels = torch.as_tensor(split.labels[pos])
         fig = figure_positions(labels, a.figure_classes, a.figure_per_class)
-        rand_model = attr.randomized_model(model, seed=cfg.seed + 11).to(device)
+        rand_model = attr.randomized_model(model, seed=pipeline.run_seed(cfg, 11)).to(device)
         chunk = chunk_images(a.batch_size)
         starts = list(range(0, len(pos), chunk))
         mine = distributed.shard(np.arange(len(starts)))  # under torchrun: every world_size-th chunk
@@ -96,7 +96,7 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
             sl = slice(starts[c], starts[c] + chunk)
             images, _ = load_images(split, pos[sl], cfg.data.batch_size)
             local[int(c)] = score_chunk(model, rand_model, images, a, cfg.model.mean, cfg.model.std,
-                                        seed=cfg.seed * 1_000_003 + starts[c],
+                                        seed=pipeline.run_seed(cfg) * 1_000_003 + starts[c],
                                         figure_rows=[i - starts[c] for i in fig if starts[c] <= i < starts[c] + chunk])
         chunks = {c: r for part in distributed.gather_objects(local) for c, r in part.items()}
         parts = [chunks[c] for c in range(len(starts))]

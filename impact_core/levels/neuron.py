@@ -39,7 +39,7 @@ def neuron_inputs(cfg, sparsity: float, method: str = "wanda") -> dict:
     return {"model": pipeline.model_inputs(cfg, sparsity, method),
             "site_means": pipeline.site_means_key(cfg, sparsity, method),
             "data": {"kind": cfg.data.kind, "eval_images": cfg.data.eval_images, "batch_size": cfg.data.batch_size},
-            "seed": cfg.seed,
+            "seed": cfg.seed, **pipeline.replicate_inputs(cfg),
             "neuron": {"blocks": list(nc.blocks), "top_k": nc.top_k, "images": nc.images, "classes": nc.classes,
                        "validation_units": nc.validation_units, "validation_images": nc.validation_images}}
 
@@ -65,7 +65,7 @@ def neuron_metrics(cfg, sparsity: float, method: str = "wanda") -> dict:
         return analyse(hooked, batches, means, nc.blocks, nc.top_k, num_classes, classes=classes,
                        n_validation_units=nc.validation_units,
                        validation_images=len(split) if nc.validation_images is None else nc.validation_images,
-                       device=pipeline.resolve_device(cfg), seed=cfg.seed, max_batch=4 * cfg.data.batch_size,
+                       device=pipeline.resolve_device(cfg), seed=pipeline.run_seed(cfg), max_batch=4 * cfg.data.batch_size,
                        desc=label)  # halves: stratified_halves(split labels, cfg.seed)
 
     return pipeline.cache_for(cfg).get_or_compute(NEURON_METRICS_ENTRY, neuron_inputs(cfg, sparsity, method), compute)

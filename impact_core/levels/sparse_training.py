@@ -409,4 +409,5 @@ def pieces(cfg) -> list[Piece]:
 register_level(Level(
     name=LEVEL, title="Sparsity trained in", section="sparse_training", gather=gather, claims=sparse_training_claims,
     chapter="book/chapters/06_sparse_training", after=("pruning", "neuron", "layer", "circuit", "model"), check=check,
-    parameters={"sparsity": "sparse_training.sparsities"}, pieces=pieces))
+    parameters={"sparsity": "sparse_training.sparsities"}, pieces=pieces,
+    replicated=False))  # the trained-sparse model needs a dense model per replicate: training seeds (PRESET=seeds) vary it
