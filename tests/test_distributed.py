@@ -40,8 +40,11 @@ def test_two_processes_equal_one(tiny_fmnist, tmp_path):
     for name in one["weights"]:  # DDP's averaged gradient of the two halves = the full-batch gradient
         assert torch.allclose(one["weights"][name], two["weights"][name], atol=1e-4), name
     # per-image passes: each process computes its rows, the batch is put back together
+    # float32 sums in another order: at the scale of the values (the SAE importances reach 8.5, and
+    # differ by up to 2.9e-5 between one and two processes on 2026-12-04's AMD EPYC machine)
     for key, value in one["neuron"].items():
-        assert torch.allclose(value.double(), two["neuron"][key].double(), atol=1e-5, equal_nan=True), key
+        scale = max(1.0, float(value.double().abs().nan_to_num().max()))
+        assert torch.allclose(value.double(), two["neuron"][key].double(), atol=1e-5 * scale, equal_nan=True), key
     assert torch.allclose(one["sae_acts"], two["sae_acts"], atol=1e-5)
     assert one["sae_acts"].shape[0] == 20 * 17  # every eval image's 17 tokens, in order
     # attribution: each process scores every other chunk of the evaluation images
