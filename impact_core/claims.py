@@ -253,8 +253,17 @@ def trend_reading(trend: Estimate, expected: str, margin: float, span: float) ->
 
 
 def _needed(est: Estimate, margin: float) -> str:
+    """What would decide an undecided interval: more of its units (t quantiles, same spread). Classes
+    are every class of the data set, so more of them is no option: the text says so and points to
+    the units that can grow (replicates of the pipeline, or training seeds)."""
     n = S.samples_needed(est, margin)
-    return f"undecided; about {n} {est.unit.split(' (')[0]} would decide" if n else "undecided"
+    unit = est.unit.split(" (")[0]
+    if not n:
+        return "undecided"
+    if unit == "classes":
+        return (f"undecided; it would take about {n} classes at this spread, more than the {est.n} evaluated: "
+                f"replicates of the pipeline (preset key replicates) or training seeds are the units that can grow")
+    return f"undecided; about {n} {unit} would decide"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ VERDICT_COLOURS = {REPRODUCED: "#d8f0d8", SMALL: "#e9f3d2", NOT_REPRODUCED: "#f6
                    PIPELINE: "#dde4f6", PRUNING: "#e8dcf2"}
 
 
-def glue_values(claims: list[Claim], seeds) -> dict:
+def glue_values(claims: list[Claim], seeds, replicates: int = 1) -> dict:
     """Everything the discussion's prose states: counts per verdict, the claims of each
     :func:`survival` and :func:`dose_groups` group, and the note on training seeds."""
     counts = verdict_counts(claims)
@@ -61,15 +61,33 @@ def glue_values(claims: list[Claim], seeds) -> dict:
     joined = lambda items: "; ".join(items) if items else "none"  # noqa: E731
     out.update({f"list_{k}": joined(v) for k, v in survival(claims).items()})
     out.update({f"dose_{k.replace(' ', '_')}": joined(v) for k, v in dose_groups(claims).items()})
+    replicated = (f" Every pruned model, the control and every analysis ran as {replicates} replicates of the "
+                  "pipeline's stochastic stages (calibration draw, fine-tuning, SAE seeds, circuit masks, random "
+                  "baselines) on each dense model." if replicates > 1 else "")
     if len(seeds) > 1:
         out["seeds_note"] = (f"This build trained {len(seeds)} dense models (seeds {list(seeds)}) and pruned and "
-                             "analysed each; every interval above is a Student-t interval over the training seeds (each "
-                             "seed's own mean over its classes or images is one unit), and the 'seeds' column counts the seeds for which the claim "
-                             "holds on its own.")
+                             f"analysed each.{replicated} Every interval above is a Student-t interval over the "
+                             "training seeds (each seed's own mean over its replicates and units is one value), and "
+                             "the 'seeds' column counts the seeds for which the claim holds on its own.")
+    elif replicates > 1:
+        out["seeds_note"] = (f"This build used one training seed.{replicated} Every level-versus-control interval is "
+                             f"a Student-t interval over the {replicates} replicates (each replicate's mean over its "
+                             "classes, images or SAE seeds is one value), so it contains the pipeline's own "
+                             "run-to-run noise. Build with PRESET=seeds to also vary the dense model.")
     else:
-        out["seeds_note"] = ("This build used one training seed, as the paper used one model per sparsity level. "
-                             "Build with PRESET=seeds to judge every claim over three training seeds.")
+        out["seeds_note"] = ("This build used one training seed and one run of the pipeline per condition, as the "
+                             "paper used one model per sparsity level: its intervals resample classes, images or SAE "
+                             "seeds within that run and cannot contain the run-to-run noise of fine-tuning and the "
+                             "analyses (set the preset key replicates, or build with PRESET=seeds).")
     return out
+
+
+def margins_table(cfg) -> pd.DataFrame:
+    """The preset's margin per metric beside the rule it follows (:data:`impact_core.config.MARGIN_RULES`)."""
+    from .config import MARGIN_RULES
+
+    return pd.DataFrame([{"metric": m, "margin": v, "rule": MARGIN_RULES[m]} for m, v in cfg.verdicts.margins.items()]
+                        ).set_index("metric")
 
 
 def styled_table(claims: list[Claim]):

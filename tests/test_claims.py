@@ -116,7 +116,7 @@ def test_judge_change_every_outcome():
     assert verdict == claims.NOT_REPRODUCED and "other way" in why
     # too little data: inconclusive, saying how much would decide
     verdict, why = claims.judge_change(wide, wide, wide, "+", m)
-    assert verdict == claims.INCONCLUSIVE and "would decide" in why
+    assert verdict == claims.INCONCLUSIVE and "it would take about" in why and "replicates" in why
     # equivalent to the control, the control's own effect undecided: not reproduced (no change beyond it)
     assert claims.judge_change(wide, wide, zero, "+", m)[0] == claims.NOT_REPRODUCED
     # the level differs from dense, the level-vs-control comparison undecided: inconclusive, never "pipeline"
