@@ -240,6 +240,17 @@ def build_html(src: Path, out: Path) -> Path:
     return out / "_build" / "html"
 
 
+def last_timings(out: Path, preset: str) -> dict[str, float]:
+    """Seconds per task of the last build of ``preset`` in ``out`` (``_build/timings.json``), or {}: the
+    progress line's estimate of the time left (a cached task then takes seconds, so the estimate errs long)."""
+    path = out / "_build" / "timings.json"
+    try:
+        timings = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return dict(timings.get("tasks", {})) if timings.get("preset") == preset else {}
+
+
 def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None, out: Path | str = ".",
                jobs: int = 1) -> Path:
     """Execute the chapters on ``preset`` and build the HTML book; return the HTML folder."""
@@ -260,7 +271,7 @@ def build_book(preset: str = "default", chapters: Optional[Iterable[str]] = None
           f"process(es) -> {src}", flush=True)
     started, start = time.strftime("%Y-%m-%dT%H:%M:%S"), time.time()
     seconds = run_plan(tasks, jobs, preset, lambda c: execute_chapter(c, src, preset, log_dir, jobs), log_dir,
-                       say=lambda line: print(line, flush=True))
+                       say=lambda line: print(line, flush=True), estimate=last_timings(out, preset))
     timings = {"preset": preset, "started": started, "jobs": max(1, jobs), "total": time.time() - start,
                "tasks": seconds}  # read by ``python -m impact_core profile``
     (out / "_build" / "timings.json").write_text(json.dumps(timings, indent=1))

@@ -151,12 +151,35 @@ def run_piece(piece, log_path: str) -> float:
     return time.time() - start
 
 
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min {s:02d} s"
+
+
+def progress_line(done: int, total: int, elapsed: float, left: Optional[float]) -> str:
+    """``[impact] 12/73 done, 4 min 10 s elapsed, about 21 min 05 s left`` (``left``: None when unknown)."""
+    tail = f", about {_clock(left)} left" if left is not None else ""
+    return f"[impact] {done}/{total} done, {_clock(elapsed)} elapsed{tail}"
+
+
+def time_left(pending: list[Task], running: dict, started_at: dict, estimate: dict[str, float], jobs: int,
+              now: float) -> float:
+    """Seconds left, spread over ``jobs`` slots: each pending task's estimate (the last build's seconds for
+    it, else its ``cost``), plus what a running task has left of its own."""
+    guess = lambda t: estimate.get(t.name, t.cost)  # noqa: E731
+    work = sum(guess(t) for t in pending)
+    work += sum(max(0.0, guess(t) - (now - started_at[t.name])) for t in running.values())
+    return work / max(1, jobs)
+
+
 def run_plan(tasks: list[Task], jobs: int, preset: str, run_chapter: Callable[[str], float], log_dir: Path,
-             say: Callable[[str], None] = print) -> dict[str, float]:
+             say: Callable[[str], None] = print, estimate: Optional[dict[str, float]] = None) -> dict[str, float]:
     """Run ``tasks`` on ``jobs`` slots (see the module docstring); returns seconds per task.
 
     ``run_chapter(chapter) -> seconds`` executes one chapter. A failed task stops the plan: the
-    running tasks finish, nothing new starts, and the error is raised."""
+    running tasks finish, nothing new starts, and the error is raised. After every task a progress
+    line says how many are done, the time elapsed and an estimate of the time left
+    (:func:`time_left`; ``estimate``: seconds per task name from the last build, else ``Task.cost``)."""
     names = {t.name for t in tasks}
     unknown = {n for t in tasks for n in t.needs} - names
     if unknown:
@@ -168,6 +191,9 @@ def run_plan(tasks: list[Task], jobs: int, preset: str, run_chapter: Callable[[s
     done: set[str] = set()
     running: dict[Future, Task] = {}
     timings: dict[str, float] = {}
+    started_at: dict[str, float] = {}
+    estimate = estimate or {}
+    begin = time.time()
     error: Optional[BaseException] = None
     has_pieces = any(t.piece is not None for t in tasks)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state inherited
@@ -184,6 +210,7 @@ def run_plan(tasks: list[Task], jobs: int, preset: str, run_chapter: Callable[[s
                 else:
                     future = chapters.submit(run_chapter, task.chapter)
                 running[future] = task
+                started_at[task.name] = time.time()
             if not running:
                 if error is None and pending:
                     raise ValueError(f"tasks that can never start: {[t.name for t in pending]}")
@@ -202,6 +229,9 @@ def run_plan(tasks: list[Task], jobs: int, preset: str, run_chapter: Callable[[s
                     continue
                 done.add(task.name)
                 say(f"[impact]   {task.name}: {timings[task.name]:.0f} s")
+                now = time.time()
+                say(progress_line(len(done), len(tasks), now - begin,
+                                  time_left(pending, running, started_at, estimate, jobs, now)))
     if error is not None:
         raise error
     return timings

@@ -110,6 +110,24 @@ def test_run_plan_respects_needs_and_slots(tmp_path):
     assert state["most"] == 2
 
 
+def test_progress_lines_count_tasks_and_estimate_the_time_left(tmp_path):
+    """After every task: done of total, elapsed, and the time left from the last build's seconds per task
+    (else the tasks' costs), spread over the slots."""
+    from impact_core.schedule import progress_line, time_left
+
+    tasks = [Task("a", chapter="a", cost=100), Task("b", chapter="b", needs={"a"}, cost=100)]
+    run, _, _ = _recorder({"a": 0.01, "b": 0.01})
+    lines = []
+    run_plan(tasks, 1, "smoke", run, tmp_path, say=lines.append, estimate={"b": 60.0})
+    progress = [line for line in lines if "done" in line]
+    assert progress[0].startswith("[impact] 1/2 done, 0 min 00 s elapsed, about 1 min 00 s left")  # b: last build's 60 s
+    assert progress[-1].startswith("[impact] 2/2 done") and progress[-1].endswith("about 0 min 00 s left")
+    # running tasks count what they have left; pending ones their estimate or cost; two slots halve it
+    running = {object(): Task("r", cost=50)}
+    assert time_left([Task("p", cost=30)], running, {"r": 0.0}, {}, 2, now=20.0) == pytest.approx((30 + 30) / 2)
+    assert progress_line(3, 9, 3725, None) == "[impact] 3/9 done, 1 h 02 min elapsed"
+
+
 def test_a_failed_task_stops_the_plan(tmp_path):
     tasks = [Task("a", chapter="a"), Task("b", chapter="b", needs={"a"})]
     run, events, _ = _recorder({"a": 0.01, "b": 0.01}, fail="a")
