@@ -409,3 +409,23 @@ def test_references_config_is_validated():
         load_config("smoke", {"attribution.references": ["rise", "rise"]})
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config("smoke", {"attribution.baseline": "black"})  # folded into references
+
+
+def test_the_claims_methods_alone_equal_their_entries_of_the_full_chunk():
+    """Replicates beyond the first score only the claims' methods (Chefer and random order): their
+    numbers equal, bit for bit, those the full chunk (every method, the other rule) computes."""
+    from types import SimpleNamespace
+
+    m = layerscale_vit(seed=3)
+    rand = attr.randomized_model(m, seed=4)
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    a = SimpleNamespace(references=["black", "rise"], layerscale_rule="z", batch_size=4, steps=4)
+    full = pert.score_chunk(m, rand, x, a, [0.5], [0.25], seed=9, figure_rows=[0, 2])
+    claims_only = pert.score_chunk(m, rand, x, a, [0.5], [0.25], seed=9, figure_rows=[0, 2],
+                                   methods=model_level.CLAIM_METHODS, extras=False)
+    assert set(claims_only) == {"chefer", "random", "target"} and "chefer_other_rule" in full
+    assert torch.equal(full["target"], claims_only["target"])
+    for method in model_level.CLAIM_METHODS:
+        for ref in a.references:
+            for key, value in full[method]["scores"][ref].items():
+                assert torch.equal(value, claims_only[method]["scores"][ref][key]), (method, ref, key)

@@ -41,6 +41,16 @@ def chunk_images(batch_size: int) -> int:
     return 4 * batch_size
 
 
+CLAIM_METHODS = ("chefer", "random")  # what the model level's claims read (the map against random order)
+
+
+def attribution_methods(cfg: Config) -> tuple[str, ...]:
+    """The methods :func:`attribution_results` computes: all of them in replicate 0 (the chapter's tables,
+    figures, randomisation test and LayerScale-rule comparison show replicate 0), only the claims'
+    (:data:`CLAIM_METHODS`) in the other replicates, which feed nothing else."""
+    return tuple(attr.METHODS) if cfg.replicate == 0 else CLAIM_METHODS
+
+
 def attribution_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
     """The cache inputs of :func:`attribution_results`: ``attribution.batch_size`` sets the chunks whose
     first positions seed the random baselines, ``data.batch_size`` the loading batches."""
@@ -49,7 +59,7 @@ def attribution_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> d
             "references": list(a.references), "rise_blur": RISE_BLUR, "layerscale_rule": a.layerscale_rule,
             "seed": cfg.seed, **pipeline.replicate_inputs(cfg), "eval_images": cfg.data.eval_images,
             "data_kind": cfg.data.kind, "batch_size": a.batch_size, "data_batch_size": cfg.data.batch_size,
-            "figure": [a.figure_classes, a.figure_per_class], "methods": list(attr.METHODS)}
+            "figure": [a.figure_classes, a.figure_per_class], "methods": list(attribution_methods(cfg))}
 
 
 def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
@@ -79,6 +89,7 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
     a = cfg.attribution
     inputs = attribution_inputs(cfg, sparsity, method)
     label = pipeline.model_label(sparsity, method)
+    methods, extras = attribution_methods(cfg), cfg.replicate == 0
 
     def compute():
         model = pipeline.pruned_model(cfg, sparsity, method)
@@ -97,7 +108,8 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
             images, _ = load_images(split, pos[sl], cfg.data.batch_size)
             local[int(c)] = score_chunk(model, rand_model, images, a, cfg.model.mean, cfg.model.std,
                                         seed=pipeline.run_seed(cfg) * 1_000_003 + starts[c],
-                                        figure_rows=[i - starts[c] for i in fig if starts[c] <= i < starts[c] + chunk])
+                                        figure_rows=[i - starts[c] for i in fig if starts[c] <= i < starts[c] + chunk],
+                                        methods=methods, extras=extras)
         chunks = {c: r for part in distributed.gather_objects(local) for c, r in part.items()}
         parts = [chunks[c] for c in range(len(starts))]
         figure_images, _ = load_images(split, pos[fig], cfg.data.batch_size)
@@ -105,12 +117,12 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
                "positions": torch.as_tensor(pos), "labels": labels, "figure_positions": fig,
                "figure_images": figure_images, "methods": {}, "scores": {r: {} for r in a.references},
                "randomisation": {}, "targets": torch.cat([p["target"] for p in parts])}
-        fig_maps = {m: {} for m in attr.METHODS}  # image position -> map, put back in ``fig`` order
+        fig_maps = {m: {} for m in methods}  # image position -> map, put back in ``fig`` order
         for c, p in enumerate(parts):
             in_chunk = [i for i in fig if starts[c] <= i < starts[c] + chunk]
-            for m in attr.METHODS:
+            for m in methods:
                 fig_maps[m].update(zip(in_chunk, p[m]["figure_maps"]))
-        for m in attr.METHODS:
+        for m in methods:
             for r in a.references:
                 cat = {key: torch.cat([p[m]["scores"][r][key] for p in parts]) for key in SCORE_KEYS}
                 res["scores"][r][m] = {"insertion": cat["insertion"], "deletion": cat["deletion"],
@@ -120,6 +132,8 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
                                  "figure_maps": torch.stack([fig_maps[m][i] for i in fig])}
             if m != "random":
                 res["randomisation"][m] = torch.cat([p[m]["randomisation"] for p in parts])
+        if not extras:
+            return res
         res["other_rule"] = {"rule": other_rule(a.layerscale_rule), "scores": {
             r: {key: torch.cat([p["chefer_other_rule"]["scores"][r][key] for p in parts]) for key in ("insertion", "deletion")}
             for r in a.references}}

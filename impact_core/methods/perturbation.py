@@ -166,13 +166,15 @@ SCORE_KEYS = ("insertion", "deletion", "insertion_curve", "deletion_curve")
 
 
 def score_chunk(model: nn.Module, rand_model: nn.Module, images: torch.Tensor, a, mean, std,
-                seed: int, figure_rows: list[int]) -> dict:
-    """Every attribution method on one chunk of images: its maps once, then per-image
+                seed: int, figure_rows: list[int], methods=attr.METHODS, extras: bool = True) -> dict:
+    """Every attribution method of ``methods`` on one chunk of images: its maps once, then per-image
     insertion / deletion AUC and curves against every reference in ``a.references``, the
-    randomisation test's rank correlation, and the maps of ``figure_rows``."""
+    randomisation test's rank correlation, and the maps of ``figure_rows``; with ``extras``, also
+    Chefer's maps under the other LayerScale rule. Each method's numbers do not depend on which
+    other methods run (tested)."""
     subs = {r: substitutes(images, mean, std, r) for r in a.references}
     out = {}
-    for m in attr.METHODS:
+    for m in methods:
         maps = attr.attribute(model, images, m, layerscale_rule=a.layerscale_rule, batch_size=a.batch_size, seed=seed)
         row = {"figure_maps": maps["maps"][figure_rows], "scores": {}}
         for r, (start, fill) in subs.items():
@@ -185,6 +187,8 @@ def score_chunk(model: nn.Module, rand_model: nn.Module, images: torch.Tensor, a
             row["randomisation"] = torch.as_tensor(attr.spearman_per_image(maps["maps"], rnd["maps"]))
         out[m] = row
     out["target"] = maps["target"]
+    if not extras:
+        return out
     # Chefer's maps under the other LayerScale rule (the paper's Eq. 14 vs the conserving z-rule)
     other = other_rule(a.layerscale_rule)
     maps = attr.attribute(model, images, "chefer", target=out["target"], layerscale_rule=other,
