@@ -7,7 +7,7 @@ Both run the book's own functions (``stats.mean_difference``, ``claims.judge_cha
 synthetic per-unit data with a known effect.
 
 * :func:`designs` reads the sample sizes from a preset: classes, SAE seeds, evaluation,
-  neuron and attribution images, training seeds.
+  neuron and attribution images, and the groups above them (training seeds, else replicates).
 * :func:`coverage` draws paired data of one design with effect ``delta`` and counts intervals
   that cover it; :func:`rule_rates` counts each rule's verdicts under a false claim.
 * :func:`table` gives both for every design of a preset, with the Monte Carlo error
@@ -59,7 +59,7 @@ def designs(cfg) -> list[Design]:
 
     n_classes = cfg.model.num_classes
     neuron_classes = cfg.neuron.classes or n_classes
-    seeds = len(cfg.seeds) if cfg.seeds else 1
+    seeds = len(cfg.seeds) if cfg.seeds else cfg.replicates  # the groups: training seeds, else replicates
     out = [Design(f"{len(circuit_classes(cfg))} classes (circuits)", "classes", len(circuit_classes(cfg)), seeds),
            Design(f"{len(circuit_classes(cfg))} classes, skewed", "classes", len(circuit_classes(cfg)), seeds, "skewed"),
            Design(f"{neuron_classes} classes (neurons)", "classes", neuron_classes, seeds),
@@ -203,7 +203,8 @@ def table(cfg, draws: int = 2000, seed: int = 0) -> list[dict]:
     rows = []
     for d in designs(cfg):
         cov = coverage(d, draws, seed=seed)
-        row = {"design": d.name, "unit": d.unit if d.groups == 1 else f"{d.groups} training seeds",
+        groups = "training seeds" if cfg.seeds else "replicates"
+        row = {"design": d.name, "unit": d.unit if d.groups == 1 else f"{d.groups} {groups}",
                "coverage": cov, "coverage_mc": mc_error(cov, draws)}
         for name, rate in rule_rates(d, draws // 2, seed).items():
             row[name] = rate
