@@ -70,6 +70,11 @@ def test_the_plan_computes_each_replicate_on_its_own_models():
     default = {t.name for t in plan(load_config("default", {"replicates": 2}), ["book/chapters/04_circuit"])}
     assert "circuits at k=6e-05, 70%" in default and "circuits at k=6e-05, 70%, replicate 1" not in default
     assert "circuits at k=8e-05, 70%, replicate 1" in default
+    # Table 1's rows that no claim reads (magnitude below the highest level, Wanda 80%) run once
+    rows = {t.name for t in plan(load_config("replicates"), ["book/chapters/01_pruning"])}
+    assert {"model magnitude 50%", "model 80%"} <= rows
+    assert not rows & {"model magnitude 50%, replicate 1", "model 80%, replicate 1"}
+    assert {"model magnitude 90%, replicate 2", "model 90%, replicate 2", "model 10%, replicate 2"} <= rows
 
 
 def test_claims_over_replicates_use_the_replicates_as_units():

@@ -118,10 +118,20 @@ def pruning_claims(runs: list[dict], j: Judge) -> list[Claim]:
     return out
 
 
+def claim_models(cfg) -> set[tuple[str, float]]:
+    """The (method, sparsity) models :func:`pruning_claims` reads: dense, Wanda at 70% and both
+    methods at the highest sparsity (the other rows feed only Table 1, shown for replicate 0)."""
+    hi = max(with_dense(cfg.pruning.sparsities))
+    return {("wanda", 0.0), ("wanda", 0.7), *((m, hi) for m in cfg.pruning.methods)} & set(
+        (m, s) for m in cfg.pruning.methods for s in with_dense(cfg.pruning.sparsities))
+
+
 def gather(cfg) -> dict:
-    """``{"accuracy": {(method, sparsity): accuracy}, "control": the control's accuracy}``."""
+    """``{"accuracy": {(method, sparsity): accuracy}, "control": the control's accuracy}``: every model
+    in replicate 0, the models the claims read (:func:`claim_models`) in the others."""
+    wanted = None if cfg.replicate == 0 else claim_models(cfg)
     acc = {(m, s): pipeline.accuracy(cfg, s, m) for m in cfg.pruning.methods
-           for s in with_dense(cfg.pruning.sparsities)}
+           for s in with_dense(cfg.pruning.sparsities) if wanted is None or (m, s) in wanted}
     return {"accuracy": acc, "control": pipeline.accuracy(cfg, 0.0, CONTROL)}
 
 
@@ -129,8 +139,11 @@ def pieces(cfg) -> list[Piece]:
     """The dense model with its accuracy, then every pruned model and the control with theirs (one piece
     each; all models, so they come before any analysis and the chapters do not wait for a last small one)."""
     out = [Piece("dense model", pipeline.accuracy, (0.0,), model=True, cost=420)]
+    read = claim_models(cfg) | {("wanda", float(s)) for lv in ("neuron", "sae", "circuit", "attribution")
+                                for s in getattr(cfg, lv).sparsities}
     for m in cfg.pruning.methods:
-        out += [Piece(f"model {pipeline.model_label(s, m)}", pipeline.accuracy, (s, m), of=(s, m), model=True, cost=25)
+        out += [Piece(f"model {pipeline.model_label(s, m)}", pipeline.accuracy, (s, m), of=(s, m), model=True, cost=25,
+                      per_replicate=(m, float(s)) in read)
                 for s in sorted(cfg.pruning.sparsities) if s > 0]
     out.append(Piece("model control", pipeline.accuracy, (0.0, CONTROL), of=(0.0, CONTROL), model=True, cost=25))
     return out
