@@ -34,6 +34,10 @@ def test_replicate_zero_keeps_every_key_and_seed_and_others_differ():
     assert cache.key(pipeline.DENSE_MODEL, pipeline.dense_inputs(one)) == cache.key(pipeline.DENSE_MODEL,
                                                                                      pipeline.dense_inputs(cfg))
     assert pipeline.accuracy_inputs(one, 0.0) == pipeline.accuracy_inputs(cfg, 0.0)
+    # what only the chapter shows is replicate 0's: the neuron validation ablations, attribution's other methods
+    assert neuron.neuron_inputs(cfg, 0.7)["neuron"]["validation_units"] == cfg.neuron.validation_units > 0
+    assert neuron.neuron_inputs(one, 0.7)["neuron"]["validation_units"] == 0
+    assert model.attribution_inputs(one, 0.7)["methods"] == ["chefer", "random"]
 
 
 def test_bad_replicate_settings_fail_at_loading():

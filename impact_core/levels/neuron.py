@@ -34,6 +34,13 @@ def metric_images(cfg, split):
     return seeded_subset(split, cfg.neuron.images, cfg.seed + 3, name="neuron")
 
 
+def validation_units(cfg) -> int:
+    """Units per block whose attribution estimate is checked against a real single-unit ablation:
+    ``neuron.validation_units`` in replicate 0 (the chapter's validation table), none in the other
+    replicates, whose results feed only the claims (the held-out metrics)."""
+    return cfg.neuron.validation_units if cfg.replicate == 0 else 0
+
+
 def neuron_inputs(cfg, sparsity: float, method: str = "wanda") -> dict:
     nc = cfg.neuron
     return {"model": pipeline.model_inputs(cfg, sparsity, method),
@@ -41,7 +48,7 @@ def neuron_inputs(cfg, sparsity: float, method: str = "wanda") -> dict:
             "data": {"kind": cfg.data.kind, "eval_images": cfg.data.eval_images, "batch_size": cfg.data.batch_size},
             "seed": cfg.seed, **pipeline.replicate_inputs(cfg),
             "neuron": {"blocks": list(nc.blocks), "top_k": nc.top_k, "images": nc.images, "classes": nc.classes,
-                       "validation_units": nc.validation_units, "validation_images": nc.validation_images}}
+                       "validation_units": validation_units(cfg), "validation_images": nc.validation_images}}
 
 
 def neuron_metrics(cfg, sparsity: float, method: str = "wanda") -> dict:
@@ -63,7 +70,7 @@ def neuron_metrics(cfg, sparsity: float, method: str = "wanda") -> dict:
                  "per block, %d classes", label, len(split), list(nc.blocks), nc.top_k,
                  sum(block_unit_counts(hooked)), num_classes if classes is None else len(classes))
         return analyse(hooked, batches, means, nc.blocks, nc.top_k, num_classes, classes=classes,
-                       n_validation_units=nc.validation_units,
+                       n_validation_units=validation_units(cfg),
                        validation_images=len(split) if nc.validation_images is None else nc.validation_images,
                        device=pipeline.resolve_device(cfg), seed=pipeline.run_seed(cfg), max_batch=4 * cfg.data.batch_size,
                        desc=label)  # halves: stratified_halves(split labels, cfg.seed)
