@@ -234,7 +234,7 @@ def test_sparse_training_claims_every_outcome():
     assert out["sparse_training.trained.nmse"].rule.endswith("paired over SAE seeds")
     assert out["sparse_training.trained.insertion_black"].rule.endswith("paired over images")
     assert "3 comparisons (Holm)" in out["sparse_training.trained.selectivity"].rule
-    # two training seeds: the same claims, hierarchical intervals
+    # two training seeds: the same claims, intervals over the seeds
     two = st.sparse_training_claims([synthetic_run(10, 1, seed=0), synthetic_run(10, 1, seed=1)], J)
     assert {c.verdict for c in two} == {C.REPRODUCED} and "training seeds" in two[0].effect
 
