@@ -61,9 +61,10 @@ def glue_values(claims: list[Claim], seeds, replicates: int = 1) -> dict:
     joined = lambda items: "; ".join(items) if items else "none"  # noqa: E731
     out.update({f"list_{k}": joined(v) for k, v in survival(claims).items()})
     out.update({f"dose_{k.replace(' ', '_')}": joined(v) for k, v in dose_groups(claims).items()})
-    replicated = (f" Every pruned model, the control and every analysis ran as {replicates} replicates of the "
-                  "pipeline's stochastic stages (calibration draw, fine-tuning, SAE seeds, circuit masks, random "
-                  "baselines) on each dense model." if replicates > 1 else "")
+    replicated = (f" Every pruned model a claim reads, the control and every analysis ran as {replicates} replicates "
+                  "of the pipeline's stochastic stages (calibration draw, fine-tuning, SAE seeds, circuit masks, "
+                  "random baselines) on each dense model; the chapter 'Sparsity trained in' reads replicate 0."
+                  if replicates > 1 else "")
     if len(seeds) > 1:
         out["seeds_note"] = (f"This build trained {len(seeds)} dense models (seeds {list(seeds)}) and pruned and "
                              f"analysed each.{replicated} Every interval above is a Student-t interval over the "
