@@ -167,3 +167,23 @@ def test_mathjax_is_served_by_the_book(smoke_book):
     assert scripts and all("://" not in s for s in scripts), scripts
     assert (page.parent / scripts[0].split("?")[0]).resolve().is_file()
     assert (html / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").is_dir()
+
+
+def test_jupyter_book_build_of_the_templates_stops_with_what_to_run(smoke_book, tmp_path):
+    """`jupyter-book build .` at the repository root renders the committed templates, which hold no
+    outputs: the guard extension stops it with an error naming `make book`; the executed chapters of a
+    real build pass the same guard."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "book" / "_ext"))
+    from impact_guard import unexecuted_chapters
+
+    assert len(unexecuted_chapters(REPO_ROOT)) == len([c for c in toc_chapters() if "chapters/" in c])
+    out, _ = smoke_book
+    assert unexecuted_chapters(out / "_build" / "src") == []
+    jb = Path(sys.executable).with_name("jupyter-book")
+    proc = subprocess.run([str(jb), "build", str(REPO_ROOT), "--path-output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "chapter templates without outputs" in proc.stdout + proc.stderr and "make book" in proc.stdout + proc.stderr
