@@ -91,12 +91,47 @@ def margins_table(cfg) -> pd.DataFrame:
                         ).set_index("metric")
 
 
-def styled_table(claims: list[Claim]):
-    """The claims table for display, the verdict cells coloured."""
-    shown = pd.DataFrame([c.to_dict() for c in claims]).drop(columns=["rule"]).set_index("id")
-    shown = shown.rename(columns={"paper": "paper (DeiT-III B/16)"})
-    return shown.style.map(lambda v: f"background-color: {VERDICT_COLOURS[v]}" if v in VERDICT_COLOURS else "",
-                           subset=["verdict"])
+class ClaimsTable:
+    """The discussion's claims table: the columns a reader needs on screen, the rest one click away.
+
+    Shown (``_repr_html_``) as a table of fixed layout that fits its container at any width: claim,
+    the paper's number, ours, the judged effect (beyond the control where there is one) and the
+    verdict (coloured); each claim's other fields (why, rule, the control's own effect, the level
+    against dense, margin, magnitude, trend, seeds) sit in a ``<details>`` toggle under it. ``data``
+    is every field as a DataFrame, which the book writes as the table's CSV download."""
+
+    COLUMNS = (("claim", "34%"), ("paper", "14%"), ("ours", "14%"), ("effect (beyond the control)", "24%"),
+               ("verdict", "14%"))
+    DETAILS = (("why", "why"), ("rule", "rule"), ("control", "the control alone (control - dense)"),
+               ("vs_dense", "the level - dense"), ("margin", "margin"), ("magnitude", "magnitude"),
+               ("trend", "dose-response"), ("seeds", "seeds"))
+
+    def __init__(self, claims: list[Claim]):
+        self.claims = list(claims)
+        self.data = pd.DataFrame([c.to_dict() for c in self.claims]).set_index("id").rename(
+            columns={"paper": "paper (DeiT-III B/16)"})
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        cols = "".join(f'<col style="width: {w}">' for _, w in self.COLUMNS)
+        head = "".join(f"<th>{escape(name)}</th>" for name, _ in self.COLUMNS)
+        rows = []
+        for c in self.claims:
+            extra = "".join(f"<dt>{escape(label)}</dt><dd>{escape(str(getattr(c, field)))}</dd>"
+                            for field, label in self.DETAILS if getattr(c, field) not in ("", "n/a"))
+            colour = VERDICT_COLOURS.get(c.verdict, "")
+            rows.append(f"<tr><td>{escape(c.claim)}<details><summary>why, rule, control, trend</summary>"
+                        f"<dl>{extra}</dl></details></td><td>{escape(c.paper)}</td><td>{escape(c.ours)}</td>"
+                        f'<td>{escape(c.effect)}</td><td style="background-color: {colour}">{escape(c.verdict)}</td></tr>')
+        style = "table-layout: fixed; width: 100%; overflow-wrap: anywhere; font-size: 0.85em"
+        return (f'<table class="claims-compact" style="{style}"><colgroup>{cols}</colgroup>'
+                f'<thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def claims_table(claims: list[Claim]) -> ClaimsTable:
+    """Every claim, judged (:class:`ClaimsTable`)."""
+    return ClaimsTable(claims)
 
 
 def build_stamp(preset: str) -> str:

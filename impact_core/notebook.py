@@ -241,7 +241,7 @@ CSV_LINK_CLASS = "impact-csv"
 
 class TableDownloads:
     """An IPython ``text/html`` printer for DataFrames and Stylers: writes the table as
-    ``<folder>/table-<n>.csv`` (``n`` counts this kernel's tables from 1; a Styler writes its data)
+    ``<folder>/table-<n>.csv`` (``n`` counts this kernel's tables from 1; a Styler or a ClaimsTable writes its data)
     and returns the table's HTML with a "download CSV" link to ``<href>/table-<n>.csv`` under it.
     A table formatted for ``glue`` is left alone: pasted into another page, a relative link breaks."""
 
@@ -251,7 +251,9 @@ class TableDownloads:
     def __call__(self, obj) -> str | None:
         from pandas.io.formats.style import Styler
 
-        frame = obj.data if isinstance(obj, Styler) else obj
+        from .discussion import ClaimsTable
+
+        frame = obj.data if isinstance(obj, (Styler, ClaimsTable)) else obj
         table_html = obj._repr_html_()
         if table_html is None or _inside_glue():
             return table_html
@@ -276,7 +278,8 @@ def _inside_glue() -> bool:
 
 
 def install_table_downloads(shell=None, folder: str | None = None, href: str | None = None):
-    """Register :class:`TableDownloads` as the ``text/html`` printer of pandas DataFrames and Stylers
+    """Register :class:`TableDownloads` as the ``text/html`` printer of pandas DataFrames, Stylers and the
+    discussion's :class:`~impact_core.discussion.ClaimsTable`
     in the running IPython kernel (``folder``/``href`` default to ``$IMPACT_REPORT_DIR`` and
     ``$IMPACT_REPORT_HREF``). Does nothing, and returns None, outside IPython or without a folder."""
     folder = folder or os.environ.get("IMPACT_REPORT_DIR")
@@ -293,9 +296,11 @@ def install_table_downloads(shell=None, folder: str | None = None, href: str | N
     import pandas as pd
     from pandas.io.formats.style import Styler
 
+    from .discussion import ClaimsTable
+
     printer = TableDownloads(folder, href if href is not None else os.environ.get("IMPACT_REPORT_HREF", folder))
     formatter = shell.display_formatter.formatters["text/html"]
-    for cls in (pd.DataFrame, Styler):
+    for cls in (pd.DataFrame, Styler, ClaimsTable):
         formatter.for_type(cls, printer)
     return printer
 

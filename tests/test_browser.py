@@ -214,6 +214,34 @@ def test_landing_claims_table_has_one_row_per_claim(server, browser, smoke_book)
     assert info["claims"] == [n_claims], f"claims-table rows {info['claims']} != {n_claims} claims of the discussion"
 
 
+TABLE_FIT = """
+const t = document.querySelector('table.claims-compact');
+if (!t) { return null; }
+const verdicts = [...t.querySelectorAll('tbody tr')].map(r => r.lastElementChild.getBoundingClientRect().right);
+return {rows: t.querySelectorAll('tbody tr').length, table: t.scrollWidth, container: t.parentElement.clientWidth,
+        viewport: document.documentElement.clientWidth, rightmost: Math.max(...verdicts)};
+"""
+
+
+@pytest.mark.parametrize("width", [1280, 400])
+def test_the_discussions_claims_table_fits_the_page(server, browser, smoke_book, width):
+    """At a laptop's and a phone's width the discussion's claims table does not overflow its container
+    and every verdict cell lies inside the viewport (no horizontal scrolling to read a verdict)."""
+    base, html = server
+    out, _ = smoke_book
+    n_claims = int(read_glued(out / "_build" / "src" / "book" / "chapters" / "07_discussion.ipynb")["n_claims"])
+    try:
+        browser.set_window_size(width, 1600)
+        browser.get(f"{base}/book/chapters/07_discussion.html")
+        fit = browser.execute_script(TABLE_FIT)
+    finally:
+        browser.set_window_size(1280, 1600)
+    assert fit is not None, "the discussion shows no table of class 'claims-compact'"
+    assert fit["rows"] == n_claims
+    assert fit["table"] <= fit["container"] + 1, fit
+    assert fit["rightmost"] <= fit["viewport"] + 1, fit
+
+
 def test_screenshots_for_the_record(server, browser):
     base, html = server
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
