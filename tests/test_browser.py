@@ -214,6 +214,16 @@ def test_landing_claims_table_has_one_row_per_claim(server, browser, smoke_book)
     assert info["claims"] == [n_claims], f"claims-table rows {info['claims']} != {n_claims} claims of the discussion"
 
 
+def test_screenshots_for_the_record(server, browser):
+    base, html = server
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    chapter = sorted((html / "book" / "chapters").glob("*.html"))[0]
+    for name, page in (("landing", "index.html"), (chapter.stem, chapter.relative_to(html).as_posix())):
+        browser.get(f"{base}/{page}")
+        path = SCREENSHOTS / f"{name}.png"
+        assert browser.save_screenshot(str(path)) and path.stat().st_size > 10_000
+
+
 TABLE_FIT = """
 const t = document.querySelector('table.claims-compact');
 if (!t) { return null; }
@@ -226,7 +236,8 @@ return {rows: t.querySelectorAll('tbody tr').length, table: t.scrollWidth, conta
 @pytest.mark.parametrize("width", [1280, 400])
 def test_the_discussions_claims_table_fits_the_page(server, browser, smoke_book, width):
     """At a laptop's and a phone's width the discussion's claims table does not overflow its container
-    and every verdict cell lies inside the viewport (no horizontal scrolling to read a verdict)."""
+    and every verdict cell lies inside the viewport (no horizontal scrolling to read a verdict). Last in
+    this file: it resizes the shared browser window."""
     base, html = server
     out, _ = smoke_book
     n_claims = int(read_glued(out / "_build" / "src" / "book" / "chapters" / "07_discussion.ipynb")["n_claims"])
@@ -240,13 +251,3 @@ def test_the_discussions_claims_table_fits_the_page(server, browser, smoke_book,
     assert fit["rows"] == n_claims
     assert fit["table"] <= fit["container"] + 1, fit
     assert fit["rightmost"] <= fit["viewport"] + 1, fit
-
-
-def test_screenshots_for_the_record(server, browser):
-    base, html = server
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    chapter = sorted((html / "book" / "chapters").glob("*.html"))[0]
-    for name, page in (("landing", "index.html"), (chapter.stem, chapter.relative_to(html).as_posix())):
-        browser.get(f"{base}/{page}")
-        path = SCREENSHOTS / f"{name}.png"
-        assert browser.save_screenshot(str(path)) and path.stat().st_size > 10_000
