@@ -393,8 +393,9 @@ class VerdictConfig(Section):
 
 
 # The smallest effect of interest per metric (absolute, in the metric's units): a change
-# inside +-margin counts as "no change" (equivalence); printed beside every verdict. Each value
-# follows the rule in MARGIN_RULES, fixed before any verdict of the build it judges was seen.
+# inside +-margin counts as "no change" (equivalence); printed beside every verdict. The values are
+# those in use since the margins were introduced; MARGIN_RULES records the rule behind each (written
+# down on 2026-12-04 without changing any value).
 DEFAULT_MARGINS = {
     "top1": 0.005,
     "selectivity": 0.02,
