@@ -129,11 +129,6 @@ class ClaimsTable:
                 f'<thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
-def claims_table(claims: list[Claim]) -> ClaimsTable:
-    """Every claim, judged (:class:`ClaimsTable`)."""
-    return ClaimsTable(claims)
-
-
 def build_stamp(preset: str) -> str:
     """Which build the landing page shows: preset, commit and date."""
     import time

@@ -205,11 +205,14 @@ def for_replicate(cfg, replicate: int):
     return cfg if cfg.replicate == replicate else dataclasses.replace(cfg, replicate=replicate)
 
 
+def replicates_of(cfg, level: Level) -> range:
+    """The replicates whose results the level's claims read (replicate 0 alone for a level that is not replicated)."""
+    return range(cfg.replicates if level.replicated else 1)
+
+
 def runs_of(cfg, level: Level) -> list[tuple[int, int]]:
     """The (training seed, replicate) pairs whose results the level's claims read, seed-major."""
-    seeds = cfg.seeds or [cfg.seed]
-    replicates = range(cfg.replicates if level.replicated else 1)
-    return [(s, r) for s in seeds for r in replicates]
+    return [(s, r) for s in cfg.seeds or [cfg.seed] for r in replicates_of(cfg, level)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +254,7 @@ def prepare(cfg, names: Sequence[str]) -> None:
         level = get_level(name)
         if level.check is not None:
             level.check(cfg)
-        for r in range(cfg.replicates if level.replicated else 1):
+        for r in replicates_of(cfg, level):
             level.gather(for_replicate(cfg, r))
 
 

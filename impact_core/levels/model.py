@@ -234,9 +234,9 @@ def randomisation_summary(by_model: dict[str, dict], method: str = "chefer"):
     table = pd.DataFrame([{"model": model, "method": attr.METHOD_LABELS[m], **c}
                           for model, per in checks.items() for m, c in per.items()]).set_index(["model", "method"])
     ours = {model: per[method] for model, per in checks.items()}
-    medians = np.array([c["mean_spearman"] for c in ours.values()], dtype=np.float64)
+    means = np.array([c["mean_spearman"] for c in ours.values()], dtype=np.float64)
     return table, {"rand_threshold": RANDOMISATION_THRESHOLD,
-                   "rand_rho": float(np.nanmax(medians)) if np.isfinite(medians).any() else float("nan"),
+                   "rand_rho": float(np.nanmax(means)) if np.isfinite(means).any() else float("nan"),
                    "rand_constant": int(sum(c["constant_maps"] for c in ours.values())),
                    "rand_failed": ", ".join(m for m, c in ours.items() if c["verdict"] == "fails") or "none",
                    "rand_undecided": ", ".join(m for m, c in ours.items() if c["verdict"] == "undecided") or "none",
