@@ -331,6 +331,10 @@ class AttributionConfig(Section):
     layerscale_rule: str = "z"  # "z": R_in = R_out (conserving); "inverse": the paper's Eq. 14 R_out/(gamma+eps)
     figure_classes: int = 4  # Fig. 4 analogue: this many classes ...
     figure_per_class: int = 2  # ... and this many images of each
+    # display only: the methods no claim reads (rollout, generic), Chefer under the other LayerScale rule and
+    # the randomisation test run on the first this-many images (whole chunks of 4 x batch_size); the claims'
+    # methods (Chefer, random) on all ``images``. None: every image.
+    display_images: Optional[int] = None
 
     def validate(self, prefix: str) -> None:
         from .methods.attribution import LAYERSCALE_RULES
@@ -348,6 +352,10 @@ class AttributionConfig(Section):
             raise ConfigError(f"{prefix}references: repeated entries in {self.references!r}")
         if self.layerscale_rule not in LAYERSCALE_RULES:
             raise ConfigError(f"{prefix}layerscale_rule: must be one of {list(LAYERSCALE_RULES)}, got {self.layerscale_rule!r}")
+        if self.display_images is not None:
+            _positive(self.display_images, prefix + "display_images")
+            if not isinstance(self.display_images, int):
+                raise ConfigError(f"{prefix}display_images: must be an integer or null, got {self.display_images!r}")
         for key in ("images", "steps", "batch_size", "figure_classes", "figure_per_class"):
             _positive(getattr(self, key), prefix + key)
             if not isinstance(getattr(self, key), int):

@@ -710,14 +710,18 @@ def neuron_attribution(cfg: Config, images: Optional[int] = None) -> StageCost:
                   loaded=n, workers=cfg.data.num_workers)
 
 
-def neuron_ablation(cfg: Config, images: Optional[int] = None) -> StageCost:
+def neuron_ablation(cfg: Config, images: Optional[int] = None, validation_units: Optional[int] = None,
+                    same_image: bool = True) -> StageCost:
     """``unit_attribution.ablation_jobs``: per block the top-K ablated for the held-out (n / 2 images)
-    and the same-image variant (n), stacked up to ``4 data.batch_size`` rows per forward; + the
-    validation's ``validation_units x blocks`` single-unit ablations on ``validation_images``."""
+    and, with ``same_image``, the same-image variant (n), stacked up to ``4 data.batch_size`` rows per
+    forward; + the validation's ``validation_units x blocks`` single-unit ablations on
+    ``validation_images`` (``validation_units``: default ``neuron.validation_units``; the levels pass
+    :func:`impact_core.levels.neuron.validation_units` of the model)."""
     u, nc = units(cfg.model), cfg.neuron
     n = _neuron_images(cfg) if images is None else images
-    val = min(n, n if nc.validation_images is None else nc.validation_images) if nc.validation_units > 0 else 0
-    rows = 1.5 * n * len(nc.blocks) + nc.validation_units * len(nc.blocks) * val
+    v_units = nc.validation_units if validation_units is None else validation_units
+    val = min(n, n if nc.validation_images is None else nc.validation_images) if v_units > 0 else 0
+    rows = (1.5 if same_image else 0.5) * n * len(nc.blocks) + v_units * len(nc.blocks) * val
     b = 4 * cfg.data.batch_size
     return _stage(cfg, "neuron ablation", u["ablation"].over(rows, b), u["ablation"], b, forwards=rows,
                   loaded=n + val, workers=cfg.data.num_workers)
@@ -943,8 +947,11 @@ class _Book:
     def neuron(self, chapter: str, s: float, m: str) -> None:
         self.means(chapter, s, m)
         if self.once("neuron", self.key(s, m)):
+            from .levels.neuron import same_image_impact, validation_units
+
             self.add(chapter, neuron_attribution(self.cfg))
-            self.add(chapter, neuron_ablation(self.cfg))
+            self.add(chapter, neuron_ablation(self.cfg, validation_units=validation_units(self.cfg, s, m),
+                                              same_image=same_image_impact(self.cfg, s, m)))
 
     def sae(self, chapter: str, s: float, m: str, tokens: str, k: int, expansion: int, seed: int,
             book: bool = False) -> None:
@@ -991,8 +998,18 @@ class _Book:
     def attribution(self, chapter: str, s: float, m: str) -> None:
         self.model(chapter, s, m)
         if self.once("attribution", self.key(s, m)):
-            self.add(chapter, attribution_maps(self.cfg))
-            self.add(chapter, insertion_deletion(self.cfg))
+            from .levels.model import CLAIM_METHODS, attribution_methods, display_count
+
+            cfg, refs = self.cfg, len(self.cfg.attribution.references)
+            claims_only = attribution_methods(cfg, s, m) == CLAIM_METHODS
+            n_show = min(display_count(cfg), _attribution_images(cfg))
+            # the claims' Chefer maps and random order on every image ...
+            self.add(chapter, attribution_maps(cfg, calls={"chefer": 1}))
+            self.add(chapter, insertion_deletion(cfg, curves=len(CLAIM_METHODS) * refs))
+            if not claims_only:  # ... the rest (randomised model, other rule, rollout, generic) on the display images
+                self.add(chapter, attribution_maps(cfg, images=n_show, calls={"chefer": 2, "generic": 2, "rollout": 2},
+                                                   random_maps=0))
+                self.add(chapter, insertion_deletion(cfg, images=n_show, curves=3 * refs))
 
 
 def _named(cost: StageCost, name: str, book: bool = False) -> StageCost:

@@ -398,6 +398,36 @@ def test_attribution_results_for_the_control_has_every_reference(tiny_fmnist, tm
                               res["scores"]["black"]["chefer"]["insertion"])  # another (fine-tuned) model
 
 
+def test_display_only_work_runs_on_the_display_images(tiny_fmnist, tmp_path):
+    """``attribution.display_images``: the methods no claim reads, the randomisation test and the other
+    LayerScale rule run on the first images (whole chunks); the claims' methods on every image, equal bit for
+    bit to a build that runs everything on every image; the figure images lie among the display images."""
+    from tests.conftest import tiny_config
+
+    base = {"images": 10, "steps": 2, "batch_size": 1, "figure_classes": 2, "figure_per_class": 1,
+            "references": ["black"]}
+    every = tiny_config(tiny_fmnist, attribution=base)
+    every.cache_dir = str(tmp_path / "every")
+    few = tiny_config(tiny_fmnist, attribution={**base, "display_images": 3})
+    few.cache_dir = str(tmp_path / "few")
+    assert model_level.display_count(few) == 4 and model_level.display_count(every) == 10  # chunks of 4
+    full, part = model_level.attribution_results(every, 0.0), model_level.attribution_results(few, 0.0)
+    for m in ("chefer", "random"):
+        for key in ("insertion", "deletion"):
+            assert torch.equal(full["scores"]["black"][m][key], part["scores"]["black"][m][key])
+            assert part["scores"]["black"][m][key].shape == (10,)
+    for m in ("rollout", "generic"):
+        assert part["scores"]["black"][m]["insertion"].shape == (4,)
+        assert torch.equal(part["scores"]["black"][m]["insertion"], full["scores"]["black"][m]["insertion"][:4])
+    assert part["randomisation"]["chefer"].shape == (4,)
+    assert part["other_rule"]["scores"]["black"]["deletion"].shape == (4,)
+    assert all(i < 4 for i in part["figure_positions"])
+    table = model_level.layerscale_rule_table({"dense": part}, ["black"], "z")  # paired on the display images
+    assert len(table) == 2
+    with pytest.raises(Exception, match="display_images"):
+        tiny_config(tiny_fmnist, attribution={**base, "display_images": 0})
+
+
 def test_references_config_is_validated():
     from impact_core.config import ConfigError, load_config
 

@@ -273,6 +273,32 @@ def test_analyse_matches_direct_computation():
     assert res["n_images"] == 17 and res["n_validation_images"] == 10 and res["n_selection_images"] == int(sel.sum())
 
 
+def test_skipping_the_same_image_ablation_changes_nothing_else():
+    """``same_image_impact=False`` (a model whose same-image impact nothing displays): ``impact_same`` is NaN
+    and every other value equals the full analysis (bit for bit, but the held-out impact: its ablations are
+    packed into other forwards, equal to float rounding)."""
+    hooked = _tiny(seed=1, depth=2)
+    batches, x, y = _data(n=17, batch=7)
+    means = _means(hooked, batches, [0, 1])
+    kw = dict(top_k=4, num_classes=3, n_validation_units=2, validation_images=10, seed=4)
+    full = neuron.analyse(hooked, batches, means, [0, 1], **kw)
+    part = neuron.analyse(hooked, batches, means, [0, 1], same_image_impact=False, **kw)
+    assert set(part) == set(full) and torch.isnan(part["impact_same"]).all()
+    assert not torch.isnan(full["impact_same"]).any()
+    for key, value in full.items():
+        if key == "impact_same":
+            continue
+        other = part[key]
+        if isinstance(value, dict):
+            assert all(torch.equal(value[k], other[k]) for k in value), key
+        elif key == "impact":
+            torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-7)  # float32 forwards
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(value, other), key
+        else:
+            assert value == other, key
+
+
 def test_ablation_jobs_on_image_subsets():
     """A job restricted to some images equals the same ablation run on those images alone."""
     hooked = _tiny(seed=2)

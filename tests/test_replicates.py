@@ -40,6 +40,29 @@ def test_replicate_zero_keeps_every_key_and_seed_and_others_differ():
     assert model.attribution_inputs(one, 0.7)["methods"] == ["chefer", "random"]
 
 
+def test_display_only_work_is_computed_for_the_displayed_models_alone():
+    """The chapters display dense, the control and the Wanda levels of replicate 0; chapter 6's models and
+    the other replicates feed claims only, so their display-only work is not computed (nothing reads it)."""
+    from impact_core.levels.sparse_training import NM, TRAINED_SPARSE
+
+    cfg = load_config("default", {"replicates": 2})
+    one = levels.for_replicate(cfg, 1)
+    shown = [(0.0, "wanda"), (0.0, pipeline.CONTROL), (0.7, "wanda"), (0.1, "wanda")]
+    hidden = [(0.7, TRAINED_SPARSE), (0.5, NM), (0.8, "wanda"), (0.9, "wanda")]  # 80%, 90%: Table 1 only
+    for s, m in shown:
+        assert levels.displayed(cfg, "attribution", s, m) and not levels.displayed(one, "attribution", s, m)
+        assert model.attribution_inputs(cfg, s, m)["methods"] == ["chefer", "rollout", "generic", "random"]
+        assert neuron.neuron_inputs(cfg, s, m)["neuron"]["same_image_impact"]
+    for s, m in hidden:
+        assert not levels.displayed(cfg, "attribution", s, m)
+        assert model.attribution_inputs(cfg, s, m)["methods"] == ["chefer", "random"]
+        assert not neuron.neuron_inputs(cfg, s, m)["neuron"]["same_image_impact"]
+        assert neuron.neuron_inputs(cfg, s, m)["neuron"]["validation_units"] == 0
+    # the validation table shows dense and the Wanda levels, not the control
+    assert neuron.neuron_inputs(cfg, 0.0, pipeline.CONTROL)["neuron"]["validation_units"] == 0
+    assert neuron.neuron_inputs(cfg, 0.7)["neuron"]["validation_units"] == cfg.neuron.validation_units
+
+
 def test_bad_replicate_settings_fail_at_loading():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigError, match="replicates"):

@@ -194,6 +194,21 @@ def level_pieces(cfg, names: Sequence[str]) -> list[Piece]:
     return list(out.values())
 
 
+def displayed(cfg, section: str, sparsity: float, method: str) -> bool:
+    """Whether the chapter of the level configured by ``cfg.<section>`` shows this model's tables and
+    figures, not only its claims: in replicate 0, the dense model, the control and Wanda at one of
+    ``cfg.<section>.sparsities``. The other models (chapter 6's trained-sparse and 2:4 models, every
+    model of the other replicates) feed claims only, so the display-only part of their analyses
+    (extra attribution methods, the neuron validation, same-image ablations) is not computed."""
+    from ..pipeline import CONTROL
+
+    if cfg.replicate != 0:
+        return False
+    if method == CONTROL or (method == "wanda" and float(sparsity) == 0.0):
+        return True
+    return method == "wanda" and float(sparsity) in {float(s) for s in getattr(cfg, section).sparsities}
+
+
 def for_seed(cfg, seed: int):
     """The same configuration with another training seed (and its own cache entries)."""
     return dataclasses.replace(cfg, seed=seed)

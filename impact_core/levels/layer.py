@@ -30,7 +30,7 @@ log = logging.getLogger("impact_core")
 
 SAE = artefact("sae", 2)  # 2: "nmse" is the paper's (1 - FVE), the per-sample one "nmse_per_sample"; SAE seeds
 SAE_ACTIVATIONS = artefact("sae_acts", 1)  # the activation sets SAEs train and are evaluated on (train_sae)
-SAE_FEATURES = artefact("sae_features", 3)  # 2: held-out selection; 3: no all_auroc_max
+SAE_FEATURES = artefact("sae_features", 4)  # 2: held-out selection; 3: no all_auroc_max; 4: no same-image ablation
 
 
 def resolve_block(cfg, block: Optional[int] = None) -> int:
@@ -254,7 +254,8 @@ def sae_feature_metrics(cfg, sparsity: float, tokens: str | None = None, k: int 
 
     ``method`` may be ``pipeline.CONTROL`` (at sparsity 0); ``sae_seed`` picks which of the
     model's SAEs is analysed. Images: the same ``sae.eval_images`` evaluation images as the
-    SAE's quality metrics.
+    SAE's quality metrics. The claims and the chapter read the held-out metrics only: the same-image
+    top-K sets are chosen (cheap) but not ablated (``impact_same`` NaN).
     """
     entry = train_sae(cfg, sparsity, tokens, k, expansion, method, sae_seed)
     sae_key = pipeline.cache_for(cfg).key(SAE, sae_inputs(cfg, sparsity, entry["tokens"], entry["k"],
@@ -268,7 +269,8 @@ def sae_feature_metrics(cfg, sparsity: float, tokens: str | None = None, k: int 
         split = seeded_subset(pipeline.splits(cfg)["eval"], cfg.sae.eval_images, cfg.seed + 1)
         batches = Batches(split, cfg.data.batch_size)
         return sae_features.analyse(hooked, sae, batches, entry["block"], entry["tokens"], cfg.sae.top_k,
-                       cfg.model.num_classes, device, desc=pipeline.model_label(sparsity, method))
+                       cfg.model.num_classes, device, desc=pipeline.model_label(sparsity, method),
+                       same_image_impact=False)
 
     return pipeline.cache_for(cfg).get_or_compute(SAE_FEATURES, inputs, compute)
 

@@ -20,9 +20,11 @@ from ..config import Config
 from ..data import batches, seeded_positions
 from ..methods import attribution as attr
 from ..methods.perturbation import RISE_BLUR, SCORE_KEYS, figure_positions, other_rule, score_chunk
-from . import Level, Piece, model_pieces, over_models, register_level
+from . import Level, Piece, displayed, model_pieces, over_models, register_level
 
-ATTRIBUTION = artefact("attribution_results", 5)  # 4: random patch scores, two substitutes, the other LayerScale rule; 5: conservation extremes per image
+# 4: random patch scores, two substitutes, the other LayerScale rule; 5: conservation extremes per image;
+# 6: display-only work on the display images of the displayed models
+ATTRIBUTION = artefact("attribution_results", 6)
 
 
 def evaluation_positions(cfg: Config) -> np.ndarray:
@@ -41,14 +43,25 @@ def chunk_images(batch_size: int) -> int:
     return 4 * batch_size
 
 
+def display_count(cfg: Config) -> int:
+    """How many of the evaluation images (the first ones) the display-only work runs on: ``attribution.display_images``
+    rounded up to whole chunks (:func:`chunk_images`), at most ``attribution.images``; every image when it is None."""
+    a = cfg.attribution
+    if a.display_images is None:
+        return a.images
+    chunk = chunk_images(a.batch_size)
+    return min(a.images, -(-a.display_images // chunk) * chunk)
+
+
 CLAIM_METHODS = ("chefer", "random")  # what the model level's claims read (the map against random order)
 
 
-def attribution_methods(cfg: Config) -> tuple[str, ...]:
-    """The methods :func:`attribution_results` computes: all of them in replicate 0 (the chapter's tables,
-    figures, randomisation test and LayerScale-rule comparison show replicate 0), only the claims'
-    (:data:`CLAIM_METHODS`) in the other replicates, which feed nothing else."""
-    return tuple(attr.METHODS) if cfg.replicate == 0 else CLAIM_METHODS
+def attribution_methods(cfg: Config, sparsity: float, method: str = "wanda") -> tuple[str, ...]:
+    """The methods :func:`attribution_results` computes for a model: all of them (and the extras: the other
+    LayerScale rule, the conservation report) for a model the chapter displays (:func:`~impact_core.levels.displayed`:
+    its tables, figures, randomisation test and LayerScale-rule comparison), only the claims'
+    (:data:`CLAIM_METHODS`) for the others (the other replicates, chapter 6's models), which feed nothing else."""
+    return tuple(attr.METHODS) if displayed(cfg, "attribution", sparsity, method) else CLAIM_METHODS
 
 
 def attribution_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
@@ -59,7 +72,8 @@ def attribution_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> d
             "references": list(a.references), "rise_blur": RISE_BLUR, "layerscale_rule": a.layerscale_rule,
             "seed": cfg.seed, **pipeline.replicate_inputs(cfg), "eval_images": cfg.data.eval_images,
             "data_kind": cfg.data.kind, "batch_size": a.batch_size, "data_batch_size": cfg.data.batch_size,
-            "figure": [a.figure_classes, a.figure_per_class], "methods": list(attribution_methods(cfg))}
+            "figure": [a.figure_classes, a.figure_per_class], "methods": list(attribution_methods(cfg, sparsity, method)),
+            "display_images": display_count(cfg)}
 
 
 def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
@@ -75,12 +89,17 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
       reference in ``attribution.references`` and every method of ``attribution.METHODS``
       (the random-patch baseline included);
     * ``"methods"[m]``: the primary (first) reference's scores plus ``"figure_maps"``;
-    * ``"randomisation"[m]``: (N,) Spearman correlation of trained vs randomised maps
+    * ``"randomisation"[m]``: Spearman correlation of trained vs randomised maps per display image
       (NaN for a constant map; methods other than "random"), see :func:`randomisation_check`;
     * ``"other_rule"``: ``{"rule", "scores": {reference: {"insertion": (N,), "deletion": (N,)}}}``,
       Chefer's maps under the LayerScale rule that ``attribution.layerscale_rule`` is not (so the
       chapter shows whether the rule decides the result);
     * ``"references"``, ``"level"``, ``"targets"``, ``"labels"``, ``"positions"``, ``"conservation"``.
+
+    Display only (:func:`attribution_methods`): a model the chapter does not display gets the claims'
+    methods alone and no randomisation, other rule or conservation; a displayed one runs the other methods,
+    the randomisation test and the other rule on the first :func:`display_count` images (the figure
+    images among them), the claims' methods on all N.
 
     The evaluation images are streamed in chunks of :func:`chunk_images` (at most one
     chunk's images and maps in memory); under torchrun each process scores every
@@ -89,7 +108,8 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
     a = cfg.attribution
     inputs = attribution_inputs(cfg, sparsity, method)
     label = pipeline.model_label(sparsity, method)
-    methods, extras = attribution_methods(cfg), cfg.replicate == 0
+    methods = attribution_methods(cfg, sparsity, method)
+    extras = methods == tuple(attr.METHODS)
 
     def compute():
         model = pipeline.pruned_model(cfg, sparsity, method)
@@ -97,7 +117,8 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
         split = pipeline.splits(cfg)["eval"]
         pos = evaluation_positions(cfg)
         labels = torch.as_tensor(split.labels[pos])
-        fig = figure_positions(labels, a.figure_classes, a.figure_per_class)
+        shown = display_count(cfg)
+        fig = figure_positions(labels[:shown], a.figure_classes, a.figure_per_class)
         rand_model = attr.randomized_model(model, seed=pipeline.run_seed(cfg, 11)).to(device)
         chunk = chunk_images(a.batch_size)
         starts = list(range(0, len(pos), chunk))
@@ -106,10 +127,11 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
         for c in tqdm(mine, desc=f"attribution {label}", leave=False):
             sl = slice(starts[c], starts[c] + chunk)
             images, _ = load_images(split, pos[sl], cfg.data.batch_size)
+            display = extras and starts[c] < shown  # display-only work on the first ``shown`` images
             local[int(c)] = score_chunk(model, rand_model, images, a, cfg.model.mean, cfg.model.std,
                                         seed=pipeline.run_seed(cfg) * 1_000_003 + starts[c],
                                         figure_rows=[i - starts[c] for i in fig if starts[c] <= i < starts[c] + chunk],
-                                        methods=methods, extras=extras)
+                                        methods=methods if display else CLAIM_METHODS, extras=display)
         chunks = {c: r for part in distributed.gather_objects(local) for c, r in part.items()}
         parts = [chunks[c] for c in range(len(starts))]
         figure_images, _ = load_images(split, pos[fig], cfg.data.batch_size)
@@ -120,23 +142,25 @@ def attribution_results(cfg: Config, sparsity: float, method: str = "wanda") -> 
         fig_maps = {m: {} for m in methods}  # image position -> map, put back in ``fig`` order
         for c, p in enumerate(parts):
             in_chunk = [i for i in fig if starts[c] <= i < starts[c] + chunk]
-            for m in methods:
+            for m in (m for m in methods if m in p):  # the figure images are display images
                 fig_maps[m].update(zip(in_chunk, p[m]["figure_maps"]))
         for m in methods:
+            own = [p for p in parts if m in p]  # every chunk for the claims' methods, the display chunks for others
             for r in a.references:
-                cat = {key: torch.cat([p[m]["scores"][r][key] for p in parts]) for key in SCORE_KEYS}
+                cat = {key: torch.cat([p[m]["scores"][r][key] for p in own]) for key in SCORE_KEYS}
                 res["scores"][r][m] = {"insertion": cat["insertion"], "deletion": cat["deletion"],
                                        "insertion_curve": cat["insertion_curve"].mean(0),
                                        "deletion_curve": cat["deletion_curve"].mean(0)}
             res["methods"][m] = {**res["scores"][a.references[0]][m],
                                  "figure_maps": torch.stack([fig_maps[m][i] for i in fig])}
-            if m != "random":
-                res["randomisation"][m] = torch.cat([p[m]["randomisation"] for p in parts])
+            if m != "random" and extras:
+                res["randomisation"][m] = torch.cat([p[m]["randomisation"] for p in own if "randomisation" in p[m]])
         if not extras:
             return res
+        shown_parts = [p for p in parts if "chefer_other_rule" in p]
         res["other_rule"] = {"rule": other_rule(a.layerscale_rule), "scores": {
-            r: {key: torch.cat([p["chefer_other_rule"]["scores"][r][key] for p in parts]) for key in ("insertion", "deletion")}
-            for r in a.references}}
+            r: {key: torch.cat([p["chefer_other_rule"]["scores"][r][key] for p in shown_parts])
+                for key in ("insertion", "deletion")} for r in a.references}}
         n_cons = min(len(pos), 16)
         cons_images, _ = load_images(split, pos[:n_cons], cfg.data.batch_size)
         res["conservation"] = {rule: attr.relevance_conservation(model, cons_images, rule)
@@ -218,8 +242,8 @@ def layerscale_rule_table(by_model: dict[str, dict], references, rule: str):
     for model, res in by_model.items():
         for ref in references:
             for metric in ("insertion", "deletion"):
-                ours = res["scores"][ref]["chefer"][metric].double().numpy()
                 alt = res["other_rule"]["scores"][ref][metric].double().numpy()
+                ours = res["scores"][ref]["chefer"][metric].double().numpy()[:len(alt)]  # the same (display) images
                 d = stats.mean_difference([(ours, alt)], "images")
                 rows.append({"model": model, "reference": ref, "metric": metric, f"{rule}-rule": f"{ours.mean():.3f}",
                              f"{other} rule": f"{alt.mean():.3f}", "difference": d.text("+.3f")})

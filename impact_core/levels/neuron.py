@@ -22,11 +22,11 @@ from ..methods.neuron import NEURON_METRICS, SAME, analyse, block_unit_counts, c
 from ..methods.sites import site_name
 from ..methods.unit_metrics import max_over_patches, paired_comparison
 from ..pipeline import CONTROL, model_label
-from . import Level, Piece, model_pieces, over_models, register_level
+from . import Level, Piece, displayed, model_pieces, over_models, register_level
 
 log = logging.getLogger("impact_core")
 
-NEURON_METRICS_ENTRY = artefact("neuron_metrics", 3)  # 3: held-out selection
+NEURON_METRICS_ENTRY = artefact("neuron_metrics", 4)  # 3: held-out selection; 4: display-only work by model
 
 
 def metric_images(cfg, split):
@@ -34,11 +34,19 @@ def metric_images(cfg, split):
     return seeded_subset(split, cfg.neuron.images, cfg.seed + 3, name="neuron")
 
 
-def validation_units(cfg) -> int:
+def validation_units(cfg, sparsity: float, method: str = "wanda") -> int:
     """Units per block whose attribution estimate is checked against a real single-unit ablation:
-    ``neuron.validation_units`` in replicate 0 (the chapter's validation table), none in the other
-    replicates, whose results feed only the claims (the held-out metrics)."""
-    return cfg.neuron.validation_units if cfg.replicate == 0 else 0
+    ``neuron.validation_units`` for the dense model and the Wanda levels of replicate 0 (the chapter's
+    validation table), none for the others (the control, chapter 6's models, the other replicates),
+    whose results feed only the claims and the metric figures."""
+    shown = displayed(cfg, "neuron", sparsity, method) and method != CONTROL
+    return cfg.neuron.validation_units if shown else 0
+
+
+def same_image_impact(cfg, sparsity: float, method: str = "wanda") -> bool:
+    """Whether the same-image top-K sets are ablated (the ``impact_same`` the chapter's figures show beside
+    the held-out impact): for the models the chapter displays; no claim reads it."""
+    return displayed(cfg, "neuron", sparsity, method)
 
 
 def neuron_inputs(cfg, sparsity: float, method: str = "wanda") -> dict:
@@ -48,7 +56,8 @@ def neuron_inputs(cfg, sparsity: float, method: str = "wanda") -> dict:
             "data": {"kind": cfg.data.kind, "eval_images": cfg.data.eval_images, "batch_size": cfg.data.batch_size},
             "seed": cfg.seed, **pipeline.replicate_inputs(cfg),
             "neuron": {"blocks": list(nc.blocks), "top_k": nc.top_k, "images": nc.images, "classes": nc.classes,
-                       "validation_units": validation_units(cfg), "validation_images": nc.validation_images}}
+                       "validation_units": validation_units(cfg, sparsity, method), "validation_images": nc.validation_images,
+                       "same_image_impact": same_image_impact(cfg, sparsity, method)}}
 
 
 def neuron_metrics(cfg, sparsity: float, method: str = "wanda") -> dict:
@@ -70,7 +79,8 @@ def neuron_metrics(cfg, sparsity: float, method: str = "wanda") -> dict:
                  "per block, %d classes", label, len(split), list(nc.blocks), nc.top_k,
                  sum(block_unit_counts(hooked)), num_classes if classes is None else len(classes))
         return analyse(hooked, batches, means, nc.blocks, nc.top_k, num_classes, classes=classes,
-                       n_validation_units=validation_units(cfg),
+                       n_validation_units=validation_units(cfg, sparsity, method),
+                       same_image_impact=same_image_impact(cfg, sparsity, method),
                        validation_images=len(split) if nc.validation_images is None else nc.validation_images,
                        device=pipeline.resolve_device(cfg), seed=pipeline.run_seed(cfg), max_batch=4 * cfg.data.batch_size,
                        desc=label)  # halves: stratified_halves(split labels, cfg.seed)

@@ -191,8 +191,9 @@ def validation_units(top: Tensor, num_units: int, n: int, seed: int) -> list[int
 def analyse(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], blocks: Iterable[int], top_k: int,
             num_classes: int, classes: Optional[list[int]] = None, n_validation_units: int = 8,
             validation_images: int = 0, device="cpu", seed: int = 0, max_batch: int = 1024,
-            selection: Optional[Tensor] = None, desc: str = "") -> dict:
+            selection: Optional[Tensor] = None, desc: str = "", same_image_impact: bool = True) -> dict:
     """Top-K units per class and block and their four metrics, held-out and same-image (module docstring).
+    ``same_image_impact=False``: the same-image sets are not ablated (``impact_same`` NaN; display only).
 
     ``batches`` must be re-iterable in a fixed order (three passes). ``classes`` are the
     analysed classes (default: all); AUROC, entropy and importance always use all classes.
@@ -213,7 +214,7 @@ def analyse(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], bloc
     families = block_units(hooked, blocks, means, device)
     res = unit_attribution.analyse(hooked, batches, families, top_k, num_classes, classes=classes, selection=selection,
                                    seed=seed, validation_images=validation_images, device=device,
-                                   max_batch=max_batch, desc=desc)
+                                   max_batch=max_batch, desc=desc, same_image_impact=same_image_impact)
     classes, selection, first = res["classes"], res["selection"], res["pass"]
     out = {}
     for suffix, chosen in res["variants"].items():

@@ -168,9 +168,9 @@ SCORE_KEYS = ("insertion", "deletion", "insertion_curve", "deletion_curve")
 def score_chunk(model: nn.Module, rand_model: nn.Module, images: torch.Tensor, a, mean, std,
                 seed: int, figure_rows: list[int], methods=attr.METHODS, extras: bool = True) -> dict:
     """Every attribution method of ``methods`` on one chunk of images: its maps once, then per-image
-    insertion / deletion AUC and curves against every reference in ``a.references``, the
-    randomisation test's rank correlation, and the maps of ``figure_rows``; with ``extras``, also
-    Chefer's maps under the other LayerScale rule. Each method's numbers do not depend on which
+    insertion / deletion AUC and curves against every reference in ``a.references`` and the maps of
+    ``figure_rows``; with ``extras`` (display only), also the randomisation test's rank correlation
+    and Chefer's maps under the other LayerScale rule. Each method's numbers do not depend on which
     other methods run (tested)."""
     subs = {r: substitutes(images, mean, std, r) for r in a.references}
     out = {}
@@ -181,7 +181,7 @@ def score_chunk(model: nn.Module, rand_model: nn.Module, images: torch.Tensor, a
             scores = insertion_deletion(model, images, maps["maps"], maps["target"], a.steps, fill,
                                         batch_size=4 * a.batch_size, insertion_start=start)
             row["scores"][r] = {key: scores[key] for key in SCORE_KEYS}
-        if m != "random":
+        if m != "random" and extras:
             rnd = attr.attribute(rand_model, images, m, target=maps["target"], layerscale_rule=a.layerscale_rule,
                                  batch_size=a.batch_size)
             row["randomisation"] = torch.as_tensor(attr.spearman_per_image(maps["maps"], rnd["maps"]))

@@ -165,7 +165,8 @@ def ablation_effect(hooked, sae: BatchTopKSAE, batches: Iterable, block: int, to
 
 
 def analyse(hooked, sae: BatchTopKSAE, batches: Iterable, block: int, tokens: str, top_k: int, num_classes: int,
-            device="cpu", selection: Tensor | None = None, seed: int = 0, max_batch: int = 1, desc: str = "") -> dict:
+            device="cpu", selection: Tensor | None = None, seed: int = 0, max_batch: int = 1, desc: str = "",
+            same_image_impact: bool = True) -> dict:
     """Top-K latents per class and their four metrics, held-out and same-image; ``batches`` must be
     re-iterable (two passes).
 
@@ -177,12 +178,13 @@ def analyse(hooked, sae: BatchTopKSAE, batches: Iterable, block: int, tokens: st
     ``zero_importance`` (how many of the held-out top-K have zero or NaN importance on the
     selection half); ``per_latent`` / ``per_latent_same`` ``{metric: (C, K)}``; ``topk`` /
     ``topk_same`` ``(C, K)``; ``importance`` (selection half) / ``importance_same`` ``(C, U)``.
+    ``same_image_impact=False``: the same-image sets are not ablated (``impact_same`` NaN).
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= sae.n_latents:
         raise ValueError(f"top_k must be an integer in [1, {sae.n_latents}] (the number of latents), got {top_k!r}")
     res = unit_attribution.analyse(hooked, batches, _latents(hooked, sae, block, tokens), top_k, num_classes,
                                    selection=selection, seed=seed, device=device, max_batch=max_batch,
-                                   desc=f"SAE {desc}".strip())
+                                   desc=f"SAE {desc}".strip(), same_image_impact=same_image_impact)
     out = {}
     for suffix, chosen in res["variants"].items():
         c = chosen[block]

@@ -227,9 +227,12 @@ def ablation_jobs(hooked, batches: Iterable, families: dict[Hashable, UnitFamily
 
 def analyse(hooked, batches: Iterable, families: dict[Hashable, UnitFamily], top_k: int, num_classes: int,
             classes: Optional[list[int]] = None, selection: Optional[Tensor] = None, seed: int = 0,
-            validation_images: int = 0, device="cpu", max_batch: int = 1024, desc: str = "") -> dict:
+            validation_images: int = 0, device="cpu", max_batch: int = 1024, desc: str = "",
+            same_image_impact: bool = True) -> dict:
     """Top-K units per class and group, chosen on the selection half and measured on the other (suffix
     ``""``), or chosen and measured on all images (``SAME``); ``batches`` must be re-iterable in a fixed order.
+    ``same_image_impact=False`` skips the ablation of the ``SAME`` sets (their ``impact`` is NaN; the held-out
+    impact is unchanged to float rounding, its ablations packed into other forwards; the rest bit for bit).
 
     ``classes``: the analysed classes (default: all). ``selection``: bool ``(n,)`` in batch order
     (default: ``stratified_halves(batch_labels(batches), seed)``). Returns ``classes``,
@@ -255,9 +258,12 @@ def analyse(hooked, batches: Iterable, families: dict[Hashable, UnitFamily], top
             top, zero = top_units(imp[cls_idx], top_k)
             keep = torch.ones(num_classes, fam.units)
             keep[cls_idx[:, None], top] = 0
-            jobs.append((g, keep, images))
             variants[suffix][g] = {"importance": imp, "top": top, "zero": zero,
                                    "values": selected_unit_values(first[stats_key][g], top, classes)}
+            if suffix == SAME and not same_image_impact:
+                variants[suffix][g]["impact"] = torch.full((len(classes),), float("nan"), dtype=torch.float64)
+                continue
+            jobs.append((g, keep, images))
             chosen.append(variants[suffix][g])
     clean = (first["own_logit"], first["logit_norm"]) if all(f.clean_forward for f in families.values()) else None
     effect = ablation_jobs(hooked, batches, families, jobs, num_classes, device, clean=clean, max_batch=max_batch,
