@@ -135,6 +135,16 @@ def gather(cfg) -> dict:
     return {"accuracy": acc, "control": pipeline.accuracy(cfg, 0.0, CONTROL)}
 
 
+def built_model(cfg, sparsity: float, method: str = "wanda") -> None:
+    """A model of the plan (cached), with its top-1 when :func:`gather` reads it: every model of replicate 0
+    (Table 1), the control and the claims' models (:func:`claim_models`) in the other replicates, whose
+    other models are analysed but never evaluated."""
+    if cfg.replicate == 0 or method == CONTROL or (method, float(sparsity)) in claim_models(cfg):
+        pipeline.accuracy(cfg, sparsity, method)
+    else:
+        pipeline.pruned_model(cfg, sparsity, method)
+
+
 def pieces(cfg) -> list[Piece]:
     """The dense model with its accuracy, then every pruned model and the control with theirs (one piece
     each; all models, so they come before any analysis and the chapters do not wait for a last small one)."""
@@ -142,7 +152,7 @@ def pieces(cfg) -> list[Piece]:
     read = claim_models(cfg) | {("wanda", float(s)) for lv in ("neuron", "sae", "circuit", "attribution")
                                 for s in getattr(cfg, lv).sparsities}
     for m in cfg.pruning.methods:
-        out += [Piece(f"model {pipeline.model_label(s, m)}", pipeline.accuracy, (s, m), of=(s, m), model=True, cost=25,
+        out += [Piece(f"model {pipeline.model_label(s, m)}", built_model, (s, m), of=(s, m), model=True, cost=25,
                       per_replicate=(m, float(s)) in read)
                 for s in sorted(cfg.pruning.sparsities) if s > 0]
     out.append(Piece("model control", pipeline.accuracy, (0.0, CONTROL), of=(0.0, CONTROL), model=True, cost=25))
