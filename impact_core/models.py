@@ -176,8 +176,10 @@ def train_classifier(model: torch.nn.Module, split: Split, *, images: int, batch
     steps = max(1, math.ceil(images / batch_size))
     params_decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
     params_other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
+    # foreach: one update kernel per operation over all tensors (about 150) instead of one per tensor; the
+    # same numbers as the plain per-tensor loop, bit for bit (tests/test_models.py)
     opt = torch.optim.AdamW([{"params": params_decay, "weight_decay": weight_decay},
-                             {"params": params_other, "weight_decay": 0.0}], lr=lr)
+                             {"params": params_other, "weight_decay": 0.0}], lr=lr, foreach=True)
     warm = max(1, int(warmup_fraction * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))

@@ -37,6 +37,26 @@ def test_training_with_a_batch_larger_than_the_split_is_an_error(tiny_model, tin
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in before.items())
 
 
+def test_foreach_adamw_equals_the_plain_loop_to_the_bit(tiny_fmnist, monkeypatch):
+    """train_classifier updates every parameter with foreach AdamW kernels; the plain per-tensor loop
+    gives the same losses and weights, bit for bit (so the cached models need no new key)."""
+    from impact_core import models
+
+    split = pipeline.splits(tiny_config(tiny_fmnist))["train"]
+    kw = dict(images=96, batch_size=16, lr=1e-3, weight_decay=0.05, seed=3)
+    torch.manual_seed(0)
+    fast_model = build_model(tiny_config().model)
+    plain_model = build_model(tiny_config().model)
+    plain_model.load_state_dict(fast_model.state_dict())
+    fast = models.train_classifier(fast_model, split, **kw)
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(models.torch.optim, "AdamW", lambda params, **k: adamw(params, **{**k, "foreach": False}))
+    plain = models.train_classifier(plain_model, split, **kw)
+    assert fast == plain and len(fast) == 6
+    for (name, a), b in zip(fast_model.state_dict().items(), plain_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_deit3_base_from_a_local_checkpoint(tmp_path, monkeypatch):
     torch.manual_seed(0)
     cfg_model = load_config("paper").model
