@@ -865,16 +865,21 @@ def attribution_maps(cfg: Config, images: Optional[int] = None, calls: dict = AT
                   chunks=chunks)
 
 
-def insertion_deletion(cfg: Config, images: Optional[int] = None, curves: Optional[int] = None) -> StageCost:
+def insertion_deletion(cfg: Config, images: Optional[int] = None, curves: Optional[int] = None,
+                       ends: Optional[int] = None) -> StageCost:
     """``perturbation.insertion_deletion``: per image and curve 2 x (steps + 1) forwards in batches of
     ``4 attribution.batch_size``; ``curves`` per image (default: 4 methods + Chefer's other rule, times
-    the references)."""
+    the references). ``ends``: the curves share their map-independent ends (``perturbation.endpoint_probs``,
+    3 forwards per image and reference, ``ends`` references): each curve forwards its 2 x (steps - 1) inner steps."""
     from .methods.attribution import METHODS
 
     u, a = units(cfg.model), cfg.attribution
     n = _attribution_images(cfg) if images is None else images
     curves = (len(METHODS) + 1) * len(a.references) if curves is None else curves
-    forwards = n * curves * 2 * (a.steps + 1)
+    if ends is None:
+        forwards = n * curves * 2 * (a.steps + 1)
+    else:
+        forwards = n * (curves * 2 * (a.steps - 1) + 3 * ends)
     b = 4 * a.batch_size
     return _stage(cfg, "insertion/deletion", u["forward"].over(forwards, b), u["forward"], b, forwards=forwards,
                   shard="chunks", chunks=math.ceil(n / (4 * a.batch_size)))
@@ -1005,11 +1010,11 @@ class _Book:
             n_show = min(display_count(cfg), _attribution_images(cfg))
             # the claims' Chefer maps and random order on every image ...
             self.add(chapter, attribution_maps(cfg, calls={"chefer": 1}))
-            self.add(chapter, insertion_deletion(cfg, curves=len(CLAIM_METHODS) * refs))
+            self.add(chapter, insertion_deletion(cfg, curves=len(CLAIM_METHODS) * refs, ends=refs))
             if not claims_only:  # ... the rest (randomised model, other rule, rollout, generic) on the display images
                 self.add(chapter, attribution_maps(cfg, images=n_show, calls={"chefer": 2, "generic": 2, "rollout": 2},
                                                    random_maps=0))
-                self.add(chapter, insertion_deletion(cfg, images=n_show, curves=3 * refs))
+                self.add(chapter, insertion_deletion(cfg, images=n_show, curves=3 * refs, ends=0))  # ends shared
 
 
 def _named(cost: StageCost, name: str, book: bool = False) -> StageCost:

@@ -354,6 +354,26 @@ def test_insertion_starts_from_a_per_image_reference():
         pert.perturbation_curves(model, x, good, target, 16, fill, insertion_start=torch.zeros(2, 1, 4, 3))
 
 
+@pytest.mark.parametrize("reference", ["black", "rise"])
+@pytest.mark.parametrize("steps", [1, 4, 7])
+def test_shared_endpoints_equal_the_plain_curves(reference, steps):
+    """The curves' ends come from one :func:`endpoint_probs` per chunk and reference; the inner steps are
+    forwarded per map. Equal to the plain computation that forwards every step of every map (to float rounding:
+    the same images go through the model in other batches)."""
+    m = layerscale_vit(seed=3)
+    x = torch.randn(7, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    maps = torch.rand(7, 8, 8, generator=torch.Generator().manual_seed(6))
+    target = m(x).argmax(1)
+    start, fill = pert.substitutes(x, [0.5], [0.25], reference)
+    ends = pert.endpoint_probs(m, x, target, fill, start, batch_size=5)
+    fast = pert.perturbation_curves(m, x, maps, target, steps, fill, 5, start, endpoints=ends)
+    plain = pert.perturbation_curves_reference(m, x, maps, target, steps, fill, 5, start)
+    for kind in ("insertion", "deletion"):
+        torch.testing.assert_close(fast[kind], plain[kind], rtol=0, atol=1e-6)  # other batch rows: float rounding
+    assert torch.equal(pert.perturbation_curves(m, x, maps, target, steps, fill, 5, start)["deletion"],
+                       plain["deletion"])  # no endpoints: the plain path
+
+
 def test_auc_is_normalised():
     assert torch.allclose(pert.auc(torch.ones(1, 9)), torch.tensor([1.0]))
     assert torch.allclose(pert.auc(torch.linspace(0, 1, 11)[None]), torch.tensor([0.5]))

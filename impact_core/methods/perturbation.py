@@ -96,23 +96,93 @@ def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
+def _target_probs(model: nn.Module, flat: torch.Tensor, target: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Softmax probability of ``target`` (one per row) for every image of ``flat``, ``batch_size`` at a time."""
+    probs = torch.cat([model(flat[i:i + batch_size]).softmax(-1) for i in range(0, flat.shape[0], batch_size)])
+    return probs.gather(1, target[:, None]).squeeze(1)
+
+
+def _check_curves(images: torch.Tensor, maps: torch.Tensor, steps: int, reference, insertion_start) -> None:
+    if images.ndim != 4 or maps.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"maps {tuple(maps.shape)} must be (B, H, W) for images {tuple(images.shape)}")
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    _check_reference(reference, images, "reference")
+    _check_reference(insertion_start, images, "insertion_start")
+
+
+@torch.no_grad()
+def endpoint_probs(model: nn.Module, images: torch.Tensor, target: torch.Tensor, reference: torch.Tensor,
+                   insertion_start: Optional[torch.Tensor] = None, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """The target-class probability at the ends of the curves, which no map changes, each (B,):
+    ``"clean"`` (the image: insertion's last step, deletion's first), ``"start"`` (insertion's first:
+    ``insertion_start``, default ``reference``) and ``"fill"`` (deletion's last: every pixel ``reference``).
+    :func:`perturbation_curves` takes them to skip those forwards for every map of the same images."""
+    insertion_start = reference if insertion_start is None else insertion_start
+    device = next(model.parameters()).device
+    model.eval()
+    x, t = images.to(device), target.to(device)
+    out = {}
+    for key, ref in (("clean", None), ("start", insertion_start), ("fill", reference)):
+        img = x if ref is None else _reference_chunk(ref, 0, x.shape[0], device)[:, 0].expand_as(x).contiguous()
+        out[key] = _target_probs(model, img, t, batch_size).cpu()
+    return out
+
+
 @torch.no_grad()
 def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
                         steps: int, reference: torch.Tensor, batch_size: int = 64,
-                        insertion_start: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                        insertion_start: Optional[torch.Tensor] = None,
+                        endpoints: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """Target-class probability along insertion and deletion, each (B, steps + 1).
 
     ``reference``: what deleted pixels become; ``insertion_start``: what insertion starts
     from (default ``reference``); each a (C,) pixel or a (B, C, H, W) image, normalised.
     Perturbed images are built on the model's device, ``batch_size`` images at a time.
+    ``endpoints``: :func:`endpoint_probs` of the same images and references; the first and last steps
+    are then read from it and only the ``steps - 1`` inner steps are forwarded (the numbers of
+    :func:`perturbation_curves_reference`, which forwards every step, to float rounding: tested).
     """
-    if images.ndim != 4 or maps.shape != (images.shape[0], *images.shape[2:]):
-        raise ValueError(f"maps {tuple(maps.shape)} must be (B, H, W) for images {tuple(images.shape)}")
-    if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if endpoints is None:
+        return perturbation_curves_reference(model, images, maps, target, steps, reference, batch_size,
+                                             insertion_start)
     insertion_start = reference if insertion_start is None else insertion_start
-    _check_reference(reference, images, "reference")
-    _check_reference(insertion_start, images, "insertion_start")
+    _check_curves(images, maps, steps, reference, insertion_start)
+    device = next(model.parameters()).device
+    model.eval()
+    B, C, H, W = images.shape
+    inner = steps - 1
+    counts = torch.round(torch.arange(1, steps, dtype=torch.float64) * (H * W) / steps).long().to(device)
+    out = {"insertion": torch.empty(B, steps + 1), "deletion": torch.empty(B, steps + 1)}
+    out["insertion"][:, 0], out["insertion"][:, -1] = endpoints["start"], endpoints["clean"]
+    out["deletion"][:, 0], out["deletion"][:, -1] = endpoints["clean"], endpoints["fill"]
+    if inner == 0:
+        return out
+    per_chunk = max(1, batch_size // inner) if batch_size >= inner else 1
+    for start in range(0, B, per_chunk):
+        x = images[start:start + per_chunk].to(device)
+        b = x.shape[0]
+        ranks = pixel_ranks(maps[start:start + per_chunk].to(device))  # (b, HW)
+        shown = (ranks[:, None, :] < counts[None, :, None]).reshape(b, inner, 1, H, W)  # top-k per inner step
+        xs = x[:, None]
+        start_ref = _reference_chunk(insertion_start, start, b, device)
+        fill_ref = _reference_chunk(reference, start, b, device)
+        t = target[start:start + b].to(device).repeat_interleave(inner)
+        for kind, img in (("insertion", torch.where(shown, xs, start_ref)),
+                          ("deletion", torch.where(shown, fill_ref, xs))):
+            probs = _target_probs(model, img.reshape(b * inner, C, H, W), t, batch_size)
+            out[kind][start:start + b, 1:-1] = probs.reshape(b, inner).cpu()
+    return out
+
+
+@torch.no_grad()
+def perturbation_curves_reference(model: nn.Module, images: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
+                                  steps: int, reference: torch.Tensor, batch_size: int = 64,
+                                  insertion_start: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """The plain computation of :func:`perturbation_curves`: every step of both curves, the ends included,
+    forwarded for this map."""
+    insertion_start = reference if insertion_start is None else insertion_start
+    _check_curves(images, maps, steps, reference, insertion_start)
     device = next(model.parameters()).device
     model.eval()
     B, C, H, W = images.shape
@@ -127,12 +197,11 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
         xs = x[:, None]
         start_ref = _reference_chunk(insertion_start, start, b, device)
         fill_ref = _reference_chunk(reference, start, b, device)
+        t = target[start:start + b].to(device).repeat_interleave(steps + 1)
         for kind, img in (("insertion", torch.where(shown, xs, start_ref)),
                           ("deletion", torch.where(shown, fill_ref, xs))):
-            flat = img.reshape(b * (steps + 1), C, H, W)
-            probs = torch.cat([model(flat[i:i + batch_size]).softmax(-1) for i in range(0, flat.shape[0], batch_size)])
-            t = target[start:start + b].to(device).repeat_interleave(steps + 1)
-            out[kind][start:start + b] = probs.gather(1, t[:, None]).reshape(b, steps + 1).cpu()
+            probs = _target_probs(model, img.reshape(b * (steps + 1), C, H, W), t, batch_size)
+            out[kind][start:start + b] = probs.reshape(b, steps + 1).cpu()
     return out
 
 
@@ -144,9 +213,12 @@ def auc(curves: torch.Tensor) -> torch.Tensor:
 
 def insertion_deletion(model: nn.Module, images: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
                        steps: int, reference: torch.Tensor, batch_size: int = 64,
-                       insertion_start: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-    """Per-image insertion and deletion AUC (B,) plus the curves (B, steps + 1)."""
-    curves = perturbation_curves(model, images, maps, target, steps, reference, batch_size, insertion_start)
+                       insertion_start: Optional[torch.Tensor] = None,
+                       endpoints: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """Per-image insertion and deletion AUC (B,) plus the curves (B, steps + 1) (``endpoints``: see
+    :func:`perturbation_curves`)."""
+    curves = perturbation_curves(model, images, maps, target, steps, reference, batch_size, insertion_start,
+                                 endpoints)
     return {"insertion": auc(curves["insertion"]), "deletion": auc(curves["deletion"]),
             "insertion_curve": curves["insertion"], "deletion_curve": curves["deletion"]}
 
@@ -173,13 +245,22 @@ def score_chunk(model: nn.Module, rand_model: nn.Module, images: torch.Tensor, a
     and Chefer's maps under the other LayerScale rule. Each method's numbers do not depend on which
     other methods run (tested)."""
     subs = {r: substitutes(images, mean, std, r) for r in a.references}
+    ends = {}  # reference -> (target, endpoint_probs): the curves' map-independent ends, once per chunk
+
+    def endpoints(r, target):
+        if r not in ends or not torch.equal(ends[r][0], target):
+            start, fill = subs[r]
+            ends[r] = (target, endpoint_probs(model, images, target, fill, start, batch_size=4 * a.batch_size))
+        return ends[r][1]
+
     out = {}
     for m in methods:
         maps = attr.attribute(model, images, m, layerscale_rule=a.layerscale_rule, batch_size=a.batch_size, seed=seed)
         row = {"figure_maps": maps["maps"][figure_rows], "scores": {}}
         for r, (start, fill) in subs.items():
             scores = insertion_deletion(model, images, maps["maps"], maps["target"], a.steps, fill,
-                                        batch_size=4 * a.batch_size, insertion_start=start)
+                                        batch_size=4 * a.batch_size, insertion_start=start,
+                                        endpoints=endpoints(r, maps["target"]))
             row["scores"][r] = {key: scores[key] for key in SCORE_KEYS}
         if m != "random" and extras:
             rnd = attr.attribute(rand_model, images, m, target=maps["target"], layerscale_rule=a.layerscale_rule,
@@ -196,7 +277,8 @@ def score_chunk(model: nn.Module, rand_model: nn.Module, images: torch.Tensor, a
     out["chefer_other_rule"] = {"scores": {}}
     for r, (start, fill) in subs.items():
         scores = insertion_deletion(model, images, maps["maps"], maps["target"], a.steps, fill,
-                                    batch_size=4 * a.batch_size, insertion_start=start)
+                                    batch_size=4 * a.batch_size, insertion_start=start,
+                                    endpoints=endpoints(r, maps["target"]))
         out["chefer_other_rule"]["scores"][r] = {key: scores[key] for key in SCORE_KEYS}
     return out
 
