@@ -93,8 +93,9 @@ def test_the_plan_computes_each_replicate_on_its_own_models():
     assert not [n for n in tasks if ("trained sparse" in n or "2:4" in n) and "replicate" in n]
     assert all(r in tasks["book/chapters/04_circuit"].needs
                for r in ("circuits, control, replicate 1", "circuits, 70%, replicate 1"))
-    # a sweep only the chapter's table reads runs once (the default preset's middle k)
-    default = {t.name for t in plan(load_config("default", {"replicates": 2}), ["book/chapters/04_circuit"])}
+    # a sweep only the chapter's table reads runs once (a middle k)
+    default = {t.name for t in plan(load_config("default", {"replicates": 2, "circuit.k_sweep": [4e-5, 6e-5, 8e-5]}),
+                                    ["book/chapters/04_circuit"])}
     assert "circuits at k=6e-05, 70%" in default and "circuits at k=6e-05, 70%, replicate 1" not in default
     assert "circuits at k=8e-05, 70%, replicate 1" in default
     # Table 1's rows that no claim reads (magnitude below the highest level, Wanda 80%) run once
