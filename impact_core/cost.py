@@ -907,7 +907,8 @@ class _Book:
         return [(s, "wanda") for s in self.with_dense(sparsities)] + [(0.0, self.control)]
 
     def key(self, s: float, m: str) -> tuple:
-        return ("dense",) if s == 0 and m != self.control else (float(s), m)
+        """An artefact's model: the one dense model, or a model of the current replicate (``self.cfg``)."""
+        return ("dense",) if s == 0 and m != self.control else (float(s), m, self.cfg.replicate)
 
     def once(self, *key) -> bool:
         if key in self.done:
@@ -951,7 +952,7 @@ class _Book:
 
     def neuron(self, chapter: str, s: float, m: str) -> None:
         self.means(chapter, s, m)
-        if self.once("neuron", self.key(s, m)):
+        if self.once("neuron", self.key(s, m), self.cfg.replicate):
             from .levels.neuron import same_image_impact, validation_units
 
             self.add(chapter, neuron_attribution(self.cfg))
@@ -966,7 +967,7 @@ class _Book:
         streamed (each SAE's ``steps x batch / tokens per image`` images, + half a shuffling pool)."""
         cfg, sc = self.cfg, self.cfg.sae
         self.model(chapter, s, m)
-        if not self.once("sae", self.key(s, m), tokens, k, expansion, seed):
+        if not self.once("sae", self.key(s, m), self.cfg.replicate, tokens, k, expansion, seed):
             return
         suffix = " (book)" if book else ""
         n_train = split_sizes(cfg)[0] if sc.train_images is None else min(sc.train_images, split_sizes(cfg)[0])
@@ -995,14 +996,14 @@ class _Book:
 
     def circuits(self, chapter: str, s: float, m: str, k: float, book: bool = False) -> None:
         self.means(chapter, s, m)
-        if self.once("circuits", self.key(s, m), float(k)):
+        if self.once("circuits", self.key(s, m), self.cfg.replicate, float(k)):
             suffix = " (k sweep, book)" if book else ""
             self.add(chapter, _named(circuit_masks(self.cfg), "circuit masks" + suffix, book))
             self.add(chapter, _named(circuit_evaluation(self.cfg), "circuit evaluation" + suffix, book))
 
     def attribution(self, chapter: str, s: float, m: str) -> None:
         self.model(chapter, s, m)
-        if self.once("attribution", self.key(s, m)):
+        if self.once("attribution", self.key(s, m), self.cfg.replicate):
             from .levels.model import CLAIM_METHODS, attribution_methods, display_count
 
             cfg, refs = self.cfg, len(self.cfg.attribution.references)
@@ -1023,40 +1024,40 @@ def _named(cost: StageCost, name: str, book: bool = False) -> StageCost:
     return dataclasses.replace(cost, stage=name, shard="" if book else cost.shard)
 
 
-def stage_costs(cfg: Config) -> list[StageCost]:
-    """Every stage of the book on ``cfg``, per chapter, over the models each chapter builds (the
-    chapters' and levels' own lists: ``levels.*.gather``, the chapters' sweeps and galleries, the
-    ``sparse_training`` level's models), each cached artefact counted once, by the first chapter
-    in book order that needs it."""
-    from .levels import circuit as circuit_level, layer as layer_level, sparse_training as st_level
+def _replicated_levels(book: "_Book", first: bool) -> None:
+    """The stages of the replicated levels for ``book.cfg``'s replicate: the claims' work in every replicate,
+    the display-only work (Table 1's other models, galleries, sweeps) in the first only."""
+    from .levels import circuit as circuit_level, layer as layer_level
+    from .levels.pruning import claim_models
     from .pipeline import CONTROL
 
-    book = _Book(cfg)
+    cfg = book.cfg
     P, sc, cc = cfg.pruning, cfg.sae, cfg.circuit
     # pruning: Table 1 (every method at dense and every sparsity) and the control
     for m in P.methods:
         for s in book.with_dense(P.sparsities):
-            book.accuracy("pruning", s, m)
+            if first or (m, float(s)) in claim_models(cfg):
+                book.accuracy("pruning", s, m)
     book.accuracy("pruning", 0.0, CONTROL)
     # neuron: dense, every level, the control; the gallery (dense and the sparsest level)
     for s, m in book.analysed(cfg.neuron.sparsities):
         book.neuron("neuron", s, m)
-    for s in (0.0, max(book.with_dense(cfg.neuron.sparsities))):
+    for s in (0.0, max(book.with_dense(cfg.neuron.sparsities))) if first else ():
         if book.once("neuron_gallery", s):
             book.add("neuron", gallery(cfg, _neuron_images(cfg), "neuron gallery (book)", cfg.data.num_workers))
     # layer: SAE seeds per model, the sweep (Tables 5 / 6), the latents' metrics, the gallery
     for s, m in book.analysed(sc.sparsities):
-        book.accuracy("layer", s, m)
+        (book.accuracy if first else book.model)("layer", s, m)  # evaluated once (Table 1), then only built
         for seed in range(sc.seeds):
             book.sae("layer", s, m, sc.tokens, sc.k, sc.expansion, seed)
-    for s in book.with_dense(sc.sparsities):
+    for s in book.with_dense(sc.sparsities) if first else ():
         for spec in layer_level.sweep_rows(sc.tokens, sc.k, sc.expansion, dense=(s == 0)):
             book.sae("layer", s, "wanda", spec["tokens"], spec["k"], spec["expansion"], 0, book=True)
     for s, m in book.analysed(sc.sparsities):
-        if book.once("sae_features", book.key(s, m)):
+        if book.once("sae_features", book.key(s, m), cfg.replicate):
             book.add("layer", sae_features(cfg))
     n_sae_eval = min(split_sizes(cfg)[1], sc.eval_images or split_sizes(cfg)[1])
-    for s in (0.0, max(book.with_dense(sc.sparsities))):
+    for s in (0.0, max(book.with_dense(sc.sparsities))) if first else ():
         if book.once("sae_gallery", s):
             book.add("layer", gallery(cfg, n_sae_eval, "SAE gallery (book)",
                                       sae_tokens=_tokens_per_image(cfg, sc.tokens)))
@@ -1069,11 +1070,26 @@ def stage_costs(cfg: Config) -> list[StageCost]:
     if top > 0:
         book.circuits("circuit", top, "wanda", cc.k_dense)
     book.circuits("circuit", 0.0, CONTROL, cc.k_dense)
-    for k in circuit_level.sweep_ks(cfg):
+    for k in circuit_level.sweep_ks(cfg) if first else ():
         book.circuits("circuit", top, "wanda", k, book=True)
     # model: dense, every level, the control
     for s, m in book.analysed(cfg.attribution.sparsities):
         book.attribution("model", s, m)
+
+
+def stage_costs(cfg: Config) -> list[StageCost]:
+    """Every stage of the book on ``cfg``, per chapter, over the models each chapter builds (the
+    chapters' and levels' own lists: ``levels.*.gather``, the chapters' sweeps and galleries, the
+    ``sparse_training`` level's models), each cached artefact counted once, by the first chapter
+    in book order that needs it; the replicated levels once per replicate (``cfg.replicates``)."""
+    from .levels import circuit as circuit_level, for_replicate, sparse_training as st_level
+
+    sc, cc = cfg.sae, cfg.circuit
+    book = _Book(cfg)
+    for r in range(cfg.replicates):  # the replicated levels, once per replicate (levels.replicated_pieces)
+        book.cfg = for_replicate(cfg, r)
+        _replicated_levels(book, first=r == 0)
+    book.cfg = cfg
     # sparse_training: its models at the four levels (those the level chapters made are cached)
     for s, m in st_level.models(cfg):
         book.accuracy("sparse_training", s, m)

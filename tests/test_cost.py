@@ -105,3 +105,26 @@ def test_the_paper_projection_has_hours_for_every_chapter(paper, capsys):
     assert main(["cost", "--preset", "paper", "--device", "h100", "--gpus", "8"]) == 0
     assert "**total**" in capsys.readouterr().out
     assert main(["cost", "--preset", "paper", "--device", "tpu"]) == 2
+
+
+def test_replicates_add_the_claims_work_and_no_display_work():
+    """Each replicate beyond the first adds the replicated levels' claims work (masks, SAEs, curves on its own
+    models), never the one dense model, the sweeps, the galleries or chapter 6."""
+    import collections
+
+    from impact_core.config import load_config
+
+    def by_stage(replicates):
+        out = collections.Counter()
+        for r in cost.stage_costs(load_config("default", {"replicates": replicates})):
+            out[(r.chapter, r.stage)] += r.flops
+        return out
+
+    one, two, three = by_stage(1), by_stage(2), by_stage(3)
+    extra = {k: two[k] - one[k] for k in two}
+    assert extra[("circuit", "circuit masks")] > 0 and extra[("layer", "SAE training")] > 0
+    assert extra[("model", "insertion/deletion")] > 0 and extra[("pruning", "fine-tuning")] > 0
+    for (chapter, stage), flops in extra.items():
+        if "book" in stage or chapter == "sparse_training" or stage == "dense training":
+            assert flops == 0, (chapter, stage)
+    assert all(three[k] - two[k] == pytest.approx(extra[k], rel=1e-9, abs=1) for k in two)  # each replicate alike
