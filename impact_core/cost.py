@@ -908,7 +908,9 @@ class _Book:
 
     def key(self, s: float, m: str) -> tuple:
         """An artefact's model: the one dense model, or a model of the current replicate (``self.cfg``)."""
-        return ("dense",) if s == 0 and m != self.control else (float(s), m, self.cfg.replicate)
+        from .pipeline import is_dense
+
+        return ("dense",) if is_dense(s, m) else (float(s), m, self.cfg.replicate)
 
     def once(self, *key) -> bool:
         if key in self.done:

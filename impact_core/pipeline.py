@@ -52,13 +52,22 @@ model's architecture, data, optimiser and budget with an annealed L0 constraint 
 Linear, ``(sparsity > 0, method=TRAINED_SPARSE)``."""
 
 
+RANDOM_WEIGHTS = "random_weights"
+"""The metric-sensitivity control: the dense model's own initialisation (the weights its training starts
+from, ``build_model`` after ``torch.manual_seed(seed)``; for a loaded architecture, the library's
+initialisation at that seed), never trained, ``(sparsity=0.0, method=RANDOM_WEIGHTS)``. A metric that
+cannot tell the trained dense model from it cannot see a change of interpretability (issue "Can each
+metric see anything?")."""
+
+
 def check_model_kind(sparsity: float, method: str) -> float:
     """The one check of a model's identity: ``sparsity`` in [0, 1) and ``method`` a registered
     pruning method, or ``CONTROL`` at sparsity 0. Returns the sparsity as a float."""
     sparsity = check_sparsity(sparsity, "sparsity")
-    if method == CONTROL:
+    if method in (CONTROL, RANDOM_WEIGHTS):
         if sparsity != 0:
-            raise ValueError(f"the control model has nothing pruned: sparsity must be 0, got {sparsity}")
+            raise ValueError(f"the {model_label(0.0, method)} model has nothing pruned: sparsity must be 0, "
+                             f"got {sparsity}")
     elif method == TRAINED_SPARSE:
         if sparsity == 0:
             raise ValueError("a trained-sparse model needs a sparsity > 0 (sparsity 0 is the dense model)")
@@ -67,6 +76,12 @@ def check_model_kind(sparsity: float, method: str) -> float:
     elif pruning.PRUNING_METHODS[method].sparsity not in (None, sparsity) and sparsity != 0:
         raise ValueError(f"{method} has one sparsity, {pruning.PRUNING_METHODS[method].sparsity}; got {sparsity}")
     return sparsity
+
+
+def is_dense(sparsity: float, method: str) -> bool:
+    """Whether ``(sparsity, method)`` names the one dense model (any pruning method at sparsity 0; not the
+    control or the random-weights model, which are models of their own)."""
+    return float(sparsity) == 0 and method not in (CONTROL, RANDOM_WEIGHTS)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -185,7 +200,9 @@ def model_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
     this first, so a bad sparsity or method fails here, before any compute."""
     sparsity = check_model_kind(sparsity, method)
     cache = cache_for(cfg)
-    if sparsity == 0 and method != CONTROL:
+    if method == RANDOM_WEIGHTS:
+        return {"random_weights": random_weights_inputs(cfg)}
+    if is_dense(sparsity, method):
         return {"dense": cache.key(DENSE_MODEL, dense_inputs(cfg))}
     if method == TRAINED_SPARSE:
         return {"trained_sparse": cache.key(TRAINED_SPARSE_MODEL, trained_sparse_inputs(cfg, sparsity))}
@@ -206,6 +223,21 @@ def _state_to_model(cfg: Config, state: dict, device) -> torch.nn.Module:
     model = build_model(cfg.model)
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def random_weights_inputs(cfg: Config) -> dict:
+    """What identifies the random-weights model: the architecture and the seed (nothing is trained)."""
+    model = cfg.model.to_dict()
+    model.pop("checkpoint", None)
+    return {"model": model, "seed": cfg.seed}
+
+
+def random_weights_model(cfg: Config) -> torch.nn.Module:
+    """:data:`RANDOM_WEIGHTS`: the initialisation :func:`~impact_core.models.train_dense` starts from (built, not
+    cached: it costs one initialisation)."""
+    preflight(cfg)
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model).to(resolve_device(cfg)).eval()
 
 
 def dense_model(cfg: Config) -> torch.nn.Module:
@@ -239,7 +271,9 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
 
     ``method=CONTROL`` (sparsity 0): the same fine-tuning with nothing pruned (no mask)."""
     sparsity = check_model_kind(sparsity, method)
-    if sparsity == 0 and method != CONTROL:
+    if method == RANDOM_WEIGHTS:
+        return random_weights_model(cfg)
+    if is_dense(sparsity, method):
         return dense_model(cfg)
     if method == TRAINED_SPARSE:
         return trained_sparse_model(cfg, sparsity)
@@ -343,6 +377,8 @@ def finetune_steps(cfg: Config, sparsity: float, method: str = "wanda") -> int:
 def model_label(sparsity: float, method: str = "wanda") -> str:
     if method == CONTROL:
         return "control"
+    if method == RANDOM_WEIGHTS:
+        return "random weights"
     if method == TRAINED_SPARSE:
         return f"trained sparse {sparsity:.0%}"
     if method != "wanda" and sparsity > 0:

@@ -116,3 +116,22 @@ def test_pipeline_caches_and_is_deterministic(tiny_fmnist, tmp_path, caplog):
         assert torch.equal(a, b), n
     with pytest.raises(Exception, match="sparsity must lie in"):
         pipeline.pruned_model(cfg, 1.0)
+
+
+def test_the_random_weights_model_is_the_dense_models_starting_point(tiny_fmnist, tmp_path, monkeypatch):
+    """``(0, RANDOM_WEIGHTS)``: the weights train_dense starts from (its training replaced by nothing here),
+    a model kind of its own (not the dense model, at sparsity 0 only)."""
+    from impact_core import models
+
+    cfg = tiny_config(tiny_fmnist)
+    cfg.cache_dir = str(tmp_path / "cache")
+    random = pipeline.pruned_model(cfg, 0.0, pipeline.RANDOM_WEIGHTS)
+    monkeypatch.setattr(models, "train_classifier", lambda *a, **k: [])
+    start, _ = models.train_dense(cfg, pipeline.splits(cfg))
+    for (name, a), b in zip(random.state_dict().items(), start.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not pipeline.is_dense(0.0, pipeline.RANDOM_WEIGHTS) and pipeline.is_dense(0.0, "magnitude")
+    assert pipeline.model_label(0.0, pipeline.RANDOM_WEIGHTS) == "random weights"
+    assert "random_weights" in pipeline.model_inputs(cfg, 0.0, pipeline.RANDOM_WEIGHTS)
+    with pytest.raises(ValueError, match="random weights model has nothing pruned"):
+        pipeline.model_inputs(cfg, 0.5, pipeline.RANDOM_WEIGHTS)

@@ -161,12 +161,12 @@ def replicated_pieces(cfg, pieces: list[Piece]) -> list[Piece]:
     claims read per replicate (``per_replicate``) except the dense model itself, labelled
     ``", replicate r"``; an analysis of a pruned model (or the control) waits for that replicate's model,
     ``of = (sparsity, method, r)``, an analysis of the dense model for the one dense model."""
-    from ..pipeline import CONTROL
+    from ..pipeline import is_dense
 
     out = list(pieces)
     for r in range(1, cfg.replicates):
         for p in pieces:
-            dense = p.of[0] == 0 and p.of[1] != CONTROL
+            dense = is_dense(*p.of[:2])
             if not p.per_replicate or (p.model and dense):
                 continue
             out.append(dataclasses.replace(p, label=f"{p.label}, replicate {r}", replicate=r,
