@@ -45,7 +45,9 @@ REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inco
 SMALL = "shown but small"  # the change is shown to exist and shown smaller than the margin
 PIPELINE = "explained by the pipeline"
 PRUNING = "explained by pruning alone"
-VERDICTS = (REPRODUCED, SMALL, NOT_REPRODUCED, INCONCLUSIVE, PIPELINE, PRUNING)
+METRIC_BLIND = "metric blind"  # "no change", on a metric that cannot tell the trained model from random weights
+VERDICTS = (REPRODUCED, SMALL, NOT_REPRODUCED, INCONCLUSIVE, PIPELINE, PRUNING, METRIC_BLIND)
+SEES, BLIND = "sees", "blind"  # readings of the metric-sensitivity check (judge_sensitivity)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Claim:
     trend: str = "n/a"
     why: str = ""
     seeds: str = ""        # with several training seeds: for how many the claim holds on its own
+    sensitivity: str = ""  # trained dense minus random weights on the claim's metric (judge_sensitivity)
     curve: list = field(default_factory=list, repr=False)  # [(label, sparsity, Estimate)] for figures
 
     def to_dict(self) -> dict:
@@ -363,20 +366,45 @@ def change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metri
 
 
 def no_change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metric: str,
-                    comparisons: dict, unit: str) -> Claim:
-    """``comparisons[(block, sparsity)] = (control arrays per seed, level arrays per seed)``."""
+                    comparisons: dict, unit: str, sensitivity: Optional[dict] = None) -> Claim:
+    """``comparisons[(block, sparsity)] = (control arrays per seed, level arrays per seed)``;
+    ``sensitivity[block] = (random-weights arrays per seed, dense arrays per seed)``: the metric-sensitivity
+    check (:func:`judge_sensitivity`), which turns a "no change" shown on a blind metric into
+    :data:`METRIC_BLIND`."""
     margin = j.margins[metric]
     fam = {k: j.diff(list(zip(c, l)), unit) for k, (c, l) in comparisons.items()}
     verdict, info = judge_no_change(list(fam.values()), margin)
     needed = f"; about {info['needed']} {unit} would decide" if verdict == INCONCLUSIVE and info["needed"] else ""
     worst = max(fam.values(), key=lambda e: abs(e.value)) if fam else None
-    return Claim(id=id, level=level, claim=claim, paper=paper,
-                 ours=f"{info['equivalent']} of {info['n']} (block, level) comparisons equivalent, "
-                      f"{info['changed']} changed",
-                 effect=f"largest: {worst.text('+.3f')}" if worst else "n/a", control="see the chapter",
-                 margin=f"+-{margin:g}", verdict=verdict,
-                 why=f"Holm-corrected equivalence and change tests over {info['n']} comparisons{needed}",
-                 rule="level minus control per (block, level), paired; judge_no_change")
+    c = Claim(id=id, level=level, claim=claim, paper=paper,
+              ours=f"{info['equivalent']} of {info['n']} (block, level) comparisons equivalent, "
+                   f"{info['changed']} changed",
+              effect=f"largest: {worst.text('+.3f')}" if worst else "n/a", control="see the chapter",
+              margin=f"+-{margin:g}", verdict=verdict,
+              why=f"Holm-corrected equivalence and change tests over {info['n']} comparisons{needed}",
+              rule="level minus control per (block, level), paired; judge_no_change")
+    if sensitivity:
+        sens = {k: j.diff(list(zip(r, d)), unit) for k, (r, d) in sensitivity.items()}
+        reading = judge_sensitivity(list(sens.values()), margin)
+        largest = max(sens.values(), key=lambda e: abs(e.value))
+        c.sensitivity = f"{reading}: trained minus random weights, largest {largest.text('+.3f')}"
+        if verdict == REPRODUCED and reading == BLIND:
+            c.verdict = METRIC_BLIND
+            c.why += (f"; but the metric cannot tell the trained model from random weights (every "
+                      f"trained-minus-random interval lies inside +-{margin:g}), so 'no change' says nothing")
+    return c
+
+
+def judge_sensitivity(family: Sequence[Estimate], margin: float, alpha: float = S.ALPHA) -> str:
+    """Can the metric see anything? ``family``: trained dense minus random weights on the claim's metric,
+    one comparison per block (paired over the claim's units). :data:`SEES` when **any** comparison lies
+    wholly beyond +-margin (Holm over :func:`impact_core.stats.p_beyond`: the metric moves by more than
+    the smallest effect of interest between a trained model and its own initialisation); :data:`BLIND`
+    when **every** comparison lies inside +-margin (intersection-union, no correction: a change of the
+    margin's size would be as large as training itself moves the metric); "undecided" otherwise.
+    The choice of "any block sees" over "every block sees" is ours (the paper runs no such check)."""
+    reading = judge_no_change(family, margin, alpha)[0]
+    return {NOT_REPRODUCED: SEES, REPRODUCED: BLIND}.get(reading, "undecided")
 
 
 def not_measured(id: str, level: str, claim: str, paper: str, why: str) -> Claim:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from .claims import INCONCLUSIVE, NOT_REPRODUCED, PIPELINE, PRUNING, REPRODUCED, SMALL, Claim, verdict_counts
+from .claims import (INCONCLUSIVE, METRIC_BLIND, NOT_REPRODUCED, PIPELINE, PRUNING, REPRODUCED, SMALL, Claim,
+                     verdict_counts)
 
 
 def survival(claims: list[Claim]) -> dict[str, list[str]]:
     """Which claims survive the controls, in plain groups for the discussion's opening."""
-    groups = {"survive": [], "small": [], "pipeline": [], "pruning": [], "not": [], "open": []}
+    groups = {"survive": [], "small": [], "pipeline": [], "pruning": [], "not": [], "blind": [], "open": []}
     for c in claims:
         key = {REPRODUCED: "survive", SMALL: "small", PIPELINE: "pipeline", PRUNING: "pruning",
-               NOT_REPRODUCED: "not"}.get(c.verdict, "open")
+               NOT_REPRODUCED: "not", METRIC_BLIND: "blind"}.get(c.verdict, "open")
         groups[key].append(c.claim)
     return groups
 
@@ -48,7 +49,7 @@ def dose_response(claims: list[Claim]) -> pd.DataFrame:
 
 
 VERDICT_COLOURS = {REPRODUCED: "#d8f0d8", SMALL: "#e9f3d2", NOT_REPRODUCED: "#f6d5d5", INCONCLUSIVE: "#f3f0d0",
-                   PIPELINE: "#dde4f6", PRUNING: "#e8dcf2"}
+                   PIPELINE: "#dde4f6", PRUNING: "#e8dcf2", METRIC_BLIND: "#e4e4e4"}
 
 
 def glue_values(claims: list[Claim], seeds, replicates: int = 1) -> dict:
@@ -56,7 +57,7 @@ def glue_values(claims: list[Claim], seeds, replicates: int = 1) -> dict:
     :func:`survival` and :func:`dose_groups` group, and the note on training seeds."""
     counts = verdict_counts(claims)
     names = {REPRODUCED: "reproduced", SMALL: "small", NOT_REPRODUCED: "not_reproduced", INCONCLUSIVE: "inconclusive",
-             PIPELINE: "pipeline", PRUNING: "pruning"}
+             PIPELINE: "pipeline", PRUNING: "pruning", METRIC_BLIND: "metric_blind"}
     out = {"n_claims": len(claims), "n_seeds": len(seeds), **{f"n_{names[v]}": n for v, n in counts.items()}}
     joined = lambda items: "; ".join(items) if items else "none"  # noqa: E731
     out.update({f"list_{k}": joined(v) for k, v in survival(claims).items()})

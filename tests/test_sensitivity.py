@@ -1,0 +1,72 @@
+"""Can each metric see anything? The metric-sensitivity rule (trained dense against its own random
+initialisation) and the "metric blind" verdict, on synthetic inputs that give every outcome."""
+from __future__ import annotations
+
+import numpy as np
+
+from impact_core import claims
+from impact_core import stats as S
+from impact_core.config import DEFAULT_MARGINS
+
+J = claims.Judge(margins=dict(DEFAULT_MARGINS))
+MARGIN = 0.1
+
+
+def est(value, low, high, n=10):
+    return S.Estimate(value, low, high, "classes", n, "test")
+
+
+def test_judge_sensitivity_every_outcome():
+    sees, blind, open_ = est(0.5, 0.3, 0.7), est(0.0, -0.02, 0.03), est(0.05, -0.2, 0.3)
+    assert claims.judge_sensitivity([sees], MARGIN) == claims.SEES
+    assert claims.judge_sensitivity([blind], MARGIN) == claims.BLIND
+    assert claims.judge_sensitivity([open_], MARGIN) == "undecided"
+    assert claims.judge_sensitivity([blind, blind, sees], MARGIN) == claims.SEES  # any block that sees
+    assert claims.judge_sensitivity([blind, open_], MARGIN) == "undecided"         # every block blind, or undecided
+    assert claims.judge_sensitivity([], MARGIN) == "undecided"
+
+
+def _no_change(dense_minus_random: float, rng_seed: int = 0):
+    """A no-change claim (level = control up to noise far inside the margin) with a sensitivity check
+    whose trained-minus-random difference is ``dense_minus_random`` per class."""
+    rng = np.random.default_rng(rng_seed)
+    base = rng.normal(0.5, 0.05, 40)
+    level = base + rng.normal(0, 0.001, 40)
+    random = base - dense_minus_random + rng.normal(0, 0.001, 40)
+    margin = J.margins["selectivity"]
+    c = claims.no_change_claim(J, id="neuron.selectivity", level="neuron", claim="no change", paper="-",
+                               metric="selectivity", comparisons={(11, 0.7): ([base], [level])}, unit="classes",
+                               sensitivity={11: ([random], [base])})
+    return c, margin
+
+
+def test_no_change_on_a_blind_metric_reads_metric_blind():
+    margin = DEFAULT_MARGINS["selectivity"]
+    blind, _ = _no_change(0.0)
+    assert blind.verdict == claims.METRIC_BLIND and blind.sensitivity.startswith("blind")
+    sees, _ = _no_change(5 * margin)
+    assert sees.verdict == claims.REPRODUCED and sees.sensitivity.startswith("sees")
+    plain = claims.no_change_claim(J, id="x", level="neuron", claim="-", paper="-", metric="selectivity",
+                                   comparisons={(11, 0.7): ([np.zeros(5)], [np.zeros(5)])}, unit="classes")
+    assert plain.sensitivity == ""  # no check asked for: the verdict is the equivalence test's alone
+
+
+def test_a_change_is_never_relabelled_blind():
+    rng = np.random.default_rng(1)
+    base = rng.normal(0.5, 0.01, 40)
+    margin = DEFAULT_MARGINS["selectivity"]
+    c = claims.no_change_claim(J, id="x", level="neuron", claim="-", paper="-", metric="selectivity",
+                               comparisons={(11, 0.7): ([base], [base + 10 * margin])}, unit="classes",
+                               sensitivity={11: ([base], [base])})
+    assert c.verdict == claims.NOT_REPRODUCED and c.sensitivity.startswith("blind")
+
+
+def test_blind_is_rare_when_the_metric_moves_by_the_margin():
+    """The error rate of "blind": with trained minus random exactly at the margin (a metric that does see a
+    change of the margin's size), "blind" is read in at most 5% of draws (10 classes, the default's units)."""
+    rng = np.random.default_rng(2)
+    margin, hits = 0.1, 0
+    for _ in range(2000):
+        d = rng.normal(margin, 0.1, 10)
+        hits += claims.judge_sensitivity([S.mean([d], "classes")], margin) == claims.BLIND
+    assert hits / 2000 <= 0.05
