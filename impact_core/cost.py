@@ -930,8 +930,10 @@ class _Book:
         from .models import architecture
         from .pipeline import TRAINED_SPARSE
 
+        from .pipeline import RANDOM_WEIGHTS
+
         cfg, key = self.cfg, self.key(s, m)
-        if not self.once("model", key):
+        if not self.once("model", key) or m == RANDOM_WEIGHTS:  # an initialisation: no training
             return
         if key == ("dense",) or m == TRAINED_SPARSE:
             if architecture(cfg.model).trained_here:
@@ -1031,7 +1033,7 @@ def _replicated_levels(book: "_Book", first: bool) -> None:
     the display-only work (Table 1's other models, galleries, sweeps) in the first only."""
     from .levels import circuit as circuit_level, layer as layer_level
     from .levels.pruning import claim_models
-    from .pipeline import CONTROL
+    from .pipeline import CONTROL, RANDOM_WEIGHTS
 
     cfg = book.cfg
     P, sc, cc = cfg.pruning, cfg.sae, cfg.circuit
@@ -1042,7 +1044,7 @@ def _replicated_levels(book: "_Book", first: bool) -> None:
                 book.accuracy("pruning", s, m)
     book.accuracy("pruning", 0.0, CONTROL)
     # neuron: dense, every level, the control; the gallery (dense and the sparsest level)
-    for s, m in book.analysed(cfg.neuron.sparsities):
+    for s, m in book.analysed(cfg.neuron.sparsities) + [(0.0, RANDOM_WEIGHTS)]:  # + the sensitivity check
         book.neuron("neuron", s, m)
     for s in (0.0, max(book.with_dense(cfg.neuron.sparsities))) if first else ():
         if book.once("neuron_gallery", s):

@@ -98,14 +98,15 @@ class ClaimsTable:
     Shown (``_repr_html_``) as a table of fixed layout that fits its container at any width: claim,
     the paper's number, ours, the judged effect (beyond the control where there is one) and the
     verdict (coloured); each claim's other fields (why, rule, the control's own effect, the level
-    against dense, margin, magnitude, trend, seeds) sit in a ``<details>`` toggle under it. ``data``
+    against dense, margin, magnitude, trend, seeds, metric sensitivity) sit in a ``<details>`` toggle under it. ``data``
     is every field as a DataFrame, which the book writes as the table's CSV download."""
 
     COLUMNS = (("claim", "34%"), ("paper", "14%"), ("ours", "14%"), ("effect (beyond the control)", "24%"),
                ("verdict", "14%"))
     DETAILS = (("why", "why"), ("rule", "rule"), ("control", "the control alone (control - dense)"),
                ("vs_dense", "the level - dense"), ("margin", "margin"), ("magnitude", "magnitude"),
-               ("trend", "dose-response"), ("seeds", "seeds"))
+               ("trend", "dose-response"), ("seeds", "seeds"),
+               ("sensitivity", "can the metric see? (trained - random weights)"))
 
     def __init__(self, claims: list[Claim]):
         self.claims = list(claims)

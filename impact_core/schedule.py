@@ -62,7 +62,7 @@ def plan(cfg, chapters: list[str]) -> list[Task]:
     """The tasks of a build of ``chapters`` (``_toc.yml`` paths) on ``cfg``: the pieces of their levels,
     then the chapters, each with what it needs (see the module docstring)."""
     from .levels import get_level, level_of_chapter, level_pieces
-    from .pipeline import TRAINED_SPARSE
+    from .pipeline import RANDOM_WEIGHTS, TRAINED_SPARSE
 
     selected = [lv.name for lv in map(level_of_chapter, chapters) if lv is not None]
     by_level = {name: [p.label for p in level_pieces(cfg, [name])] for name in selected}
@@ -78,7 +78,7 @@ def plan(cfg, chapters: list[str]) -> list[Task]:
                 t.needs.add(dense)  # a pruned model (or the control) starts from the dense one
         elif of in models:
             t.needs.add(models[of])
-        elif dense and of[1] != TRAINED_SPARSE:
+        elif dense and of[1] not in (TRAINED_SPARSE, RANDOM_WEIGHTS):  # those start from no dense model
             t.needs.add(dense)
     level_chapters = []
     for chapter in chapters:

@@ -70,3 +70,24 @@ def test_blind_is_rare_when_the_metric_moves_by_the_margin():
         d = rng.normal(margin, 0.1, 10)
         hits += claims.judge_sensitivity([S.mean([d], "classes")], margin) == claims.BLIND
     assert hits / 2000 <= 0.05
+
+
+def test_the_neuron_level_judges_sensitivity_on_the_random_weights_model(tiny_fmnist, tmp_path):
+    """End to end on tiny data: the neuron level gathers the random-weights model's metrics beside dense,
+    the levels and the control, and every neuron claim carries its sensitivity reading."""
+    from impact_core import levels, pipeline
+    from impact_core.levels import neuron
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tiny_fmnist, pruning={"finetune_images": 16, "finetune_batch_size": 16},
+                      neuron={"sparsities": [0.5], "blocks": [11], "top_k": 2, "images": 20, "validation_units": 0})
+    cfg.cache_dir = str(tmp_path / "cache")
+    runs = neuron.gather(cfg)
+    assert runs["random_weights"]["blocks"] == [11]
+    assert not np.array_equal(runs["random_weights"]["selectivity"], runs["by_sparsity"][0.0]["selectivity"])
+    out = levels.level_claims(cfg, "neuron")
+    assert len(out) == 4
+    for c in out:
+        assert c.sensitivity.split(":")[0] in (claims.SEES, claims.BLIND, "undecided"), c.sensitivity
+        assert c.verdict != claims.METRIC_BLIND or c.sensitivity.startswith(claims.BLIND)
+    assert pipeline.model_label(0.0, pipeline.RANDOM_WEIGHTS) in {p.label.split(", ")[-1] for p in neuron.pieces(cfg)}

@@ -138,20 +138,26 @@ def with_dense(sparsities) -> list[float]:
     return [0.0] + sorted({float(s) for s in sparsities if s > 0})
 
 
-def over_models(entry: Callable[..., dict], sparsities) -> dict:
+def over_models(entry: Callable[..., dict], sparsities, random_weights: bool = False) -> dict:
     """``entry(sparsity, method)`` for dense, every sparsity and the control model:
-    ``{"by_sparsity": {0.0: dense, s: ...}, "control": ...}`` (what most levels' claims read)."""
-    from ..pipeline import CONTROL
+    ``{"by_sparsity": {0.0: dense, s: ...}, "control": ...}`` (what most levels' claims read); with
+    ``random_weights``, also ``"random_weights"``: the random-weights model (the metric-sensitivity check)."""
+    from ..pipeline import CONTROL, RANDOM_WEIGHTS
 
-    return {"by_sparsity": {s: entry(s, "wanda") for s in with_dense(sparsities)}, "control": entry(0.0, CONTROL)}
+    out = {"by_sparsity": {s: entry(s, "wanda") for s in with_dense(sparsities)}, "control": entry(0.0, CONTROL)}
+    if random_weights:
+        out["random_weights"] = entry(0.0, RANDOM_WEIGHTS)
+    return out
 
 
-def model_pieces(what: str, entry: Callable, sparsities, cost: float, **kwargs) -> list[Piece]:
+def model_pieces(what: str, entry: Callable, sparsities, cost: float, random_weights: bool = False,
+                 **kwargs) -> list[Piece]:
     """A :class:`Piece` of ``entry(cfg, sparsity, method=...)`` for each model :func:`over_models` visits:
-    dense, every sparsity and the control."""
-    from ..pipeline import CONTROL, model_label
+    dense, every sparsity, the control (and the random-weights model)."""
+    from ..pipeline import CONTROL, RANDOM_WEIGHTS, model_label
 
     models = [(s, "wanda") for s in with_dense(sparsities)] + [(0.0, CONTROL)]
+    models += [(0.0, RANDOM_WEIGHTS)] if random_weights else []
     return [Piece(f"{what}, {model_label(s, m)}", entry, (s,), {"method": m, **kwargs}, of=(s, m), cost=cost)
             for s, m in models]
 

@@ -148,7 +148,9 @@ def validation_summary(results: dict[float, dict]):
 def neuron_claims(runs: list[dict], j: Judge, metrics=("selectivity", "label_entropy", "class_variance", "impact"),
                   kind: str = "neuron") -> list[Claim]:
     """``runs[g] = {"by_sparsity": {sparsity: neuron_metrics}, "control": neuron_metrics}``; metric
-    arrays are (blocks, classes), held-out selection. Judged on level minus control per block."""
+    arrays are (blocks, classes), held-out selection. Judged on level minus control per block; with
+    ``"random_weights"`` in the runs, each claim carries the metric-sensitivity check (dense minus the
+    random-weights model per block, paired over classes: :func:`~impact_core.claims.judge_sensitivity`)."""
     names = {"selectivity": "selectivity", "label_entropy": "label entropy", "class_variance": "class variance",
              "impact": "mean-ablation impact"}
     out = []
@@ -161,9 +163,14 @@ def neuron_claims(runs: list[dict], j: Judge, metrics=("selectivity", "label_ent
             for s in sparsities:
                 comparisons[(b, s)] = ([as_array(r["control"][metric][i]) for r in runs],
                                        [as_array(r["by_sparsity"][s][metric][i]) for r in runs])
+        sensitivity = None
+        if first.get("random_weights") is not None:
+            sensitivity = {b: ([as_array(r["random_weights"][metric][i]) for r in runs],
+                               [as_array(r["by_sparsity"][0.0][metric][i]) for r in runs]) for i, b in enumerate(blocks)}
         c = no_change_claim(j, id=f"{kind}.{metric}", level=kind,
                             claim=f"{names[metric]} shows no systematic change with sparsity",
-                            paper="no systematic change", metric=metric, comparisons=comparisons, unit="classes")
+                            paper="no systematic change", metric=metric, comparisons=comparisons, unit="classes",
+                            sensitivity=sensitivity)
         dense_ctl = [j.diff([(as_array(r["by_sparsity"][0.0][metric][i]), as_array(r["control"][metric][i])) for r in runs],
                             "classes") for i in range(len(blocks))]
         c.control = "; ".join(f"block {b}: {e.text('+.3f')}" for b, e in zip(blocks, dense_ctl))
@@ -172,13 +179,14 @@ def neuron_claims(runs: list[dict], j: Judge, metrics=("selectivity", "label_ent
 
 
 def gather(cfg) -> dict:
-    """``{"by_sparsity": {sparsity: neuron_metrics}, "control": neuron_metrics}`` (dense at 0)."""
-    return over_models(lambda s, method: neuron_metrics(cfg, s, method=method), cfg.neuron.sparsities)
+    """``{"by_sparsity": {sparsity: neuron_metrics}, "control": ..., "random_weights": ...}`` (dense at 0)."""
+    return over_models(lambda s, method: neuron_metrics(cfg, s, method=method), cfg.neuron.sparsities,
+                       random_weights=True)
 
 
 def pieces(cfg) -> list[Piece]:
-    """:func:`neuron_metrics` of each model (dense, every sparsity, the control)."""
-    return model_pieces("neuron metrics", neuron_metrics, cfg.neuron.sparsities, cost=25)
+    """:func:`neuron_metrics` of each model (dense, every sparsity, the control, the random-weights model)."""
+    return model_pieces("neuron metrics", neuron_metrics, cfg.neuron.sparsities, cost=25, random_weights=True)
 
 
 register_level(Level(
