@@ -329,10 +329,12 @@ def as_array(x) -> np.ndarray:
 def change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metric: str, expected: str,
                  dense: Sequence, at_level: Sequence, control: Optional[Sequence], unit: str, scale: float = 1.0,
                  fmt: str = ".3f", curve: Optional[dict] = None, counterfactual: Optional[Sequence] = None,
-                 magnitude: Optional[tuple[str, float]] = None) -> Claim:
+                 magnitude: Optional[tuple[str, float]] = None, random_weights: Optional[Sequence] = None) -> Claim:
     """A change claim from per-unit arrays, one per training seed (``dense[g]``, ``at_level[g]``,
     ``control[g]``: the same units); ``curve``: {sparsity: per-seed arrays} for the trend
-    (the control stands at sparsity 0); ``counterfactual``: the pruning-only arrays (edges)."""
+    (the control stands at sparsity 0); ``counterfactual``: the pruning-only arrays (edges);
+    ``random_weights``: the random-weights model's arrays (the metric-sensitivity check,
+    :func:`with_sensitivity`: "not reproduced" for no change from dense on a blind metric reads "metric blind")."""
     margin = j.margins[metric]
     eff = j.diff(list(zip(dense, at_level)), unit)
     ctl = j.diff(list(zip(dense, control)), unit) if control is not None else None
@@ -349,6 +351,9 @@ def change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metri
               effect=(beyond or eff).scaled(scale).text(f), control=ctl.scaled(scale).text(f) if ctl else "n/a",
               margin=f"+-{margin * scale:g}", verdict=verdict, why=why, vs_dense=eff.scaled(scale).text(f),
               rule="judge_change: level minus control, paired" if ctl else "judge_direction: level minus dense, paired")
+    if random_weights is not None:
+        with_sensitivity(j, c, {"dense": (random_weights, dense)}, margin, unit,
+                         no_change=verdict == NOT_REPRODUCED and why.startswith("no change"))
     if magnitude is not None:
         how, stated = magnitude
         if how == "ratio":  # "N x fewer": mean(dense) / mean(level)
@@ -384,14 +389,22 @@ def no_change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, me
               why=f"Holm-corrected equivalence and change tests over {info['n']} comparisons{needed}",
               rule="level minus control per (block, level), paired; judge_no_change")
     if sensitivity:
-        sens = {k: j.diff(list(zip(r, d)), unit) for k, (r, d) in sensitivity.items()}
-        reading = judge_sensitivity(list(sens.values()), margin)
-        largest = max(sens.values(), key=lambda e: abs(e.value))
-        c.sensitivity = f"{reading}: trained minus random weights, largest {largest.text('+.3f')}"
-        if verdict == REPRODUCED and reading == BLIND:
-            c.verdict = METRIC_BLIND
-            c.why += (f"; but the metric cannot tell the trained model from random weights (every "
-                      f"trained-minus-random interval lies inside +-{margin:g}), so 'no change' says nothing")
+        with_sensitivity(j, c, sensitivity, margin, unit, no_change=verdict == REPRODUCED)
+    return c
+
+
+def with_sensitivity(j: Judge, c: Claim, sensitivity: dict, margin: float, unit: str, no_change: bool) -> Claim:
+    """Set ``c.sensitivity`` from ``sensitivity[key] = (random-weights arrays per seed, dense arrays per seed)``
+    (:func:`judge_sensitivity`); a claim whose verdict says "no change" (``no_change``) on a blind metric
+    becomes :data:`METRIC_BLIND`."""
+    sens = {k: j.diff(list(zip(r, d)), unit) for k, (r, d) in sensitivity.items()}
+    reading = judge_sensitivity(list(sens.values()), margin)
+    largest = max(sens.values(), key=lambda e: abs(e.value))
+    c.sensitivity = f"{reading}: trained minus random weights, largest {largest.text('+.3f')}"
+    if no_change and reading == BLIND:
+        c.verdict = METRIC_BLIND
+        c.why += (f"; but the metric cannot tell the trained model from random weights (every "
+                  f"trained-minus-random interval lies inside +-{margin:g}), so 'no change' says nothing")
     return c
 
 

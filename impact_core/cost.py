@@ -1077,7 +1077,7 @@ def _replicated_levels(book: "_Book", first: bool) -> None:
     for k in circuit_level.sweep_ks(cfg) if first else ():
         book.circuits("circuit", top, "wanda", k, book=True)
     # model: dense, every level, the control
-    for s, m in book.analysed(cfg.attribution.sparsities):
+    for s, m in book.analysed(cfg.attribution.sparsities) + [(0.0, RANDOM_WEIGHTS)]:
         book.attribution("model", s, m)
 
 

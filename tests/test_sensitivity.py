@@ -91,3 +91,35 @@ def test_the_neuron_level_judges_sensitivity_on_the_random_weights_model(tiny_fm
         assert c.sensitivity.split(":")[0] in (claims.SEES, claims.BLIND, "undecided"), c.sensitivity
         assert c.verdict != claims.METRIC_BLIND or c.sensitivity.startswith(claims.BLIND)
     assert pipeline.model_label(0.0, pipeline.RANDOM_WEIGHTS) in {p.label.split(", ")[-1] for p in neuron.pieces(cfg)}
+
+
+def test_a_change_claim_with_no_change_on_a_blind_metric_reads_metric_blind():
+    rng = np.random.default_rng(3)
+    base = rng.normal(0.5, 0.05, 60)
+    m = DEFAULT_MARGINS["insertion"]
+    kw = dict(id="model.insertion", level="model", claim="-", paper="-", metric="insertion", expected="+",
+              dense=[base], at_level=[base + rng.normal(0, 1e-4, 60)], control=[base + rng.normal(0, 1e-4, 60)],
+              unit="images")
+    blind = claims.change_claim(J, **kw, random_weights=[base + rng.normal(0, 1e-4, 60)])
+    assert blind.verdict == claims.METRIC_BLIND and blind.sensitivity.startswith(claims.BLIND)
+    sees = claims.change_claim(J, **kw, random_weights=[base - 5 * m])
+    assert sees.verdict == claims.NOT_REPRODUCED and sees.sensitivity.startswith(claims.SEES)
+    up = dict(kw, at_level=[base + 5 * m])  # a change shown: never relabelled, whatever the check reads
+    assert claims.change_claim(J, **up, random_weights=[base]).verdict == claims.REPRODUCED
+
+
+def test_the_model_level_judges_sensitivity_on_the_random_weights_model(tiny_fmnist, tmp_path):
+    """End to end on tiny data: the random-weights model's Chefer maps against random order (claims' methods
+    only) give every model-level claim its sensitivity reading."""
+    from impact_core import levels, pipeline
+    from impact_core.levels import model
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tiny_fmnist, pruning={"finetune_images": 16, "finetune_batch_size": 16},
+                      attribution={"sparsities": [0.3], "images": 6, "steps": 2, "batch_size": 2, "figure_classes": 1,
+                                   "figure_per_class": 1, "references": ["black"]})
+    cfg.cache_dir = str(tmp_path / "cache")
+    rw = model.attribution_results(cfg, 0.0, pipeline.RANDOM_WEIGHTS)
+    assert set(rw["scores"]["black"]) == set(model.CLAIM_METHODS) and rw["level"] == "random weights"
+    out = levels.level_claims(cfg, "model")
+    assert out and all(c.sensitivity.split(":")[0] in (claims.SEES, claims.BLIND, "undecided") for c in out)

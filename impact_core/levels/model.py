@@ -322,20 +322,24 @@ def model_claims(runs: list[dict], j: Judge, method: str = "chefer") -> list[Cla
                              expected=expected, dense=[gain(r["by_sparsity"][0.0], ref, metric) for r in runs],
                              at_level=[gain(r["by_sparsity"][s], ref, metric) for r in runs],
                              control=[gain(r["control"], ref, metric) for r in runs] if has_control else None,
-                             unit="images", curve=curve)
+                             unit="images", curve=curve,
+                             random_weights=[gain(r["random_weights"], ref, metric) for r in runs]
+                             if first.get("random_weights") is not None else None)
             c.ours = f"AUC {raw[0]:.3f} -> {raw[1]:.3f}; above random: {c.ours}"
             out.append(c)
     return out
 
 
 def gather(cfg) -> dict:
-    """Attribution results of dense, every level and the control."""
-    return over_models(lambda s, method: attribution_results(cfg, s, method=method), cfg.attribution.sparsities)
+    """Attribution results of dense, every level, the control and the random-weights model (the claims' methods
+    only: the metric-sensitivity check)."""
+    return over_models(lambda s, method: attribution_results(cfg, s, method=method), cfg.attribution.sparsities,
+                       random_weights=True)
 
 
 def pieces(cfg) -> list[Piece]:
-    """:func:`attribution_results` of each model (dense, every sparsity, the control)."""
-    return model_pieces("attribution", attribution_results, cfg.attribution.sparsities, cost=100)
+    """:func:`attribution_results` of each model (dense, every sparsity, the control, the random-weights model)."""
+    return model_pieces("attribution", attribution_results, cfg.attribution.sparsities, cost=100, random_weights=True)
 
 
 register_level(Level(
