@@ -1050,14 +1050,14 @@ def _replicated_levels(book: "_Book", first: bool) -> None:
         if book.once("neuron_gallery", s):
             book.add("neuron", gallery(cfg, _neuron_images(cfg), "neuron gallery (book)", cfg.data.num_workers))
     # layer: SAE seeds per model, the sweep (Tables 5 / 6), the latents' metrics, the gallery
-    for s, m in book.analysed(sc.sparsities):
-        (book.accuracy if first else book.model)("layer", s, m)  # evaluated once (Table 1), then only built
+    for s, m in book.analysed(sc.sparsities) + [(0.0, RANDOM_WEIGHTS)]:
+        (book.accuracy if first and m != RANDOM_WEIGHTS else book.model)("layer", s, m)  # Table 1 once, then built
         for seed in range(sc.seeds):
             book.sae("layer", s, m, sc.tokens, sc.k, sc.expansion, seed)
     for s in book.with_dense(sc.sparsities) if first else ():
         for spec in layer_level.sweep_rows(sc.tokens, sc.k, sc.expansion, dense=(s == 0)):
             book.sae("layer", s, "wanda", spec["tokens"], spec["k"], spec["expansion"], 0, book=True)
-    for s, m in book.analysed(sc.sparsities):
+    for s, m in book.analysed(sc.sparsities) + [(0.0, RANDOM_WEIGHTS)]:
         if book.once("sae_features", book.key(s, m), cfg.replicate):
             book.add("layer", sae_features(cfg))
     n_sae_eval = min(split_sizes(cfg)[1], sc.eval_images or split_sizes(cfg)[1])

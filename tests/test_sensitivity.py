@@ -123,3 +123,19 @@ def test_the_model_level_judges_sensitivity_on_the_random_weights_model(tiny_fmn
     assert set(rw["scores"]["black"]) == set(model.CLAIM_METHODS) and rw["level"] == "random weights"
     out = levels.level_claims(cfg, "model")
     assert out and all(c.sensitivity.split(":")[0] in (claims.SEES, claims.BLIND, "undecided") for c in out)
+
+
+def test_the_layer_level_judges_sensitivity_on_the_random_weights_models_saes(tiny_fmnist, tmp_path):
+    """End to end on tiny data: SAEs of the random-weights model beside the others; the SAE quality and
+    latent claims carry their sensitivity reading."""
+    from impact_core import levels
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tiny_fmnist, pruning={"finetune_images": 16, "finetune_batch_size": 16},
+                      sae={"sparsities": [0.5], "steps": 20, "batch_size": 16, "train_images": 40, "eval_images": 20,
+                           "seeds": 2, "expansion": 2, "k": 4, "top_k": 2})
+    cfg.cache_dir = str(tmp_path / "cache")
+    out = levels.level_claims(cfg, "layer")
+    assert {c.id for c in out} >= {"layer.nmse", "layer.dead", "layer.selectivity"}
+    assert all(c.sensitivity.split(":")[0] in (claims.SEES, claims.BLIND, "undecided") for c in out), \
+        [c.sensitivity for c in out]

@@ -276,8 +276,11 @@ def sae_feature_metrics(cfg, sparsity: float, tokens: str | None = None, k: int 
 
 
 def layer_claims(runs: list[dict], j: Judge) -> list[Claim]:
-    """``runs[g] = {"by_sparsity": {sparsity: [quality row per SAE seed]}, "control": [...]}``."""
+    """``runs[g] = {"by_sparsity": {sparsity: [quality row per SAE seed]}, "control": [...]}``; with
+    ``"random_weights"`` (SAEs of the random-weights model; ``features`` too), every claim carries the
+    metric-sensitivity check (Heap et al. 2025: SAEs reconstruct random transformers about as well)."""
     first = runs[0]
+    rw = first.get("random_weights") is not None
     sparsities = sorted(first["by_sparsity"])
     top = sparsities[-1]
     tag = f"dense to {top:.0%}"
@@ -295,19 +298,23 @@ def layer_claims(runs: list[dict], j: Judge) -> list[Claim]:
                         dense=[per_seed(r["by_sparsity"][0.0], "NMSE") for r in runs],
                         at_level=[per_seed(r["by_sparsity"][top], "NMSE") for r in runs],
                         control=[per_seed(r["control"], "NMSE") for r in runs], unit="SAE seeds", fmt=".4f",
-                        curve=series("NMSE"))]
+                        curve=series("NMSE"),
+                        random_weights=[per_seed(r["random_weights"], "NMSE") for r in runs] if rw else None)]
     out.append(change_claim(j, id="layer.dead", level="layer", claim=f"dead latents fall from {tag} (fraction of latents)",
                             paper="85.9 -> 68.3 (of 24,576)", metric="dead_fraction", expected="-",
                             dense=[per_seed(r["by_sparsity"][0.0], "dead %", 0.01) for r in runs],
                             at_level=[per_seed(r["by_sparsity"][top], "dead %", 0.01) for r in runs],
                             control=[per_seed(r["control"], "dead %", 0.01) for r in runs], unit="SAE seeds",
-                            fmt=".4f", curve=series("dead %", 0.01)))
+                            fmt=".4f", curve=series("dead %", 0.01),
+                            random_weights=[per_seed(r["random_weights"], "dead %", 0.01) for r in runs] if rw else None))
     if first.get("features") is not None:  # Fig. 3: the four metrics on SAE latents, per class
         def as_blocks(f):
             return {"blocks": [-1], **{m: as_array(f[m])[None] for m in ("selectivity", "label_entropy",
                                                                       "class_variance", "impact")}}
         feature_runs = [{"by_sparsity": {s: as_blocks(f) for s, f in r["features"]["by_sparsity"].items()},
-                         "control": as_blocks(r["features"]["control"])} for r in runs]
+                         "control": as_blocks(r["features"]["control"]),
+                         "random_weights": as_blocks(r["features"]["random_weights"])
+                         if r["features"].get("random_weights") is not None else None} for r in runs]
         out += neuron_claims(feature_runs, j, kind="layer")
         for c in out[-4:]:
             c.claim = "SAE latents: " + c.claim
@@ -316,9 +323,12 @@ def layer_claims(runs: list[dict], j: Judge) -> list[Claim]:
 
 
 def gather(cfg) -> dict:
-    """SAE quality per SAE seed and the latents' metrics, for dense, every level and the control."""
-    out = over_models(lambda s, method: quality_over_seeds(cfg, s, method=method), cfg.sae.sparsities)
-    out["features"] = over_models(lambda s, method: sae_feature_metrics(cfg, s, method=method), cfg.sae.sparsities)
+    """SAE quality per SAE seed and the latents' metrics, for dense, every level, the control and the
+    random-weights model (the metric-sensitivity check)."""
+    out = over_models(lambda s, method: quality_over_seeds(cfg, s, method=method), cfg.sae.sparsities,
+                      random_weights=True)
+    out["features"] = over_models(lambda s, method: sae_feature_metrics(cfg, s, method=method), cfg.sae.sparsities,
+                                  random_weights=True)
     return out
 
 
@@ -333,7 +343,7 @@ def pieces(cfg) -> list[Piece]:
     """Each model's SAEs and latent metrics (:func:`model_results`), then the chapter's sweeps of
     Tables 5 and 6 (one SAE each, :func:`sweep_rows`)."""
     s_cfg = cfg.sae
-    out = model_pieces("SAEs", model_results, s_cfg.sparsities, cost=60)
+    out = model_pieces("SAEs", model_results, s_cfg.sparsities, cost=60, random_weights=True)
     for s in with_dense(s_cfg.sparsities):
         for spec in sweep_rows(s_cfg.tokens, s_cfg.k, s_cfg.expansion, dense=(s == 0)):
             if (spec["tokens"], spec["k"], spec["expansion"]) == (s_cfg.tokens, s_cfg.k, s_cfg.expansion):
