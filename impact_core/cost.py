@@ -1068,7 +1068,7 @@ def _replicated_levels(book: "_Book", first: bool) -> None:
     # circuit: every level at its k, the control, the sparsest level and the control at the dense k,
     # the k sweep at the sparsest level (the chapter's, in the book)
     levels = book.with_dense(cc.sparsities)
-    for s, m in book.analysed(cc.sparsities):
+    for s, m in book.analysed(cc.sparsities) + [(0.0, RANDOM_WEIGHTS)]:
         book.circuits("circuit", s, m, circuit_level.default_k(cfg, s, m))
     top = max(levels)
     if top > 0:

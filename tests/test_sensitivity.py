@@ -139,3 +139,43 @@ def test_the_layer_level_judges_sensitivity_on_the_random_weights_models_saes(ti
     assert {c.id for c in out} >= {"layer.nmse", "layer.dead", "layer.selectivity"}
     assert all(c.sensitivity.split(":")[0] in (claims.SEES, claims.BLIND, "undecided") for c in out), \
         [c.sensitivity for c in out]
+
+
+def test_circuit_claims_carry_the_check_and_turn_blind_only_on_no_change():
+    import torch
+
+    from impact_core.levels.circuit import circuit_claims
+
+    rng = np.random.default_rng(4)
+
+    def result(node, size, n=30):
+        noise = lambda: torch.tensor(rng.normal(0, 0.002, n))  # noqa: E731
+        return {"node_fraction": node + noise(), "size_dense": size + noise(), "size_remaining": size + noise(),
+                "ncq": 0.9 * (1 - node) + noise(), "acc_circuit": torch.full((n,), 0.9, dtype=torch.float64),
+                "acc_ablated": 0.5 + noise(), "acc_random_ablated": 0.8 + noise()[:, None].repeat(1, 3)}
+
+    dense = result(0.3, 0.3)
+    run = {"by_sparsity": {0.0: dense, 0.7: result(0.3, 0.3)}, "control": result(0.3, 0.3), "equal_k": None,
+           "pruning_only": None, "random_weights": result(0.3, 0.3)}
+    out = {c.id: c for c in circuit_claims([run], J)}
+    assert out["circuit.nodes"].verdict == claims.METRIC_BLIND  # no change, on a metric blind to training
+    assert out["circuit.ablation_dense"].sensitivity == ""     # undefined at chance: no check
+    seeing = dict(run, random_weights=result(0.9, 0.9))
+    out = {c.id: c for c in circuit_claims([seeing], J)}
+    assert out["circuit.nodes"].verdict == claims.NOT_REPRODUCED and out["circuit.nodes"].sensitivity.startswith("sees")
+
+
+def test_the_circuit_level_trains_circuits_on_the_random_weights_model(tiny_fmnist, tmp_path):
+    from impact_core import levels, pipeline
+    from impact_core.levels import circuit
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tiny_fmnist, pruning={"finetune_images": 16, "finetune_batch_size": 16},
+                      circuit={"sparsities": [0.5], "classes": [0, 1], "epochs": 1, "step_size": 1, "lr": 0.1,
+                               "batch_size": 2, "train_images_per_class": 2, "eval_images_per_class": 2,
+                               "k_sweep": [0.00008]})
+    cfg.cache_dir = str(tmp_path / "cache")
+    rw = circuit.circuit_results(cfg, 0.0, method=pipeline.RANDOM_WEIGHTS)
+    assert rw["node_fraction"].shape == (2,)
+    out = {c.id: c for c in levels.level_claims(cfg, "circuit")}
+    assert out["circuit.nodes"].sensitivity.split(":")[0] in (claims.SEES, claims.BLIND, "undecided")

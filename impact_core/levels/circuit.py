@@ -36,8 +36,8 @@ def resolve_classes(cfg: Config) -> list[int]:
 
 
 def default_k(cfg: Config, sparsity: float, method: str = "wanda") -> float:
-    """App. C.2: k = 8e-5 (``k_dense``) for the dense model, 4e-5 (``k_sparse``) for the pruned ones and
-    for the control (fine-tuned like them, so it gets their coefficient)."""
+    """App. C.2: k = 8e-5 (``k_dense``) for the dense model (and the random-weights model, dense too), 4e-5
+    (``k_sparse``) for the pruned ones and for the control (fine-tuned like them, so it gets their coefficient)."""
     return cfg.circuit.k_dense if sparsity == 0 and method != pipeline.CONTROL else cfg.circuit.k_sparse
 
 
@@ -150,7 +150,10 @@ def summary(res: dict, pruning_only: Optional[dict] = None) -> dict[str, tuple[f
 def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
     """``runs[g] = {"by_sparsity": {s: circuit_results}, "control": circuit_results or None,
     "equal_k": circuits of the sparsest level at the dense k or None, "equal_k_control": the
-    control's circuits at the dense k or None, "pruning_only": dict or None}``."""
+    control's circuits at the dense k or None, "pruning_only": dict or None, "random_weights": the
+    random-weights model's circuits or None}``. With the random-weights model, the edge, node and NCQ claims
+    carry the metric-sensitivity check; the ablation-to-chance claims do not (a model at chance has no
+    accuracy for its circuit to carry, so the check is undefined there)."""
     first = runs[0]
     sparsities = sorted(first["by_sparsity"])
     top = sparsities[-1]
@@ -167,6 +170,9 @@ def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
             return [get(r["control"], key) for r in runs] if has_control else None
         return [get(r["by_sparsity"][which], key) for r in runs]
 
+    def random_weights(key):
+        return [get(r["random_weights"], key) for r in runs] if first.get("random_weights") is not None else None
+
     def curve(key):
         c = {s: arrays(key, s) for s in sparsities if s > 0}
         if has_control:
@@ -180,17 +186,19 @@ def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
                             paper="32.4% -> 12.9% (2.5x fewer)", metric="edge_size", expected="-",
                             dense=arrays("size_dense", 0.0), at_level=arrays("size_dense", top),
                             control=arrays("size_dense", "control"), scale=100, fmt=".2f", curve=curve("size_dense"),
-                            counterfactual=cf, magnitude=("ratio", 2.5), **common))
+                            counterfactual=cf, magnitude=("ratio", 2.5), random_weights=random_weights("size_dense"),
+                            **common))
     out.append(change_claim(j, id="circuit.edges_remaining",
                             claim=f"circuit edges fall from {tag} as a share of the weights the model still has",
                             paper="32.4% -> 43.1% implied by Table 3 (rises)", metric="edge_size", expected="-",
                             dense=arrays("size_remaining", 0.0), at_level=arrays("size_remaining", top),
                             control=arrays("size_remaining", "control"), scale=100, fmt=".2f",
-                            curve=curve("size_remaining"), **common))
+                            curve=curve("size_remaining"), random_weights=random_weights("size_remaining"), **common))
     out.append(change_claim(j, id="circuit.nodes", claim=f"node fraction rises from {tag}", paper="29.0% -> 41.6%",
                             metric="node_fraction", expected="+", dense=arrays("node_fraction", 0.0),
                             at_level=arrays("node_fraction", top), control=arrays("node_fraction", "control"),
-                            scale=100, fmt=".2f", curve=curve("node_fraction"), **common))
+                            scale=100, fmt=".2f", curve=curve("node_fraction"),
+                            random_weights=random_weights("node_fraction"), **common))
     if first.get("equal_k") is not None:
         out.append(change_claim(j, id="circuit.nodes_equal_k",
                                 claim=f"node fraction rises from {tag} at the dense model's k",
@@ -203,12 +211,12 @@ def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
     out.append(change_claim(j, id="circuit.ncq", claim=f"NCQ (Eq. 12, node form) rises from {tag}",
                             paper="0.602 -> 0.780", metric="ncq", expected="+", dense=arrays("ncq", 0.0),
                             at_level=arrays("ncq", top), control=arrays("ncq", "control"), curve=curve("ncq"),
-                            **common))
+                            random_weights=random_weights("ncq"), **common))
     out.append(change_claim(j, id="circuit.ncq_edges",
                             claim=f"NCQ as the paper's tables print it, Acc x (1 - edge size), rises from {tag}",
                             paper="0.602 -> 0.780", metric="ncq", expected="+", dense=arrays("ncq_edges", 0.0),
                             at_level=arrays("ncq_edges", top), control=arrays("ncq_edges", "control"),
-                            curve=curve("ncq_edges"), **common))
+                            curve=curve("ncq_edges"), random_weights=random_weights("ncq_edges"), **common))
     if first.get("equal_k") is not None:
         out.append(change_claim(j, id="circuit.collapse",
                                 claim=f"at {top:.0%}, the dense model's k lowers circuit accuracy (circuit collapse)",
@@ -248,14 +256,15 @@ def gather(cfg) -> dict:
             "control": circuit_results(cfg, 0.0, method=CONTROL),
             "equal_k": circuit_results(cfg, top, k=cfg.circuit.k_dense) if top > 0 else None,
             "equal_k_control": circuit_results(cfg, 0.0, k=cfg.circuit.k_dense, method=CONTROL),
-            "pruning_only": pruning_only_edges(cfg, top) if top > 0 else None}
+            "pruning_only": pruning_only_edges(cfg, top) if top > 0 else None,
+            "random_weights": circuit_results(cfg, 0.0, method=pipeline.RANDOM_WEIGHTS)}
 
 
 def pieces(cfg) -> list[Piece]:
     """The circuits :func:`gather` reads (each model at its k; the sparsest and the control also at the
     dense k) and the chapter's k sweep of Table 7 at the sparsest level."""
     top = max(with_dense(cfg.circuit.sparsities))
-    out = model_pieces("circuits", circuit_results, cfg.circuit.sparsities, cost=70)
+    out = model_pieces("circuits", circuit_results, cfg.circuit.sparsities, cost=70, random_weights=True)
     out.append(Piece("circuits at the dense k, control", circuit_results, (0.0,),
                      {"k": cfg.circuit.k_dense, "method": CONTROL}, of=(0.0, CONTROL), cost=70))
     if top > 0:
