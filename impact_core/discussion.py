@@ -37,6 +37,20 @@ def dose_groups(claims: list[Claim]) -> dict[str, list[str]]:
     return groups
 
 
+def sensitivity_groups(claims: list[Claim]) -> dict[str, list[str]]:
+    """The claims by their metric-sensitivity reading (trained dense against random weights,
+    :func:`impact_core.claims.judge_sensitivity`): ``sees``, ``blind``, ``undecided``; ``informative_nulls``:
+    the "no change" findings (reproduced no-change claims) whose metric is shown to see."""
+    groups = {"sees": [], "blind": [], "undecided": [], "informative_nulls": []}
+    for c in claims:
+        reading = c.sensitivity.split(":")[0] if c.sensitivity else ""
+        if reading in groups:
+            groups[reading].append(c.claim)
+        if reading == "sees" and c.verdict == REPRODUCED and c.rule.endswith("judge_no_change"):
+            groups["informative_nulls"].append(c.claim)
+    return groups
+
+
 def dose_response(claims: list[Claim]) -> pd.DataFrame:
     """One row per (change claim, model): the judged quantity's mean and 95% interval against
     sparsity (the control at 0), and the claim's trend reading."""
@@ -62,6 +76,7 @@ def glue_values(claims: list[Claim], seeds, replicates: int = 1) -> dict:
     joined = lambda items: "; ".join(items) if items else "none"  # noqa: E731
     out.update({f"list_{k}": joined(v) for k, v in survival(claims).items()})
     out.update({f"dose_{k.replace(' ', '_')}": joined(v) for k, v in dose_groups(claims).items()})
+    out.update({f"sens_{k}": joined(v) for k, v in sensitivity_groups(claims).items()})
     replicated = (f" Every pruned model a claim reads, the control and every analysis ran as {replicates} replicates "
                   "of the pipeline's stochastic stages (calibration draw, fine-tuning, SAE seeds, circuit masks, "
                   "random baselines) on each dense model; the chapter 'Sparsity trained in' reads replicate 0."

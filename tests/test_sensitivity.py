@@ -179,3 +179,18 @@ def test_the_circuit_level_trains_circuits_on_the_random_weights_model(tiny_fmni
     assert rw["node_fraction"].shape == (2,)
     out = {c.id: c for c in levels.level_claims(cfg, "circuit")}
     assert out["circuit.nodes"].sensitivity.split(":")[0] in (claims.SEES, claims.BLIND, "undecided")
+
+
+def test_the_discussion_groups_claims_by_what_their_metric_can_see():
+    from impact_core import discussion
+
+    def claim(verdict, sensitivity, rule="level minus control per (block, level), paired; judge_no_change"):
+        return claims.Claim(id="x", level="neuron", claim=f"{verdict} / {sensitivity}", paper="-", ours="-",
+                            effect="-", control="-", margin="-", verdict=verdict, rule=rule, sensitivity=sensitivity)
+
+    out = discussion.sensitivity_groups([claim(claims.REPRODUCED, "sees: ..."), claim(claims.METRIC_BLIND, "blind: ..."),
+                                         claim(claims.INCONCLUSIVE, "undecided: ..."), claim(claims.REPRODUCED, "")])
+    assert out["sees"] == out["informative_nulls"] == ["reproduced / sees: ..."]
+    assert out["blind"] == ["metric blind / blind: ..."] and out["undecided"] == ["inconclusive / undecided: ..."]
+    values = discussion.glue_values([claim(claims.METRIC_BLIND, "blind: ...")], [0])
+    assert values["n_metric_blind"] == 1 and values["sens_blind"] == "metric blind / blind: ..."
