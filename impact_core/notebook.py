@@ -102,7 +102,7 @@ def glue(key: str, value: Any, display: bool = False) -> Any:
 
 
 CLAIM_FIELDS = ("claim", "paper", "ours", "effect", "vs_dense", "control", "margin", "verdict", "magnitude", "trend",
-                "why", "seeds")
+                "why", "seeds", "sensitivity")
 
 
 def glue_claims(claims):
