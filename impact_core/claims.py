@@ -70,11 +70,23 @@ class Claim:
     why: str = ""
     seeds: str = ""        # with several training seeds: for how many the claim holds on its own
     sensitivity: str = ""  # trained dense minus random weights on the claim's metric (judge_sensitivity)
+    family: str = ""       # the claim this one is a variant of (per sparsity, substitute, ...); default: its id
     curve: list = field(default_factory=list, repr=False)  # [(label, sparsity, Estimate)] for figures
+    # the numbers behind ``effect`` / ``control`` / ``margin`` for the forest plot (unscaled: the margin's units)
+    estimate: Optional[Estimate] = field(default=None, repr=False)          # the judged quantity
+    control_estimate: Optional[Estimate] = field(default=None, repr=False)  # control minus dense
+    margin_value: Optional[float] = field(default=None, repr=False)
+    expected: str = field(default="", repr=False)  # the claimed side: "+", "-", or "0" (no change, chance)
+
+    NUMERIC = ("curve", "estimate", "control_estimate", "margin_value", "expected")
+
+    def __post_init__(self):
+        self.family = self.family or self.id
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("curve")
+        for name in self.NUMERIC:
+            d.pop(name)
         return d
 
     @property
@@ -329,7 +341,8 @@ def as_array(x) -> np.ndarray:
 def change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metric: str, expected: str,
                  dense: Sequence, at_level: Sequence, control: Optional[Sequence], unit: str, scale: float = 1.0,
                  fmt: str = ".3f", curve: Optional[dict] = None, counterfactual: Optional[Sequence] = None,
-                 magnitude: Optional[tuple[str, float]] = None, random_weights: Optional[Sequence] = None) -> Claim:
+                 magnitude: Optional[tuple[str, float]] = None, random_weights: Optional[Sequence] = None,
+                 family: str = "") -> Claim:
     """A change claim from per-unit arrays, one per training seed (``dense[g]``, ``at_level[g]``,
     ``control[g]``: the same units); ``curve``: {sparsity: per-seed arrays} for the trend
     (the control stands at sparsity 0); ``counterfactual``: the pruning-only arrays (edges);
@@ -350,7 +363,8 @@ def change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metri
     c = Claim(id=id, level=level, claim=claim, paper=paper, ours=f"{d_mean:{fmt}} -> {l_mean:{fmt}}",
               effect=(beyond or eff).scaled(scale).text(f), control=ctl.scaled(scale).text(f) if ctl else "n/a",
               margin=f"+-{margin * scale:g}", verdict=verdict, why=why, vs_dense=eff.scaled(scale).text(f),
-              rule="judge_change: level minus control, paired" if ctl else "judge_direction: level minus dense, paired")
+              rule="judge_change: level minus control, paired" if ctl else "judge_direction: level minus dense, paired",
+              estimate=beyond or eff, control_estimate=ctl, margin_value=margin, expected=expected, family=family)
     if random_weights is not None:
         with_sensitivity(j, c, {"dense": (random_weights, dense)}, margin, unit,
                          no_change=verdict == NOT_REPRODUCED and why.startswith("no change"))
@@ -387,7 +401,8 @@ def no_change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, me
               effect=f"largest: {worst.text('+.3f')}" if worst else "n/a", control="see the chapter",
               margin=f"+-{margin:g}", verdict=verdict,
               why=f"Holm-corrected equivalence and change tests over {info['n']} comparisons{needed}",
-              rule="level minus control per (block, level), paired; judge_no_change")
+              rule="level minus control per (block, level), paired; judge_no_change",
+              estimate=worst, margin_value=margin, expected="0")
     if sensitivity:
         with_sensitivity(j, c, sensitivity, margin, unit, no_change=verdict == REPRODUCED)
     return c
@@ -473,18 +488,21 @@ def _mean_of(arrays, scale: float) -> float:
 
 def comparison_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metric: str, expected: str,
                      a, b, unit: str, labels: tuple[str, str] = ("A", "B"), scale: float = 1.0,
-                     fmt: str = ".3f") -> Claim:
+                     fmt: str = ".3f", family: str = "") -> Claim:
     """Model B against model A on the same units, judged on **B minus A**, paired (no control:
     both are the models under test). ``a[g]``, ``b[g]``: one array per training seed, the same
     units in the same order; ``expected``: the side of 0 the claim says B - A lies on.
 
     ``a`` and ``b`` may instead be dicts ``{name: per-seed arrays}`` over the same names (blocks):
-    a family judged with :func:`judge_direction_family` (Holm)."""
+    a family judged with :func:`judge_direction_family` (Holm); the forest plot shows its weakest comparison
+    (the one least far on the claimed side). ``family``: the claim this one is a variant of."""
     margin = j.margins[metric]
     f = "+" + fmt
     if isinstance(a, dict):
         fam = {k: j.diff(list(zip(a[k], b[k])), unit) for k in a}
         verdict, why = judge_direction_family(list(fam.values()), expected, margin)
+        sign = -1.0 if expected == "-" else 1.0
+        eff = min(fam.values(), key=lambda e: sign * e.value)  # the forest shows the weakest comparison
         ours = "; ".join(f"{k}: {_mean_of(a[k], scale):{fmt}} vs {_mean_of(b[k], scale):{fmt}}" for k in a)
         effect = "; ".join(f"{k}: {e.scaled(scale).text(f)}" for k, e in fam.items())
         rule = (f"judge_direction_family: {labels[1]} minus {labels[0]}, paired over {unit}, "
@@ -495,4 +513,5 @@ def comparison_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, m
         ours, effect = f"{_mean_of(a, scale):{fmt}} vs {_mean_of(b, scale):{fmt}}", eff.scaled(scale).text(f)
         rule = f"judge_direction: {labels[1]} minus {labels[0]}, paired over {unit}"
     return Claim(id=id, level=level, claim=claim, paper=paper, ours=f"{labels[0]} vs {labels[1]}: {ours}",
-                 effect=effect, control="n/a", margin=f"+-{margin * scale:g}", verdict=verdict, why=why, rule=rule)
+                 effect=effect, control="n/a", margin=f"+-{margin * scale:g}", verdict=verdict, why=why, rule=rule,
+                 family=family, estimate=eff, margin_value=margin, expected=expected)

@@ -7,20 +7,11 @@ the chapters are the same :class:`~impact_core.claims.Claim` objects.
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from .claims import (INCONCLUSIVE, METRIC_BLIND, NOT_REPRODUCED, PIPELINE, PRUNING, REPRODUCED, SMALL, Claim,
                      verdict_counts)
-
-
-def survival(claims: list[Claim]) -> dict[str, list[str]]:
-    """Which claims survive the controls, in plain groups for the discussion's opening."""
-    groups = {"survive": [], "small": [], "pipeline": [], "pruning": [], "not": [], "blind": [], "open": []}
-    for c in claims:
-        key = {REPRODUCED: "survive", SMALL: "small", PIPELINE: "pipeline", PRUNING: "pruning",
-               NOT_REPRODUCED: "not", METRIC_BLIND: "blind"}.get(c.verdict, "open")
-        groups[key].append(c.claim)
-    return groups
 
 
 def dose_groups(claims: list[Claim]) -> dict[str, list[str]]:
@@ -67,14 +58,16 @@ VERDICT_COLOURS = {REPRODUCED: "#d8f0d8", SMALL: "#e9f3d2", NOT_REPRODUCED: "#f6
 
 
 def glue_values(claims: list[Claim], seeds, replicates: int = 1) -> dict:
-    """Everything the discussion's prose states: counts per verdict, the claims of each
-    :func:`survival` and :func:`dose_groups` group, and the note on training seeds."""
+    """Everything the discussion's prose states: counts per verdict (claims and variants; ``family_counts``:
+    per claim, its variants grouped, :func:`family_verdict`), the claims of each :func:`dose_groups` and
+    :func:`sensitivity_groups` group, and the note on training seeds."""
     counts = verdict_counts(claims)
     names = {REPRODUCED: "reproduced", SMALL: "small", NOT_REPRODUCED: "not_reproduced", INCONCLUSIVE: "inconclusive",
              PIPELINE: "pipeline", PRUNING: "pruning", METRIC_BLIND: "metric_blind"}
     out = {"n_claims": len(claims), "n_seeds": len(seeds), **{f"n_{names[v]}": n for v, n in counts.items()}}
     joined = lambda items: "; ".join(items) if items else "none"  # noqa: E731
-    out.update({f"list_{k}": joined(v) for k, v in survival(claims).items()})
+    out["n_families"] = len(families(claims))
+    out["family_counts"] = family_tally(claims)
     out.update({f"dose_{k.replace(' ', '_')}": joined(v) for k, v in dose_groups(claims).items()})
     out.update({f"sens_{k}": joined(v) for k, v in sensitivity_groups(claims).items()})
     replicated = (f" Every pruned model a claim reads, the control and every analysis ran as {replicates} replicates "
@@ -97,6 +90,236 @@ def glue_values(claims: list[Claim], seeds, replicates: int = 1) -> dict:
                              "seeds within that run and cannot contain the run-to-run noise of fine-tuning and the "
                              "analyses (set the preset key replicates, or build with PRESET=seeds).")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's questions: the answer per question and one picture of every claim
+# ---------------------------------------------------------------------------------------------
+QUESTIONS = {
+    "pruning": "Pruning: does Wanda keep the model's accuracy?",
+    "neuron": "Neuron: are units more selective, less polysemantic?",
+    "layer": "Layer: are representations more disentangled?",
+    "circuit": "Circuit: are class circuits smaller?",
+    "model": "Model: are explanations more faithful?",
+    "sparse_training.trained": "Sparsity trained in (ours): is a model trained sparse simpler than a pruned one?",
+    "sparse_training.2_4": "2:4 sparsity (ours): does the 2:4 pattern make pruning simpler?",
+}
+"""The paper's questions (Sec. 3's four levels, with pruning first) and the two this book adds, in the
+book's order. A claim's question is its level, except that chapter 6 asks two (:func:`question_of`); a level
+not named here asks its own (its name)."""
+
+
+def question_of(c: Claim) -> str:
+    """The key of ``c``'s question in :data:`QUESTIONS`: its level; chapter 6's claims split by the comparison
+    their family names (``sparse_training.<trained|2_4>.<metric>``)."""
+    if c.level == "sparse_training":
+        return "sparse_training.2_4" if c.family.split(".")[1:2] == ["2_4"] else "sparse_training.trained"
+    return c.level
+
+
+def by_question(claims: list[Claim]) -> dict[str, list[Claim]]:
+    """The claims per question, in the order of :data:`QUESTIONS` (other questions after, as met)."""
+    out = {q: [] for q in QUESTIONS}
+    for c in claims:
+        out.setdefault(question_of(c), []).append(c)
+    return {q: cs for q, cs in out.items() if cs}
+
+
+def families(claims: list[Claim]) -> dict[str, list[Claim]]:
+    """The claims grouped under the claim they are variants of (:attr:`Claim.family`: per sparsity,
+    per substitute, per trained-sparse level), in order of first appearance."""
+    out: dict[str, list[Claim]] = {}
+    for c in claims:
+        out.setdefault(c.family, []).append(c)
+    return out
+
+
+def family_verdict(variants: list[Claim]) -> str:
+    """One verdict for a claim and its variants: the common verdict, or "mixed" when they disagree."""
+    verdicts = {c.verdict for c in variants}
+    return verdicts.pop() if len(verdicts) == 1 else "mixed"
+
+
+def family_tally(claims: list[Claim]) -> str:
+    """The verdicts counted once per claim, its variants grouped (:func:`family_verdict`), most frequent first:
+    "3 not reproduced, 2 reproduced, 1 mixed"."""
+    from collections import Counter
+
+    tally = Counter(family_verdict(vs) for vs in families(claims).values())
+    return ", ".join(f"{n} {v}" for v, n in tally.most_common())
+
+
+def _title(variants: list[Claim]) -> str:
+    """The claim's words, without the variant's parenthesis when there are several variants."""
+    text = variants[0].claim
+    return text.rsplit(" (", 1)[0] if len(variants) > 1 and text.endswith(")") else text
+
+
+def _effect_words(c: Claim) -> str:
+    """The judged effect in the claim's own units, as the table writes it, without the unit's details."""
+    return c.effect.split(" (")[0] if c.effect not in ("", "n/a") else c.ours
+
+
+def _would_decide(c: Claim) -> str:
+    """What would decide an inconclusive claim, from its judged interval (:func:`impact_core.stats.samples_needed`)."""
+    from .stats import samples_needed
+
+    est = c.estimate
+    if est is None or c.margin_value is None:
+        return "a measurement"
+    n = samples_needed(est, c.margin_value, kind="equivalence" if c.expected == "0" else "direction")
+    unit = est.unit.split(" (")[0]
+    if not n:
+        return "narrower intervals"
+    if unit == "classes":
+        return f"about {n} classes at this spread (there are {est.n}): replicates or training seeds"
+    return f"about {n} {unit}"
+
+
+def _listed(fams: dict[str, list[Claim]], keep) -> list[str]:
+    """The families with a variant ``keep`` accepts, in words: a lone claim with its judged effect, a claim
+    with variants with how many of them."""
+    out = []
+    for variants in fams.values():
+        kept = [c for c in variants if keep(c)]
+        if not kept:
+            continue
+        if len(variants) == 1:
+            c = kept[0]
+            out.append(f"{c.claim} ({'small: ' if c.verdict == SMALL else ''}{_effect_words(c)})")
+        else:
+            out.append(f"{_title(variants)} ({len(kept)} of {len(variants)} variants)")
+    return out
+
+
+def answer(question: str, claims: list[Claim]) -> str:
+    """The answer to one question in two or three sentences, from its claims: the counts (variants of one
+    claim grouped under it), what changed beyond the control and by how much, and what the data cannot
+    decide and what would."""
+    fams = families(claims)
+    verdicts = {name: family_verdict(vs) for name, vs in fams.items()}
+    n_var = len(claims)
+    counts = family_tally(claims)
+    parts = [f"{len(fams)} claim{'s' if len(fams) != 1 else ''}"
+             + (f" ({n_var} variants: per sparsity, substitute or level)" if n_var > len(fams) else "")
+             + f": {counts}."]
+    changed = _listed(fams, lambda c: c.verdict in (REPRODUCED, SMALL) and c.expected != "0")
+    held = _listed(fams, lambda c: c.verdict == REPRODUCED and c.expected == "0")
+    if changed:
+        second = "Shown to change as claimed (beyond the control where there is one): " + "; ".join(changed)
+    else:
+        explained = [_title(vs) for name, vs in fams.items() if verdicts[name] in (PIPELINE, PRUNING)]
+        second = ("No change as claimed is shown beyond the control"
+                  + (f"; what changes, changes in the control or with pruning alone too ({'; '.join(explained)})"
+                     if explained else ""))
+    if held:
+        second += "; shown unchanged within the margin: " + "; ".join(held)
+    parts.append(second + ".")
+    open_ = [c for c in claims if c.verdict == INCONCLUSIVE and c.rule != "not measured"]
+    blind = [_title(vs) for name, vs in fams.items() if verdicts[name] == METRIC_BLIND]
+    tail = []
+    if open_:
+        tail.append("undecided: " + "; ".join(f"{c.claim} (would take {_would_decide(c)})" for c in open_))
+    if blind:
+        tail.append("'no change' says nothing for " + "; ".join(blind) + " (the metric cannot tell trained from "
+                    "random weights)")
+    if tail:
+        parts.append(("; ".join(tail)).capitalize() + ".")
+    return " ".join(parts)
+
+
+def answers(claims: list[Claim]) -> dict[str, str]:
+    """:func:`answer` for every question the claims ask, keyed as :data:`QUESTIONS`."""
+    return {q: answer(q, cs) for q, cs in by_question(claims).items()}
+
+
+def answers_html(claims: list[Claim]):
+    """The answers as a list (question in bold, then its answer), as ``IPython.display.HTML`` so that it
+    displays as it is in the discussion and wherever it is glued (the landing page)."""
+    from html import escape
+
+    from IPython.display import HTML
+
+    items = "".join(f"<li><strong>{escape(QUESTIONS.get(q, q))}</strong> {escape(text)}</li>"
+                    for q, text in answers(claims).items())
+    return HTML(f'<ul class="impact-answers">{items}</ul>')
+
+
+VERDICT_POINT_COLOURS = {REPRODUCED: "#2e8b3a", SMALL: "#8aa62b", NOT_REPRODUCED: "#c0392b",
+                         INCONCLUSIVE: "#c9a227", PIPELINE: "#3b6fc4", PRUNING: "#8e5bb5", METRIC_BLIND: "#8c8c8c"}
+FOREST_LIMIT = 6.0  # the forest's axis, in margins; a point beyond it is drawn at the edge with an arrow
+
+
+def forest_data(claims: list[Claim]) -> pd.DataFrame:
+    """One row per claim with a judged interval: its effect and the control's own effect, both **in units of
+    the claim's margin** and oriented so that the paper's claimed side is positive (a "no change" or
+    "to chance" claim keeps its sign: 0 is the claim, +-1 the margin). The raw values stay beside them.
+
+    The judged effect is the level minus the control where there is a control, else the level minus dense
+    (or B minus A); for a family of comparisons (no-change claims, per-block comparisons) it is the one
+    the table's *effect* names (the largest; the weakest on the claimed side). "Wanda keeps 96%" is the
+    ratio minus 0.96, on top-1's margin. Claims not measured have no row."""
+    rows = []
+    for c in claims:
+        if c.estimate is None or not c.margin_value:
+            continue
+        sign = -1.0 if c.expected == "-" else 1.0
+        k = sign / c.margin_value
+        ctl = c.control_estimate
+        lo, hi = sorted((c.estimate.low * k, c.estimate.high * k))
+        row = {"id": c.id, "question": question_of(c), "family": c.family, "claim": c.claim, "verdict": c.verdict,
+               "claimed side": {"+": "rises", "-": "falls", "0": "no change"}.get(c.expected, c.expected),
+               "effect / margin": c.estimate.value * k, "low / margin": lo, "high / margin": hi,
+               "effect": c.estimate.value, "low": c.estimate.low, "high": c.estimate.high,
+               "margin": c.margin_value, "unit": c.estimate.unit, "n": c.estimate.n}
+        if ctl is not None:
+            clo, chi = sorted((ctl.low * k, ctl.high * k))
+            row.update({"control / margin": ctl.value * k, "control low / margin": clo, "control high / margin": chi})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def forest_figure(claims: list[Claim]):
+    """One picture of every claim (:func:`forest_data`): each claim's judged effect with its 95% interval on
+    one axis in margins (the band is +-1: the smallest effect of interest; right is the paper's claimed
+    side), the control's own effect beside it (hollow), grouped by question, coloured by verdict."""
+    data = forest_data(claims)
+    lim = FOREST_LIMIT
+    clip = lambda x: float(np.clip(x, -lim, lim))  # noqa: E731
+    height = 0.28 * (len(data) + 2 * data["question"].nunique()) + 1.2
+    fig, ax = plt.subplots(figsize=(11, max(3.0, height)))
+    y, ticks, labels = 0.0, [], []
+    for q in [q for q in by_question(claims) if q in set(data["question"])]:  # the book's order
+        y -= 0.6
+        ax.text(-lim, y, QUESTIONS.get(q, q), fontsize=8.5, fontweight="bold", va="center")
+        y -= 0.8
+        for _, r in data[data.question == q].iterrows():
+            colour = VERDICT_POINT_COLOURS.get(r["verdict"], "black")
+            ax.hlines(y, clip(r["low / margin"]), clip(r["high / margin"]), color=colour, lw=2)
+            x = r["effect / margin"]
+            ax.plot(clip(x), y, marker=">" if x > lim else "<" if x < -lim else "o", color=colour, ms=6)
+            if "control / margin" in r and pd.notna(r.get("control / margin")):
+                yc = y - 0.3
+                ax.hlines(yc, clip(r["control low / margin"]), clip(r["control high / margin"]), color="0.45", lw=1)
+                ax.plot(clip(r["control / margin"]), yc, marker="D", mfc="white", mec="0.3", ms=4)
+            ticks.append(y)
+            text = r["claim"]
+            labels.append(text if len(text) <= 70 else text[:67] + "...")
+            y -= 1.0
+    ax.axvspan(-1, 1, color="0.92", zorder=0)
+    ax.axvline(0, color="0.3", lw=0.8)
+    ax.set_yticks(ticks, labels, fontsize=7.5)
+    ax.set_ylim(y + 0.3, 0.2)
+    ax.set_xlim(-lim - 0.2, lim + 0.2)
+    ax.set_xlabel("judged effect in units of the claim's margin (grey band: +-1; right: the paper's claimed side;"
+                  " o level vs control, hollow diamond: the control alone)", fontsize=8)
+    from matplotlib.lines import Line2D
+
+    shown = [v for v in VERDICT_POINT_COLOURS if v in set(data["verdict"])]
+    ax.legend([Line2D([], [], color=VERDICT_POINT_COLOURS[v], marker="o", lw=2) for v in shown], shown,
+              fontsize=7.5, loc="lower right", framealpha=0.9)
+    fig.tight_layout()
+    return fig
 
 
 def margins_table(cfg) -> pd.DataFrame:

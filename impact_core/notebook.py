@@ -266,6 +266,25 @@ class TableDownloads:
                 f"download CSV</a></p>")
 
 
+def csv_download(frame, name: str, page_depth: int | None = None, label: str = "download CSV"):
+    """Write ``frame`` as ``$IMPACT_REPORT_DIR/<name>`` (a figure's data, beside the figure) and return its
+    "download CSV" link as ``IPython.display.HTML``: relative to this chapter's page (``$IMPACT_REPORT_HREF``),
+    or, for a page ``page_depth`` folders below the html root that pastes it through glue, relative to that
+    page. Outside the book's runner (a plain papermill run) nothing is written and the HTML says so."""
+    from IPython.display import HTML
+
+    folder = os.environ.get("IMPACT_REPORT_DIR")
+    if not folder:
+        return HTML("<p><em>(the figure's data is written as CSV when the book is built: make book)</em></p>")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    frame.to_csv(Path(folder) / name, index=False)
+    base = (os.environ.get("IMPACT_REPORT_HREF", folder).rstrip("/") if page_depth is None
+            else "../" * page_depth + f"tables/{Path(folder).name}")
+    link = html.escape(f"{base}/{name}", quote=True)
+    return HTML(f'<p class="{CSV_LINK_CLASS}"><a href="{link}" download="{html.escape(name)}">{html.escape(label)}'
+                "</a></p>")
+
+
 def _inside_glue() -> bool:
     """Whether the current call comes from myst-nb's ``glue`` (its ``format_display_data``)."""
     frame = sys._getframe(1)

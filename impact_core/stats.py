@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -76,6 +76,10 @@ class Estimate:
     def scaled(self, k: float) -> "Estimate":
         lo, hi = sorted((self.low * k, self.high * k))
         return Estimate(self.value * k, lo, hi, self.unit, self.n, self.method, self.df, abs(self.se * k))
+
+    def shifted(self, c: float) -> "Estimate":
+        """The estimate of ``value + c`` (the same interval, moved)."""
+        return replace(self, value=self.value + c, low=self.low + c, high=self.high + c)
 
     def text(self, fmt: str = "+.3f") -> str:
         if not self.finite:

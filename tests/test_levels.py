@@ -85,7 +85,7 @@ def test_a_registered_level_is_prepared_judged_and_listed(toy_level, tiny_fmnist
     cfg = load_config(preset)
     out = levels.all_claims(cfg, ["toy"])
     assert [c.id for c in out] == ["toy.self"] and out[0].verdict == claims.REPRODUCED
-    assert "dense top-1 is above -0.5" in discussion.glue_values(out, [0])["list_survive"]
+    assert "dense top-1 is above -0.5" in discussion.answers(out)["toy"]  # a new level is a question of its own
     tasks = {t.name: t for t in plan(cfg, ["book/chapters/01_pruning", "book/chapters/07_toy",
                                            "book/chapters/07_discussion"])}
     assert "book/chapters/01_pruning" in tasks["book/chapters/07_toy"].needs  # ``after`` orders the chapters

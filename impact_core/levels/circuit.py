@@ -243,7 +243,8 @@ def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
                          effect=f"ablated - 0.5: {vs_chance.text('+.3f')}" + (
                              f"; random - circuit ablated: {gap.text('+.3f')}" if gap else "") + faith,
                          control="random node sets (same size per site)" if gap else "n/a",
-                         margin=f"+-{margin:g}", verdict=verdict, why=why, rule="judge_chance, per model"))
+                         margin=f"+-{margin:g}", verdict=verdict, why=why, rule="judge_chance, per model",
+                         family="circuit.ablation", estimate=vs_chance, margin_value=margin, expected="0"))
     return out
 
 

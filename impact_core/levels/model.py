@@ -324,7 +324,7 @@ def model_claims(runs: list[dict], j: Judge, method: str = "chefer") -> list[Cla
                              control=[gain(r["control"], ref, metric) for r in runs] if has_control else None,
                              unit="images", curve=curve,
                              random_weights=[gain(r["random_weights"], ref, metric) for r in runs]
-                             if first.get("random_weights") is not None else None)
+                             if first.get("random_weights") is not None else None, family=f"model.{metric}")
             c.ours = f"AUC {raw[0]:.3f} -> {raw[1]:.3f}; above random: {c.ours}"
             out.append(c)
     return out

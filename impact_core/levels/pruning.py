@@ -98,7 +98,9 @@ def pruning_claims(runs: list[dict], j: Judge) -> list[Claim]:
                          verdict=verdict, rule="ratio of top-1 (70% / dense) over images above 0.96; judge_threshold",
                          magnitude="the claim is the threshold",
                          why={REPRODUCED: "the whole interval is above 96%", NOT_REPRODUCED: "the whole interval "
-                              "is below 96%"}.get(verdict, "the interval covers 96%")))
+                              "is below 96%"}.get(verdict, "the interval covers 96%"),
+                         # the forest plot: the ratio's distance from the threshold, on top-1's margin
+                         estimate=est.shifted(-0.96), margin_value=j.margins["top1"], expected="+"))
     else:
         out.append(not_measured("pruning.retained", "pruning", title, "96.1%", "70% not in this preset"))
     sparsities = sorted({s for _, s in acc0})
@@ -114,7 +116,8 @@ def pruning_claims(runs: list[dict], j: Judge) -> list[Claim]:
                          margin=f"+-{100 * j.margins['top1']:g} pts", verdict=verdict, why=why,
                          rule="top-1 difference (Wanda - magnitude) over images; judge_direction",
                          magnitude=(f"{judge_magnitude(eff.scaled(100), 6.34, j.tolerance)}: vs +6.34 pts"
-                                    if hi == 0.9 else "paper's level (90%) not in this preset")))
+                                    if hi == 0.9 else "paper's level (90%) not in this preset"),
+                         estimate=eff, margin_value=j.margins["top1"], expected="+"))
     return out
 
 

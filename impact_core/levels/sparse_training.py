@@ -159,10 +159,10 @@ def _metrics(references) -> list[dict]:
              unit="SAE seeds", scale=1.0, fmt=".4f", words="fewer dead SAE latents (fraction)"),
     ]
     for ref in references:
-        out.append(dict(name=f"insertion_{ref}", level="model", get=gain(ref, "insertion"), expected="+",
+        out.append(dict(name=f"insertion_{ref}", family="insertion", level="model", get=gain(ref, "insertion"), expected="+",
                         metric="insertion", unit="images", scale=1.0, fmt=".3f",
                         words=f"a higher insertion AUC above random order (Chefer maps, {ref} substitute)"))
-        out.append(dict(name=f"deletion_{ref}", level="model", get=gain(ref, "deletion"), expected="-",
+        out.append(dict(name=f"deletion_{ref}", family="deletion", level="model", get=gain(ref, "deletion"), expected="-",
                         metric="deletion", unit="images", scale=1.0, fmt=".3f",
                         words=f"a lower deletion AUC above random order (Chefer maps, {ref} substitute)"))
     return out
@@ -197,7 +197,8 @@ def sparse_training_claims(runs: list[dict], j: Judge) -> list[Claim]:
                 b = {k: [x[k] for x in b] for k in b[0]}
             c = comparison_claim(j, id=cid, level=LEVEL, claim=claim, paper=paper, metric=m["metric"],
                                  expected=m["expected"], a=a, b=b, unit=m["unit"], scale=m["scale"], fmt=m["fmt"],
-                                 labels=(label(*comp["a"]), label(*comp["b"])))
+                                 labels=(label(*comp["a"]), label(*comp["b"])),
+                                 family=f"{LEVEL}.{comp['kind']}.{m.get('family', m['name'])}")
             out.append(c)
     return out
 
