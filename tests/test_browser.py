@@ -214,6 +214,29 @@ def test_landing_claims_table_has_one_row_per_claim(server, browser, smoke_book)
     assert info["claims"] == [n_claims], f"claims-table rows {info['claims']} != {n_claims} claims of the discussion"
 
 
+LANDING_ORDER = """
+const top = e => e ? e.getBoundingClientRect().top + window.scrollY : null;
+const answers = document.querySelector('ul.impact-answers');
+const forest = document.querySelector('a[href$="forest.csv"]');
+const table = document.querySelector('table.claims-table');
+return {answers: answers ? answers.querySelectorAll('li').length : 0, answersTop: top(answers),
+        forestTop: top(forest), tableTop: top(table), screen: window.innerHeight,
+        images: [...document.images].filter(i => top(i) < top(table) && i.naturalWidth > 0).length};
+"""
+
+
+def test_the_landing_page_opens_with_the_answer_then_every_claim_in_one_picture(server, browser, smoke_book):
+    """A reader's first screen holds the answer per question; the forest plot (with its data as CSV) comes
+    before the long claims table."""
+    base, html = server
+    browser.get(f"{base}/{landing_page(html)}")
+    order = browser.execute_script(LANDING_ORDER)
+    assert order["answers"] >= 5, order  # pruning, neuron, layer, circuit, model (and chapter 6's)
+    assert order["answersTop"] < order["screen"], order  # on the first screen
+    assert order["forestTop"] is not None and order["answersTop"] < order["forestTop"] < order["tableTop"], order
+    assert order["images"] >= 1, order  # the forest plot itself, above the table
+
+
 def test_screenshots_for_the_record(server, browser):
     base, html = server
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
