@@ -455,3 +455,123 @@ def gallery_figure(galleries: dict, title: str | None = None):
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# the chapter's tables and figures (book/chapters/05_model)
+# ---------------------------------------------------------------------------------------------
+CONTROL_ROW = "control (dense, fine-tuned, nothing pruned)"
+SUBSTITUTES = {"black": ": insert into / delete to black (0 in pixel space)",
+               "rise": ": insert into a blurred copy / delete to the data mean (RISE)",
+               "mean": ": insert into / delete to the data mean"}
+"""How each substitute inserts and deletes, as the chapter prints it above its Table 4."""
+
+
+def chapter_models(cfg: Config) -> list[tuple[str, float, str]]:
+    """The chapter's rows: ``(row label, sparsity, model kind)`` for dense, the control, then every level."""
+    from . import with_dense
+
+    return [("dense", 0.0, "wanda"), (CONTROL_ROW, 0.0, pipeline.CONTROL)] + \
+        [(pipeline.model_label(s), s, "wanda") for s in with_dense(cfg.attribution.sparsities) if s != 0.0]
+
+
+def table4_frames(cfg: Config, by_row: dict, models: list) -> tuple[list, pd.DataFrame]:
+    """What the chapter shows as Table 4: ``([(caption, frame)], scores)``: the top-1 of every row, then one
+    table per substitute (:func:`table4`), then the paper's Table 4; ``scores``: the primary substitute's
+    means of the levels (no control), for the prose."""
+    from ..paper_values import PAPER_TABLE_4
+
+    a = cfg.attribution
+    primary = a.references[0]
+    tables, scores = table4(by_row, a.references)
+    scores = scores[(scores.reference == primary) & (scores.model != CONTROL_ROW)]
+    source = "paper: Chefer, DeiT-III B/16, ImageNet"
+    paper = pd.DataFrame({pipeline.model_label(s): [PAPER_TABLE_4["insertion"][i], PAPER_TABLE_4["deletion"][i]]
+                          for i, s in enumerate(PAPER_TABLE_4["sparsity"])},
+                         index=pd.MultiIndex.from_tuples([(source, "insertion"), (source, "deletion")]))
+    top1 = {row: round(pipeline.accuracy(cfg, s, kind)["top1"], 4) for row, s, kind in models}
+    out = [(f"top-1 accuracy: {top1}", None)]
+    out += [(f"reference '{ref}'" + (" (primary)" if ref == primary else "") + SUBSTITUTES[ref], tables[ref])
+            for ref in a.references]
+    return out + [("", paper.map(lambda v: f"{v:.3f}"))], scores
+
+
+def reading_values(scores: pd.DataFrame, labels: list[str]) -> dict:
+    """Chefer's mean insertion and deletion AUC of dense and of the sparsest level (``labels``: the levels in
+    order, dense first), as the chapter's prose states them."""
+    chefer = scores[scores.method == "chefer"].set_index(["metric", "level"])["mean"]
+    return {"ins_dense": chefer["insertion", labels[0]], "del_dense": chefer["deletion", labels[0]],
+            "ins_last": chefer["insertion", labels[-1]], "del_last": chefer["deletion", labels[-1]],
+            "last_level": labels[-1]}
+
+
+def claim_sentences(claims: list[Claim]) -> dict:
+    """The claims in the chapter's words: every claim with its numbers and verdict, and the deletion claims'
+    verdict per substitute."""
+    return {"claims_sentence": " ".join(
+                f"{c.claim}: {c.ours}; beyond the control {c.effect}; the control alone {c.control}; verdict "
+                f"**{c.verdict}** ({c.why}); dose-response: {c.trend}." for c in claims),
+            "deletion_sentence": "; ".join(f"with the {c.id.split('_')[-1]} substitute {c.verdict} ({c.why})"
+                                           for c in claims if c.id.startswith("model.deletion_"))}
+
+
+def curves_figure(by_row: dict, references):
+    """Fig. 4's curves: p(target) against the fraction inserted / deleted, mean over images, per model and
+    method, one panel per (curve, substitute). Returns the seaborn FacetGrid."""
+    import seaborn as sns
+
+    curves = []
+    for res in by_row.values():
+        for ref in references:
+            for m in attr.METHODS:
+                for kind in ("insertion", "deletion"):
+                    c = res["scores"][ref][m][f"{kind}_curve"].numpy()
+                    curves += [{"fraction": k / (len(c) - 1), "probability": p, "model": res["level"],
+                                "method": m, "curve": f"{kind}, {ref}"} for k, p in enumerate(c)]
+    g = sns.relplot(data=pd.DataFrame(curves), x="fraction", y="probability", hue="model", style="method",
+                    col="curve", col_wrap=2, kind="line", height=3.0, aspect=1.3)
+    g.set_axis_labels("fraction of pixels inserted / deleted", "p(target class), mean over images")
+    return g
+
+
+def maps_figure(cfg: Config, by_row: dict):
+    """Fig. 4's maps: the dense model's figure images (one row each) and Chefer's map of every model."""
+    import matplotlib.pyplot as plt
+
+    first = by_row["dense"]
+    imgs = first["figure_images"]
+    names = pipeline.splits(cfg)["eval"].classes
+    labels = first["labels"][first["figure_positions"]]
+    n, cols = len(imgs), len(by_row) + 1
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
+    mean, std = np.array(cfg.model.mean)[:, None, None], np.array(cfg.model.std)[:, None, None]
+    for i in range(n):
+        img = (imgs[i].numpy() * std + mean).clip(0, 1).transpose(1, 2, 0)
+        axes[i, 0].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
+        axes[i, 0].set_ylabel(names[int(labels[i])], fontsize=7)
+        for j, res in enumerate(by_row.values()):
+            axes[i, j + 1].imshow(res["methods"]["chefer"]["figure_maps"][i].numpy(), cmap="jet", vmin=0, vmax=1)
+    for j, title in enumerate(["input"] + [res["level"] for res in by_row.values()]):
+        axes[0, j].set_title(title, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def conservation_display(conservation: dict[str, list[dict]]):
+    """:func:`conservation_summary` as the chapter shows it: ``(figure of the per-block ratio per rule, the
+    LayerScale rows' ratios per rule, what the prose states)``."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    cons, blocks, values = conservation_summary(conservation)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    sns.lineplot(data=blocks, x="block", y="ratio", hue="rule", marker="o", ax=ax)
+    ax.set_yscale("log")
+    ax.set_ylabel("relevance at input / at output")
+    ax.set_title("per-block conservation")
+    fig.tight_layout()
+    rows = cons[cons.layer.str.contains(r"\.(?:attn_out|mlp_out)$|^logits$", regex=True)]
+    return fig, rows.pivot_table(index="layer", columns="rule", values="ratio", sort=False).head(8), values

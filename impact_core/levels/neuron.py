@@ -346,3 +346,159 @@ def gallery_figure(galleries: dict, title: Optional[str] = None, what: str = "ac
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# the chapter's tables and figures (book/chapters/02_neuron)
+# ---------------------------------------------------------------------------------------------
+METRIC_NAMES = {"impact": "ablation impact (Eq. 2)", "selectivity": "selectivity, AUROC (Eq. 3)",
+                "class_variance": "class variance, CV (Eq. 4)", "label_entropy": "label entropy, nats (Eq. 6)"}
+"""The four metrics of Fig. 2, named as the chapter's figures and tables show them."""
+
+
+def setup_table(cfg) -> pd.DataFrame:
+    """The paper's Fig. 2 set-up beside ours: model, data, classes, blocks, top-K, levels, units, selection."""
+    from ..paper_values import PAPER_FIG_2
+    from . import with_dense
+
+    m, n = cfg.model, cfg.neuron
+    units_ours = (f"{int(m.embed_dim * m.mlp_ratio)} MLP neurons + {m.num_heads} heads (head activation: L2 norm "
+                  f"over D={m.embed_dim // m.num_heads})")
+    return pd.DataFrame({
+        "paper": [PAPER_FIG_2["model"], PAPER_FIG_2["dataset"], PAPER_FIG_2["classes"], str(PAPER_FIG_2["blocks"]),
+                  PAPER_FIG_2["top_k"], str(PAPER_FIG_2["sparsities"]), PAPER_FIG_2["units per block"],
+                  "top-K chosen and measured on the same images", "none"],
+        "ours": [f"{m.arch} ({m.depth} blocks, dim {m.embed_dim})", cfg.data.kind,
+                 m.num_classes if n.classes is None else min(n.classes, m.num_classes), str(n.blocks), n.top_k,
+                 str([s for s in with_dense(n.sparsities) if s > 0]), units_ours,
+                 "held-out: chosen on half of the images, measured on the other half (same-image shown too)",
+                 "dense fine-tuned as the pruned models, nothing pruned"],
+    }, index=["model", "data", "classes analysed", "blocks", "top-K", "sparsity levels", "units per block",
+              "unit selection", "control model"])
+
+
+def chapter_results(cfg) -> tuple[dict, dict, list]:
+    """The chapter's models: ``({sparsity: neuron_metrics}, the control's, [(sparsity, method, metrics)])``
+    in the order the tables show them (dense, the control, then every level)."""
+    from . import with_dense
+
+    results = {s: neuron_metrics(cfg, s) for s in with_dense(cfg.neuron.sparsities)}
+    control = neuron_metrics(cfg, 0.0, CONTROL)
+    models = [(0.0, "wanda", results[0.0]), (0.0, CONTROL, control)] + [(s, "wanda", r) for s, r in results.items()
+                                                                        if s > 0]
+    return results, control, models
+
+
+def models_table(cfg, models: list):
+    """Per model: top-1, the images that select and measure the units, the heads and the zero-importance
+    units among the top-K (a Styler)."""
+    acc = pd.DataFrame({model_label(s, m): pipeline.accuracy(cfg, s, m) for s, m, _ in models}).T[["top1"]]
+    acc["images (select / measure)"] = [f"{r['n_selection_images']} / {r['n_images'] - r['n_selection_images']}"
+                                        for _, _, r in models]
+    acc["heads among top-K"] = [float(r["head_fraction"].nanmean()) for _, _, r in models]
+    acc["zero-importance units among top-K"] = [
+        f"{int(r['zero_importance'].sum())} of {r['zero_importance'].numel() * r['top_k']}" for _, _, r in models]
+    return acc.style.format({"top1": "{:.4f}", "heads among top-K": "{:.1%}"})
+
+
+def metrics_figure(frame_all: pd.DataFrame, order: list[str], n_classes: int, top_k: int):
+    """Fig. 2: each metric's distribution over classes per block and model, held-out against same-image
+    selection (split violins). Returns the seaborn FacetGrid."""
+    import seaborn as sns
+
+    plot = frame_all[frame_all.base.isin(list(METRIC_NAMES))].copy()
+    plot["metric"] = plot.base.map(METRIC_NAMES)
+    g = sns.catplot(data=plot, kind="violin", x="level", y="value", hue="selection", order=order,
+                    hue_order=["held-out", "same-image"], split=True, row="metric", row_order=list(METRIC_NAMES.values()),
+                    col="block", sharey="row", cut=0, inner="quart", density_norm="width", height=2.2, aspect=1.5)
+    g.set_titles("block {col_name}")
+    g.set_axis_labels("", "")
+    for ax_row, label in zip(g.axes, METRIC_NAMES.values()):
+        ax_row[0].set_ylabel(label.replace(" (", "\n("), fontsize=9)
+    g.figure.suptitle(f"Neuron-level metrics over {n_classes} classes (top-{top_k} units)", y=1.01)
+    return g
+
+
+def medians_table(frame_all: pd.DataFrame, order: list[str]):
+    """Median over classes of each metric per block and model, held-out and same-image selection and their
+    gap (a Styler)."""
+    plot = frame_all[frame_all.base.isin(list(METRIC_NAMES))]
+    medians = (plot.groupby(["base", "block", "level", "selection"]).value.median()
+               .unstack("selection")[["held-out", "same-image"]])
+    medians["gap"] = medians["same-image"] - medians["held-out"]
+    medians = medians.unstack("level").reorder_levels([1, 0], axis=1)
+    medians = medians[[(lv, c) for lv in order for c in ("held-out", "same-image", "gap")]].reindex(
+        list(METRIC_NAMES), level=0)
+    medians.index = medians.index.set_levels(
+        [METRIC_NAMES[m].split(",")[0].split(" (")[0] for m in medians.index.levels[0]], level=0)
+    return medians.style.format("{:.3f}")
+
+
+def zero_importance_table(models: list, top_k: int) -> pd.DataFrame:
+    """Per block and model, how many of the selected top-K units have zero importance."""
+    first = models[0][2]
+    zero = pd.DataFrame({model_label(s, m): r["zero_importance"].sum(1).numpy() for s, m, r in models},
+                        index=pd.Index(first["blocks"], name="block"))
+    zero.columns.name = f"zero-importance units of {len(first['classes']) * top_k} selected per block"
+    return zero
+
+
+def comparison_display(table_all: pd.DataFrame):
+    """:func:`comparison_table` as the chapter shows it: medians, their difference, its interval, Wilcoxon p."""
+    show = table_all.set_index(["metric", "block", "level"])[["median_dense", "median_level", "median_diff",
+                                                              "ci_low", "ci_high", "wilcoxon_p"]]
+    return show.style.format({c: "{:.4f}" for c in ["median_dense", "median_level", "median_diff", "ci_low", "ci_high"]}
+                             | {"wilcoxon_p": "{:.3g}"})
+
+
+def reading_values(cfg, results: dict, frame: pd.DataFrame, table: pd.DataFrame) -> dict:
+    """The numbers the chapter's reading states (glued under these keys): the main level (70% where analysed,
+    else the sparsest), the last block's ablation impact dense vs that level with its interval and p, the
+    earlier blocks' largest impact, and the median entropy (as a share of ln C), selectivity and class variance.
+    ``frame``/``table``: :func:`metrics_frame` / :func:`comparison_table` without the control."""
+    sparsities = sorted(results)
+    main = 0.7 if 0.7 in sparsities else max(sparsities)
+    last_block = max(cfg.neuron.blocks)
+    late = table[(table.metric == "impact") & (table.block == last_block) & (table.sparsity == main)].iloc[0]
+    early = frame[(frame.metric == "impact") & (frame.block < last_block)]
+    ln_c = float(np.log(cfg.model.num_classes))
+    out = {"n_classes": int(len(results[0.0]["classes"])), "n_levels": int(len(sparsities) - 1),
+           "main_level": float(main), "last_block": int(last_block),
+           "impact_late_dense": float(late.median_dense), "impact_late_level": float(late.median_level),
+           "impact_late_p": float(late.wilcoxon_p), "impact_late_lo": float(late.ci_low),
+           "impact_late_hi": float(late.ci_high),
+           "impact_early_max_dense": float(early[early.sparsity == 0].value.max()),
+           "impact_early_max_level": float(early[early.sparsity == main].value.max()), "ln_c": ln_c}
+    median = lambda metric, s: float(frame[(frame.metric == metric) & (frame.sparsity == s)].value.median())  # noqa: E731
+    out.update({"entropy_dense_frac": median("label_entropy", 0) / ln_c,
+                "entropy_level_frac": median("label_entropy", main) / ln_c,
+                "sel_dense": median("selectivity", 0), "sel_level": median("selectivity", main),
+                "cv_dense": median("class_variance", 0), "cv_level": median("class_variance", main)})
+    return out
+
+
+def validation_figure(results: dict):
+    """Attribution patching's estimate against the true single-unit mean ablation, per level (one panel
+    each, the diagonal dotted). Returns the seaborn FacetGrid."""
+    import seaborn as sns
+
+    val = pd.concat([pd.DataFrame({"level": model_label(s), "block": r["validation"]["block"].numpy(),
+                                   "estimate": r["validation"]["estimate"].numpy(),
+                                   "true": r["validation"]["true"].numpy()})
+                     for s, r in results.items()], ignore_index=True)
+    g = sns.relplot(data=val, x="estimate", y="true", hue="block", col="level",
+                    col_order=[model_label(s) for s in results], palette="deep",
+                    height=2.6, aspect=1.0, s=14, facet_kws={"sharex": False, "sharey": False})
+    for ax in g.axes.flat:
+        lo, hi = min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls=":")
+    g.set_axis_labels("attribution patching estimate", "true single-unit mean ablation")
+    return g
+
+
+def validation_values(cfg, corr: pd.DataFrame) -> dict:
+    """What the validation's prose states: the smallest Pearson and Spearman correlation over levels (all
+    blocks), the pairs per level and the units validated per block."""
+    allb = corr[corr.block == "all"]
+    return {"val_pearson_min": float(allb.pearson.min()), "val_spearman_min": float(allb.spearman.min()),
+            "val_pairs": int(allb.pairs.iloc[0]), "val_units": int(cfg.neuron.validation_units)}
