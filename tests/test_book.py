@@ -187,3 +187,13 @@ def test_jupyter_book_build_of_the_templates_stops_with_what_to_run(smoke_book, 
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "chapter templates without outputs" in proc.stdout + proc.stderr and "make book" in proc.stdout + proc.stderr
+
+
+def test_chapters_are_prose_calls_and_glue():
+    """Tables and figures are assembled in the package (the levels' display functions), not in notebook
+    cells: each chapter template keeps at most 90 lines of code (comments and blank lines not counted)."""
+    for path in toc_chapters():
+        cells = json.loads((REPO_ROOT / f"{path}.ipynb").read_text())["cells"]
+        lines = [line for c in cells if c["cell_type"] == "code" for line in "".join(c["source"]).splitlines()
+                 if line.strip() and not line.strip().startswith("#")]
+        assert len(lines) <= 90, f"{path}: {len(lines)} lines of code; move tables and figures into impact_core.levels"

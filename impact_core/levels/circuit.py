@@ -348,3 +348,243 @@ def gallery_figure(galleries: dict, title: Optional[str] = None):
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The chapter's tables, figures and glued values (book/chapters/04_circuit)
+# ---------------------------------------------------------------------------------------------
+CONTROL_ROW = "control (dense, fine-tuned, nothing pruned)"
+TABLE3_COLUMNS = ["Node (%)", "Size (% dense edges)", "Size (% remaining edges)", "Pruning-only size (% dense edges)",
+                  "Pruning-only size (% remaining edges)", "Acc. (%)", "Full acc. (%)", "Ablated acc. (%)",
+                  "Random-ablated acc. (%)", "Faithfulness", "Faithfulness (ablated)", "NCQ", "NCQ (Acc x (1 - Size))"]
+TABLE7_COLUMNS = ["Node (%)", "Size (% dense edges)", "Size (% remaining edges)", "Acc. (%)", "Ablated acc. (%)",
+                  "Random-ablated acc. (%)", "Faithfulness", "NCQ", "NCQ (Acc x (1 - Size))"]
+
+
+def level_label(sparsity: float) -> str:
+    """The row name of a Wanda level in Tables 3 and 7 ("Dense", "Wanda 70%")."""
+    return "Dense" if sparsity == 0 else f"Wanda {sparsity:.0%}"
+
+
+def mean_pm_sd(mean_sd: tuple[float, float], digits: int = 2) -> str:
+    """``(mean, sd)`` as the paper's tables print it: "12.34 ± 5.67"."""
+    return f"{mean_sd[0]:.{digits}f} ± {mean_sd[1]:.{digits}f}"
+
+
+def _digits(column: str) -> int:
+    return 3 if column.startswith(("NCQ", "Faithfulness")) else 2
+
+
+def setup_values(cfg: Config) -> tuple:
+    """The paper's circuit set-up (App. C) beside ours, and the optimisation numbers the chapter's method
+    section glues. Returns ``(table, {glue name: value})``."""
+    import pandas as pd
+
+    from ..methods.circuits import first_decay_travel, num_nodes, steps_per_epoch
+
+    m, cc = cfg.model, cfg.circuit
+    main = max(with_dense(cc.sparsities))
+    classes = resolve_classes(cfg)
+    table = pd.DataFrame({
+        "paper": ["DeiT-III B/16", "ImageNet-1K", "100 categories (13 groups)", "12 x (8*768 + 3*12) = 74,160",
+                  "8e-5 dense, 4e-5 sparse", "15", "1e-2", "not stated"],
+        "ours": [f"{m.arch} ({m.depth} blocks, dim {m.embed_dim}, {m.num_heads} heads)", cfg.data.kind,
+                 f"{len(classes)}: {classes[:12]}",
+                 f"{m.depth} x (8*{m.embed_dim} + 3*{m.num_heads}) = {num_nodes(pipeline.hooked_model(cfg, 0.0)):,}",
+                 f"{default_k(cfg, 0.0):g} dense, {default_k(cfg, main):g} sparse", str(cc.epochs), f"{cc.lr:g}",
+                 f"{cc.train_images_per_class}+{cc.train_images_per_class} train / "
+                 f"{cc.eval_images_per_class}+{cc.eval_images_per_class} eval images per class, batch {cc.batch_size}"],
+    }, index=["model", "data", "classes", "nodes", "k", "epochs", "lr", "balanced sets"])
+    values = {"batch": cc.batch_size, "steps_per_epoch": steps_per_epoch(2 * cc.train_images_per_class, cc.batch_size),
+              "travel": first_decay_travel(cc), "lr_used": cc.lr, "step_size": cc.step_size,
+              "init_mean": cc.init_mean, "random_draws": cc.random_draws}
+    return table, values
+
+
+def chapter_results(cfg: Config) -> dict:
+    """Everything the chapter reads, cached: ``results`` ``{sparsity: circuit_results}``, ``control``, their
+    pruning-only edges (``pruning_only``, ``pruning_only_control``: the dense circuits on each level's weights)
+    and the sparsest level and the control trained at the dense k (``equal_k``, ``equal_k_control``: "node
+    fraction rises" at equal k, entries of the k sweep)."""
+    sparsities = with_dense(cfg.circuit.sparsities)
+    main = max(sparsities)
+    return {
+        "sparsities": sparsities, "main": main,
+        "results": {s: circuit_results(cfg, s) for s in sparsities},
+        "control": circuit_results(cfg, 0.0, method=CONTROL),
+        "pruning_only": {s: pruning_only_edges(cfg, s) for s in sparsities if s > 0},
+        "pruning_only_control": pruning_only_edges(cfg, 0.0, CONTROL),
+        "equal_k": circuit_results(cfg, main, k=cfg.circuit.k_dense) if main > 0 else None,
+        "equal_k_control": circuit_results(cfg, 0.0, k=cfg.circuit.k_dense, method=CONTROL),
+    }
+
+
+def table3_frame(cfg: Config, r: dict):
+    """Table 3's analogue: mean ± sd over classes of every :func:`summary` column, one row per model (dense,
+    the control, each level, then the sparsest level and the control at the dense k); ``r``:
+    :func:`chapter_results`."""
+    import pandas as pd
+
+    results, main = r["results"], r["main"]
+    rows = {level_label(0.0): summary(results[0.0]), CONTROL_ROW: summary(r["control"], r["pruning_only_control"]),
+            **{level_label(s): summary(res, r["pruning_only"][s]) for s, res in results.items() if s > 0}}
+    if r["equal_k"] is not None:
+        rows[f"{level_label(main)} at the dense k ({cfg.circuit.k_dense:.0e})"] = summary(r["equal_k"],
+                                                                                        r["pruning_only"][main])
+        rows[f"control at the dense k ({cfg.circuit.k_dense:.0e})"] = summary(r["equal_k_control"])
+    return pd.DataFrame({name: {c: mean_pm_sd(sm[c], _digits(c)) if c in sm else "–" for c in TABLE3_COLUMNS}
+                         for name, sm in rows.items()}).T
+
+
+def paper_table3():
+    """The paper's Table 3 (mean ± sd over its classes)."""
+    import pandas as pd
+
+    from ..paper_values import PAPER_TABLE_3 as p3
+
+    return pd.DataFrame({level_label(s): {
+        "Node (%)": mean_pm_sd(p3["node_pct"][i]), "Size (% dense edges)": mean_pm_sd(p3["size_pct"][i]),
+        "Acc. (%)": mean_pm_sd(p3["acc_pct"][i]), "NCQ (printed)": mean_pm_sd(p3["ncq"][i], 3)}
+        for i, s in enumerate(p3["sparsity"])}).T
+
+
+def per_class_frame(res: dict, sparsity: float):
+    """One row per class of a :func:`circuit_results` entry, in percent where the tables use percent."""
+    import pandas as pd
+
+    return pd.DataFrame({"sparsity": sparsity, "class": res["classes"], "node": res["node_fraction"].numpy() * 100,
+                         "size_dense": res["size_dense"].numpy() * 100,
+                         "size_remaining": res["size_remaining"].numpy() * 100,
+                         "acc": res["acc_circuit"].numpy() * 100, "ncq": res["ncq"].numpy(),
+                         "ncq_edges": ncq_edges(res["acc_circuit"], res["size_dense"]).numpy()})
+
+
+def trends_figure(r: dict):
+    """Node fraction, size and both NCQ forms against sparsity (mean ± sd over classes), the control at 0,
+    the pruning-only sizes and the paper's values; ``r``: :func:`chapter_results`."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    from ..paper_values import PAPER_TABLE_3 as p3
+
+    sparsities, results = r["sparsities"], r["results"]
+    per_class = pd.concat([per_class_frame(results[s], s) for s in sparsities], ignore_index=True)
+    control = per_class_frame(r["control"], 0.0)
+    pruning_only_y = ([summary(results[0.0])["Size (% dense edges)"][0]]
+                      + [summary(results[s], r["pruning_only"][s])["Pruning-only size (% dense edges)"][0]
+                         for s in sparsities[1:]])
+    paper = pd.DataFrame({"sparsity": p3["sparsity"], "node": [v[0] for v in p3["node_pct"]],
+                          "size_dense": [v[0] for v in p3["size_pct"]], "ncq": [v[0] for v in p3["ncq"]]})
+    paper["ncq_edges"] = paper["ncq"]  # the printed values follow the edge form
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+    for ax, col, title in zip(axes, ["node", "size_dense", "ncq", "ncq_edges"],
+                              ["node fraction (%)", "size (% of dense edges)", "NCQ (Eq. 12, nodes)",
+                               "NCQ: Acc x (1 - Size)"]):
+        sns.lineplot(data=per_class, x="sparsity", y=col, marker="o", errorbar="sd", ax=ax, label="ours")
+        ax.errorbar([0.0], [control[col].mean()], yerr=[control[col].std(ddof=1) if len(control) > 1 else 0],
+                    fmt="D", color="C3", capsize=3, label="control")
+        if col == "size_dense":
+            ax.plot(sparsities, pruning_only_y, "^:", color="C2", label="pruning only (dense circuits)")
+        if col != "ncq":
+            ax.plot(paper.sparsity, paper[col], "s--", color="grey", label="paper (ImageNet)")
+        ax.set_title(title)
+        ax.set_xlabel("Wanda sparsity")
+        ax.set_ylabel("")
+    handles = {label: h for a in axes for h, label in zip(*a.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    for a in axes:
+        if a.get_legend():
+            a.get_legend().remove()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def ablation_figure(r: dict):
+    """Accuracy with the circuit alone, ablated and with random nodes of its size ablated (left), and
+    faithfulness (right), per model; ``r``: :func:`chapter_results`."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    results = r["results"]
+    models = {level_label(0.0): results[0.0], "control": r["control"],
+              **{level_label(s): res for s, res in results.items() if s > 0}}
+    acc_long = pd.concat([pd.DataFrame({"model": name, "class": m["classes"], "circuit": m["acc_circuit"].numpy() * 100,
+                                        "ablated": m["acc_ablated"].numpy() * 100,
+                                        "random ablated": m["acc_random_ablated"].double().mean(1).numpy() * 100})
+                          for name, m in models.items()]).melt(id_vars=["model", "class"], var_name="nodes",
+                                                               value_name="acc")
+    faith_long = pd.concat([pd.DataFrame({"model": name, "class": m["classes"], "circuit": m["faithfulness"].numpy(),
+                                          "ablated": m["faithfulness_ablated"].numpy()})
+                            for name, m in models.items()]).melt(id_vars=["model", "class"], var_name="nodes",
+                                                                 value_name="faithfulness")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.4))
+    sns.barplot(data=acc_long, x="model", y="acc", hue="nodes", errorbar="sd", ax=axes[0])
+    axes[0].axhline(50, ls="--", color="grey", lw=1)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_xlabel("")
+    np.random.seed(0)  # stripplot's jitter draws from numpy's global generator: the same figure in every build
+    sns.stripplot(data=faith_long, x="model", y="faithfulness", hue="nodes", dodge=True, ax=axes[1])
+    axes[1].axhline(1, ls=":", color="grey", lw=1)
+    axes[1].axhline(0, ls=":", color="grey", lw=1)
+    axes[1].set_xlabel("")
+    for a in axes:
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def table7_frames(cfg: Config, sparsity: float) -> tuple:
+    """Table 7's analogue (the k sweep at ``sparsity``, mean ± sd over classes) and the paper's Table 7."""
+    import pandas as pd
+
+    from ..paper_values import PAPER_TABLE_7 as p7
+
+    ours = pd.DataFrame({f"{r['k']:.0e}" + (" (dense k)" if r["k"] == cfg.circuit.k_dense else ""):
+                         {c: mean_pm_sd(summary(r)[c], _digits(c)) for c in TABLE7_COLUMNS}
+                         for r in k_sweep(cfg, sparsity)}).T
+    ours.index.name = f"k ({level_label(sparsity)})"
+    paper = pd.DataFrame({f"{k:.0e}": {"Node (%)": mean_pm_sd(p7["node_pct"][i]),
+                                       "Size (% dense edges)": mean_pm_sd(p7["size_pct"][i]),
+                                       "Acc. (%)": mean_pm_sd(p7["acc_pct"][i]),
+                                       "NCQ (printed)": mean_pm_sd(p7["ncq"][i], 4)}
+                          for i, k in enumerate(p7["k"])}).T
+    paper.index.name = "k (paper, Wanda 70%)"
+    return ours, paper
+
+
+def sites_figure(r: dict):
+    """Mean over classes of the fraction of each block's and site's nodes the circuit keeps: dense, the
+    control and the sparsest level; ``r``: :func:`chapter_results`."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    from ..methods.sites import PAPER_SITES
+
+    show = {level_label(0.0): r["results"][0.0], "control": r["control"]}
+    if r["main"] > 0:
+        show[level_label(r["main"])] = r["results"][r["main"]]
+    fig, axes = plt.subplots(1, len(show), figsize=(5.2 * len(show), 3.6), squeeze=False)
+    for ax, (name, res) in zip(axes[0], show.items()):
+        frac = res["site_fraction"].mean(0).numpy()  # (depth, 8)
+        sns.heatmap(pd.DataFrame(frac.T, index=list(PAPER_SITES), columns=range(frac.shape[0])), vmin=0, vmax=1,
+                    cmap="viridis", annot=frac.shape[0] <= 12, fmt=".2f", annot_kws={"size": 6}, ax=ax,
+                    cbar=name == list(show)[-1])
+        ax.set_title(f"{name}: active fraction")
+        ax.set_xlabel("block")
+        ax.set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def reading_values(r: dict, claims: list[Claim]) -> dict:
+    """The numbers and sentences the chapter's reading glues; ``r``: :func:`chapter_results`, ``claims``:
+    this level's claims (the "returns to chance" ablation claims become one sentence)."""
+    results, main = r["results"], r["main"]
+    ablation = [c for c in claims if c.id.startswith("circuit.ablation_")]
+    return {"n_classes": int(len(results[0.0]["classes"])), "main_level": float(main),
+            "k_dense": float(results[0.0]["k"]), "k_main": float(results[main]["k"]),
+            "ablation_sentence": "; ".join(f"{c.claim.split('(')[-1].rstrip(')')}: {c.ours} - {c.verdict} ({c.why})"
+                                           for c in ablation)}

@@ -434,3 +434,177 @@ def gallery_figure(galleries: dict, title: Optional[str] = None):
     from .neuron import gallery_figure as draw
 
     return draw(galleries, title=title)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chapter's tables, figures and glued readings (book/chapters/03_layer)
+# ---------------------------------------------------------------------------------------------
+CONTROL_LABEL = "control (dense, fine-tuned, nothing pruned)"
+QUALITY_METRICS = ["NMSE", "FVE", "dead", "NMSE per sample", "L0"]
+
+
+def setup_table(cfg, block_index: int):
+    """The paper's SAE probe (Sec. 3.3) beside ours: model, block, tokens, k, expansion, levels, training."""
+    import pandas as pd
+
+    m, s = cfg.model, cfg.sae
+    return pd.DataFrame({
+        "paper": ["DeiT-III B/16, ImageNet-1K", "11 (last)", "cls", 128, 32, 768 * 32, "[0.1, 0.3, 0.5, 0.7]",
+                  "not stated", "not stated (one value per level)"],
+        "ours": [f"{m.arch} ({m.depth} blocks, dim {m.embed_dim}), {cfg.data.kind}", f"{block_index}", s.tokens, s.k,
+                 s.expansion, m.embed_dim * s.expansion, str([x for x in with_dense(s.sparsities) if x > 0]),
+                 f"{s.steps} steps x {s.batch_size} tokens, lr {s.lr}", s.seeds],
+    }, index=["model, data", "block", "tokens", "k", "expansion", "latents", "sparsity levels", "training",
+              "SAE seeds per model"])
+
+
+def chapter_models(cfg) -> dict:
+    """``{row label: (sparsity, method)}``: dense, every Wanda level, then the control."""
+    return ({pipeline.model_label(s): (s, "wanda") for s in with_dense(cfg.sae.sparsities)}
+            | {CONTROL_LABEL: (0.0, pipeline.CONTROL)})
+
+
+def table2_display(cfg):
+    """Table 2's analogue: each model's probe SAE quality as mean [min, max] over its SAE seeds, its top-1
+    and the paper's row. Returns ``(styled table, number of SAE seeds)``."""
+    import pandas as pd
+
+    from ..paper_values import PAPER_TABLE_2
+
+    models = chapter_models(cfg)
+    per_seed = pd.DataFrame([{"model": label, **row} for label, (s, method) in models.items()
+                             for row in quality_over_seeds(cfg, s, method)])
+    stats = per_seed.groupby("model", sort=False)[QUALITY_METRICS].agg(["mean", "min", "max"])
+
+    def spread(metric, f):
+        return [f"{f.format(r[(metric, 'mean')])} [{f.format(r[(metric, 'min')])}, {f.format(r[(metric, 'max')])}]"
+                for _, r in stats.iterrows()]
+
+    paper = pd.DataFrame({"paper NMSE": PAPER_TABLE_2["nmse"], "paper Dead": PAPER_TABLE_2["dead"],
+                          "paper Expl. Var. (%)": PAPER_TABLE_2["explained_variance_pct"]},
+                         index=[pipeline.model_label(s) for s in PAPER_TABLE_2["sparsity"]])
+    shown = pd.DataFrame({"NMSE": spread("NMSE", "{:.4f}"), "FVE": spread("FVE", "{:.4f}"),
+                          "dead": spread("dead", "{:.1f}"), "NMSE per sample (OpenAI)": spread("NMSE per sample", "{:.4f}"),
+                          "L0": spread("L0", "{:.1f}"),
+                          "top-1": [pipeline.accuracy(cfg, s, method)["top1"] for s, method in models.values()]},
+                         index=stats.index).join(paper, how="left")
+    shown.index.name = "model"
+    n_seeds = int(per_seed.groupby("model").size().min())
+    styled = shown.style.format({"top-1": "{:.4f}", "paper NMSE": "{:.4f}", "paper Dead": "{:.2f}",
+                                 "paper Expl. Var. (%)": "{:.2f}"}, na_rep="-")
+    return styled.set_caption(f"mean [min, max] over {n_seeds} SAE seeds per model"), n_seeds
+
+
+def training_figure(cfg, block_index: int):
+    """The probe SAE's training loss (seed 0; 10-step rolling mean) for every model and the control."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for label, (s, method) in chapter_models(cfg).items():
+        control = method == pipeline.CONTROL
+        mse = pd.Series(train_sae(cfg, s, method=method)["history"]["mse"]).rolling(10, min_periods=1).mean()
+        ax.plot(mse, label="control" if control else label, linestyle="--" if control else "-")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("MSE (normalised inputs)")
+    ax.set_yscale("log")
+    ax.legend(title="model", fontsize=8)
+    ax.set_title(f"SAE training (SAE seed 0), block {block_index}, {cfg.sae.tokens} tokens")
+    return fig
+
+
+SWEEP_COLUMNS = ["model", "tokens", "k", "expansion", "FVE", "NMSE", "dead %", "paper row", "paper FVE", "paper NMSE"]
+
+
+def sweep_frame(cfg):
+    """Tables 5 (dense) and 6 (every level): one row per :func:`sweep_rows` SAE with the paper's row beside it."""
+    import pandas as pd
+
+    from ..paper_values import PAPER_TABLE_5, PAPER_TABLE_6
+
+    s_cfg = cfg.sae
+    paper5 = {r[:3]: r[3:] for r in PAPER_TABLE_5}
+    paper6 = {r[:4]: r[4:] for r in PAPER_TABLE_6}
+    rows = []
+    for s in with_dense(s_cfg.sparsities):
+        for spec in sweep_rows(s_cfg.tokens, s_cfg.k, s_cfg.expansion, dense=(s == 0)):
+            entry = train_sae(cfg, s, spec["tokens"], spec["k"], spec["expansion"])
+            paper = paper5.get(spec["paper"]) if s == 0 else paper6.get((s, *spec["paper"]))
+            rows.append({"model": pipeline.model_label(s), "sparsity": s, **quality_row(entry),
+                         "paper row": "{} k={} x{}".format(*spec["paper"]),
+                         "paper FVE": paper[0] if paper else np.nan, "paper NMSE": paper[1] if paper else np.nan})
+    return pd.DataFrame(rows)
+
+
+def sweep_display(sweep, dense: bool):
+    """Table 5 (``dense``) or Table 6's rows of :func:`sweep_frame`, formatted."""
+    rows = sweep[(sweep.sparsity == 0) if dense else (sweep.sparsity > 0)]
+    fmt = {"FVE": "{:.4f}", "NMSE": "{:.4f}", "dead %": "{:.1f}", "paper FVE": "{:.4f}", "paper NMSE": "{:.4f}"}
+    return rows[SWEEP_COLUMNS].style.format(fmt, na_rep="-").hide(axis="index")
+
+
+def features_figure(cfg, feats: dict, block_index: int):
+    """Fig. 3's analogue: violins of the four unit metrics of the SAE latents, one per level
+    (``feats``: ``{sparsity: sae_feature_metrics}``)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    from .neuron import METRIC_NAMES
+
+    long = []
+    for s, r in feats.items():
+        label = pipeline.model_label(s)
+        long += [{"level": label, "metric": "impact", "value": float(v)} for v in r["impact"]]
+        for key in ("selectivity", "class_variance", "label_entropy"):
+            long += [{"level": label, "metric": key, "value": float(v)} for v in r["per_latent"][key].reshape(-1)]
+    long = pd.DataFrame(long).dropna()
+    order = [pipeline.model_label(s) for s in feats]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
+    for ax, (key, title) in zip(axes, METRIC_NAMES.items()):
+        sns.violinplot(data=long[long.metric == key], x="level", y="value", hue="level", order=order, hue_order=order,
+                       cut=0, inner="quartile", density_norm="width", palette="viridis", legend=False, ax=ax)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    fig.suptitle(f"SAE latents, block {block_index}: top-{cfg.sae.top_k} latents per class, "
+                 f"{cfg.model.num_classes} classes", y=1.03)
+    return fig
+
+
+def reading_values(cfg, sweep, feats: dict, block_index: int) -> dict:
+    """The numbers the chapter's reading glues: the probe's quality at dense and the main level (70% when
+    analysed, else the sparsest), Table 6's question (does doubling k help the sparse model more than the
+    dense one?), the token sets' FVE and the latents' label entropy against ln C."""
+    s_cfg = cfg.sae
+    sparsities = with_dense(s_cfg.sparsities)
+    main = 0.7 if 0.7 in sparsities else max(sparsities)
+    q0, qm = train_sae(cfg, 0.0), train_sae(cfg, main)
+
+    def nmse_of(s, k, e, tokens=s_cfg.tokens):
+        r = sweep[(sweep.sparsity == s) & (sweep.tokens == tokens) & (sweep.k == k) & (sweep.expansion == e)]
+        return float(r.NMSE.iloc[0])
+
+    gain_dense = nmse_of(0.0, s_cfg.k, s_cfg.expansion) / nmse_of(0.0, 2 * s_cfg.k, s_cfg.expansion)
+    gain_main = nmse_of(main, s_cfg.k, s_cfg.expansion) / nmse_of(main, 2 * s_cfg.k, s_cfg.expansion)
+    tok = sweep[(sweep.sparsity == 0) & (sweep.k == s_cfg.k) & (sweep.expansion == s_cfg.expansion)].set_index("tokens")
+    other = [t for t in ("all", "patch") if t in tok.index and t != s_cfg.tokens]
+    fve_other = float(tok.loc[other, "FVE"].max()) if other else float("nan")
+    fve_probe = float(tok.loc[s_cfg.tokens, "FVE"])
+    return {
+        "main_level": float(main), "n_levels": int(len(sparsities) - 1), "block": int(block_index),
+        "eval_images": int(q0["metrics"]["eval_images"]), "eval_tokens": int(q0["metrics"]["eval_tokens"]),
+        "n_latents": int(q0["n_latents"]),
+        "nmse_dense": float(q0["metrics"]["nmse"]), "nmse_main": float(qm["metrics"]["nmse"]),
+        "fve_dense": float(q0["metrics"]["fve"]), "fve_main": float(qm["metrics"]["fve"]),
+        "dead_dense": int(q0["metrics"]["dead"]), "dead_main": int(qm["metrics"]["dead"]),
+        "k2_gain_dense": float(gain_dense), "k2_gain_main": float(gain_main),
+        "k2_word": "more" if gain_main > gain_dense else "less",
+        "paper_k2_gain_main": float(0.0569 / 0.0318), "paper_k2_gain_dense": float(0.0074 / 0.0051),
+        "e2_gain_dense": float(nmse_of(0.0, s_cfg.k, max(1, s_cfg.expansion // 2))
+                               / nmse_of(0.0, s_cfg.k, s_cfg.expansion)),
+        "fve_other_tokens": fve_other, "fve_probe_tokens": fve_probe,
+        "tokens_word": "higher" if fve_probe > (fve_other if other else -1) else "lower",
+        "ln_c": float(np.log(cfg.model.num_classes)),
+        "entropy_main": float(feats[main]["label_entropy"].double().nanmean()),
+    }
