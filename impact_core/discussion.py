@@ -151,8 +151,21 @@ def family_tally(claims: list[Claim]) -> str:
 
 def _title(variants: list[Claim]) -> str:
     """The claim's words, without the variant's parenthesis when there are several variants."""
-    text = variants[0].claim
+    text = _words(variants[0])
     return text.rsplit(" (", 1)[0] if len(variants) > 1 and text.endswith(")") else text
+
+
+def _words(c: Claim) -> str:
+    """The claim's sentence without the question it answers: chapter 6's claims open with their question
+    ("Sparsity trained in is simpler than pruning (Gao et al.): ..."), which the answer already names."""
+    head, sep, rest = c.claim.partition("): ")
+    return rest if sep and c.level == "sparse_training" else c.claim
+
+
+def _sentence(text: str) -> str:
+    """``text`` with its first letter upper case and the rest as written (``str.capitalize`` would lower
+    "SAE", "AUC" and "Wanda")."""
+    return text[:1].upper() + text[1:]
 
 
 def _effect_words(c: Claim) -> str:
@@ -186,10 +199,14 @@ def _listed(fams: dict[str, list[Claim]], keep) -> list[str]:
             continue
         if len(variants) == 1:
             c = kept[0]
-            out.append(f"{c.claim} ({'small: ' if c.verdict == SMALL else ''}{_effect_words(c)})")
+            out.append(f"{_words(c)} ({'small: ' if c.verdict == SMALL else ''}{_effect_words(c)})")
         else:
             out.append(f"{_title(variants)} ({len(kept)} of {len(variants)} variants)")
     return out
+
+
+UNDECIDED_LISTED = 3
+"""How many undecided claims an answer names (in the order of the claims table); the rest are counted."""
 
 
 def answer(question: str, claims: list[Claim]) -> str:
@@ -209,7 +226,7 @@ def answer(question: str, claims: list[Claim]) -> str:
         second = "Shown to change as claimed (beyond the control where there is one): " + "; ".join(changed)
     else:
         explained = [_title(vs) for name, vs in fams.items() if verdicts[name] in (PIPELINE, PRUNING)]
-        second = ("No change as claimed is shown beyond the control"
+        second = ("None is shown as claimed beyond the control"
                   + (f"; what changes, changes in the control or with pruning alone too ({'; '.join(explained)})"
                      if explained else ""))
     if held:
@@ -219,12 +236,15 @@ def answer(question: str, claims: list[Claim]) -> str:
     blind = [_title(vs) for name, vs in fams.items() if verdicts[name] == METRIC_BLIND]
     tail = []
     if open_:
-        tail.append("undecided: " + "; ".join(f"{c.claim} (would take {_would_decide(c)})" for c in open_))
+        shown = open_[:UNDECIDED_LISTED]
+        more = len(open_) - len(shown)
+        tail.append("undecided: " + "; ".join(f"{_words(c)} (would take {_would_decide(c)})" for c in shown)
+                    + (f"; and {more} more (the claims table lists them)" if more else ""))
     if blind:
         tail.append("'no change' says nothing for " + "; ".join(blind) + " (the metric cannot tell trained from "
                     "random weights)")
     if tail:
-        parts.append(("; ".join(tail)).capitalize() + ".")
+        parts.append(_sentence("; ".join(tail)) + ".")
     return " ".join(parts)
 
 

@@ -96,7 +96,7 @@ def test_the_answer_groups_variants_and_says_what_changed_and_what_would_decide(
     assert len([s for s in text.split(". ") if s]) <= 3
     # nothing shown: the answer says so, and names what the control explains
     quiet = discussion.answer("circuit", [pipeline])
-    assert "No change as claimed is shown beyond the control" in quiet and "pipe changes" in quiet
+    assert "None is shown as claimed beyond the control" in quiet and "pipe changes" in quiet
     html = discussion.answers_html(cs).data
     assert html.startswith(f'<ul class="impact-answers"><li><strong>{discussion.QUESTIONS["circuit"]}</strong> 3 claims')
 
@@ -132,3 +132,18 @@ def test_the_counts_group_variants_under_their_claim():
     values = discussion.glue_values([a, b, c], [0])
     assert values["n_claims"] == 3 and values["n_families"] == 2
     assert values["family_counts"] == "1 inconclusive, 1 reproduced"
+
+
+def test_the_answer_keeps_the_claims_words_and_names_at_most_three_undecided():
+    m = DEFAULT_MARGINS["node_fraction"]
+    dense = RNG.normal(0.3, 0.05, 4)
+    open_ = [claims.change_claim(J, id=f"sparse_training.trained.x{i}", level="sparse_training",
+                                 claim=f"Sparsity trained in is simpler (Gao et al.): SAE latent {i} AUC rises",
+                                 paper="p", metric="node_fraction", expected="+", dense=[dense],
+                                 at_level=[dense + m + RNG.normal(0, 0.05, 4)], control=[dense + RNG.normal(0, 0.05, 4)],
+                                 unit="images") for i in range(5)]
+    assert {c.verdict for c in open_} == {claims.INCONCLUSIVE}
+    text = discussion.answer("sparse_training.trained", open_)
+    assert "Undecided: SAE latent 0 AUC rises (would take" in text  # case kept, the question's prefix dropped
+    assert "SAE latent 2 AUC rises" in text and "SAE latent 3" not in text
+    assert "and 2 more (the claims table lists them)" in text
