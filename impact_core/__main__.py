@@ -96,6 +96,9 @@ def main(argv=None) -> int:
     prof = sub.add_parser("profile", help="where a build's time went: tasks, cached artefacts (impact_core.profile)")
     prof.add_argument("--out", default=".", help="the folder holding the build's _build/ (as make book's OUT)")
     prof.add_argument("--preset", default=None, help="the preset whose cache to read (default: the build's)")
+    prof.add_argument("--against-cost", action="store_true",
+                      help="also the cost model's prediction per artefact kind, calibrated now on this machine as the "
+                      "build ran (its processes, the preset's cpu_threads); run it on a machine doing nothing else")
 
     rates = sub.add_parser("error-rates", help="the verdicts' interval coverage and false 'reproduced' rates, "
                                                "simulated at a preset's sample sizes (impact_core.error_rates)")
@@ -149,6 +152,12 @@ def main(argv=None) -> int:
             cfg = load_config(args.preset or timings["preset"])
             entries = profile.computed_entries(cfg.cache_path, timings["started"])
             print(profile.markdown(timings, profile.profile_tables(timings, entries)))
+            if args.against_cost:
+                from .cost import calibrate_cpu_loaded
+
+                device = calibrate_cpu_loaded(cfg.model, processes=timings["jobs"], threads=cfg.cpu_threads)
+                print(f"\nThe cost model against the build ({device.note})\n")
+                print(profile.against_cost(entries, cfg, device).to_markdown(index=False, floatfmt=".2f"))
     except (ConfigError, FileNotFoundError) as err:
         print(f"[impact] ERROR: {err}", file=sys.stderr)
         return 2

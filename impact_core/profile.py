@@ -61,3 +61,42 @@ def markdown(timings: dict, tables: dict[str, pd.DataFrame]) -> str:
                         ("pairs", "Task and artefact, self seconds")):
         parts.append(f"\n{title}\n\n" + tables[name].to_markdown(index=False, floatfmt=".2f") + "\n")
     return "".join(parts)
+
+
+STAGE_KINDS = {
+    "dense training": "dense_model", "trained-sparse training": "trained_sparse_model",
+    "fine-tuning": "pruned_model", "Wanda calibration": "pruned_model", "evaluation": "accuracy",
+    "dataset means": "site_means", "neuron attribution": "neuron_metrics", "neuron ablation": "neuron_metrics",
+    "neuron gallery (book)": "neuron_gallery", "SAE activations": "sae_acts", "SAE activations (book)": "sae_acts",
+    "SAE training": "sae", "SAE training (book)": "sae", "SAE features": "sae_features",
+    "SAE gallery (book)": "sae_gallery", "circuit masks": "circuits", "circuit evaluation": "circuits",
+    "circuit masks (k sweep, book)": "circuits", "circuit evaluation (k sweep, book)": "circuits",
+    "attribution maps": "attribution_results", "insertion/deletion": "attribution_results",
+}
+"""The kind of cached artefact each stage of :func:`impact_core.cost.stage_costs` computes: the unit at
+which a build's measured time (the entries' ``self_seconds``) and the cost model's prediction meet."""
+
+
+def against_cost(entries: pd.DataFrame, cfg, device) -> pd.DataFrame:
+    """The cost model's predicted seconds (:func:`impact_core.cost.predict_seconds` on ``device``, summed
+    over the stages of each artefact kind) beside the seconds the build's entries record (self, one
+    process each), per kind and in total; ``predicted / measured``. Kinds the build reused from an
+    earlier one have no measured time and are left out of the total."""
+    from .cost import predict_seconds, stage_costs
+
+    predicted: dict[str, float] = {}
+    for stage in stage_costs(cfg):
+        kind = STAGE_KINDS.get(stage.stage)
+        if kind is None:
+            raise KeyError(f"stage {stage.stage!r} has no artefact kind in profile.STAGE_KINDS")
+        predicted[kind] = predicted.get(kind, 0.0) + predict_seconds(stage, device)
+    measured = entries.groupby("kind").self_seconds.sum()
+    rows = [{"kind": k, "measured_s": float(measured.get(k, float("nan"))), "predicted_s": p}
+            for k, p in sorted(predicted.items(), key=lambda kv: -kv[1])]
+    table = pd.DataFrame(rows)
+    both = table.dropna()
+    total = pd.DataFrame([{"kind": "total (kinds measured)", "measured_s": both.measured_s.sum(),
+                           "predicted_s": both.predicted_s.sum()}])
+    table = pd.concat([table, total], ignore_index=True)
+    table["predicted / measured"] = table.predicted_s / table.measured_s
+    return table

@@ -128,3 +128,27 @@ def test_replicates_add_the_claims_work_and_no_display_work():
         if "book" in stage or chapter == "sparse_training" or stage == "dense training":
             assert flops == 0, (chapter, stage)
     assert all(three[k] - two[k] == pytest.approx(extra[k], rel=1e-9, abs=1) for k in two)  # each replicate alike
+
+
+def test_every_stage_is_compared_with_the_artefact_kind_it_computes():
+    """``profile --against-cost`` sets each stage's prediction beside the build's time for the kind of cached
+    artefact it computes: every stage of every preset has one, a declared kind, and the total is the sum."""
+    import pandas as pd
+
+    from impact_core import profile
+    from impact_core.cache import VERSIONS
+    from impact_core.config import load_config
+
+    for preset in ("smoke", "default", "replicates", "paper"):
+        stages = {s.stage for s in cost.stage_costs(load_config(preset))}
+        assert stages <= set(profile.STAGE_KINDS), stages - set(profile.STAGE_KINDS)
+    assert set(profile.STAGE_KINDS.values()) <= set(VERSIONS)
+    entries = pd.DataFrame({"kind": ["circuits", "sae"], "task": ["t", "t"], "seconds": [10.0, 4.0],
+                            "self_seconds": [8.0, 4.0]})
+    device = cost.Device(name="test", peak_flops={"fp32": 1e10, "bf16": 1e10}, bandwidth=1e10, overhead_s=1e-5,
+                         memory=2 ** 34)
+    table = profile.against_cost(entries, load_config("smoke"), device).set_index("kind")
+    assert table.loc["circuits", "measured_s"] == 8.0 and pd.isna(table.loc["accuracy", "measured_s"])
+    total = table.loc["total (kinds measured)"]
+    assert total.predicted_s == pytest.approx(table.loc[["circuits", "sae"], "predicted_s"].sum())
+    assert total.measured_s == 12.0
