@@ -150,7 +150,7 @@ def main(argv=None) -> int:
 
             timings = profile.read_timings(Path(args.out))
             cfg = load_config(args.preset or timings["preset"])
-            entries = profile.computed_entries(cfg.cache_path, timings["started"])
+            entries = profile.computed_entries(cfg.cache_path, *profile.build_window(timings))
             print(profile.markdown(timings, profile.profile_tables(timings, entries)))
             if args.against_cost:
                 from .cost import calibrate_cpu_loaded

@@ -1052,7 +1052,7 @@ def _replicated_levels(book: "_Book", first: bool) -> None:
     # layer: SAE seeds per model, the sweep (Tables 5 / 6), the latents' metrics, the gallery
     for s, m in book.analysed(sc.sparsities) + [(0.0, RANDOM_WEIGHTS)]:
         (book.accuracy if first and m != RANDOM_WEIGHTS else book.model)("layer", s, m)  # Table 1 once, then built
-        for seed in range(sc.seeds):
+        for seed in range(layer_level.sae_seeds_of(book.cfg)):
             book.sae("layer", s, m, sc.tokens, sc.k, sc.expansion, seed)
     for s in book.with_dense(sc.sparsities) if first else ():
         for spec in layer_level.sweep_rows(sc.tokens, sc.k, sc.expansion, dense=(s == 0)):

@@ -23,19 +23,29 @@ def read_timings(out: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def computed_entries(cache_root: Path, since: str) -> pd.DataFrame:
-    """One row per cache entry created at or after ``since`` (``%Y-%m-%dT%H:%M:%S``, as the metadata
-    writes it): kind, task, seconds, self_seconds. Entries reused from an earlier build are not there."""
+def computed_entries(cache_root: Path, since: str, until: str = "~") -> pd.DataFrame:
+    """One row per cache entry created at or after ``since`` and at or before ``until`` (``%Y-%m-%dT%H:%M:%S``,
+    as the metadata writes it): kind, task, seconds, self_seconds. Entries reused from an earlier build are not
+    there, nor those of a later build into the same cache (:func:`build_window`)."""
     rows = []
     for meta in Path(cache_root).glob("*/*.json"):
         try:
             info = json.loads(meta.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if info.get("created", "") >= since and "seconds" in info:
+        if since <= info.get("created", "") <= until and "seconds" in info:
             rows.append({"kind": info["kind"], "task": info.get("task") or "-", "seconds": info["seconds"],
                          "self_seconds": info["self_seconds"]})
     return pd.DataFrame(rows, columns=["kind", "task", "seconds", "self_seconds"])
+
+
+def build_window(timings: dict) -> tuple[str, str]:
+    """``(since, until)`` of a build: its start and its start plus its wall time and a minute."""
+    from datetime import datetime, timedelta
+
+    start = datetime.strptime(timings["started"], "%Y-%m-%dT%H:%M:%S")
+    end = start + timedelta(seconds=float(timings["total"]) + 60)
+    return timings["started"], end.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def profile_tables(timings: dict, entries: pd.DataFrame) -> dict[str, pd.DataFrame]:

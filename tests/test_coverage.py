@@ -41,7 +41,8 @@ def test_the_designs_follow_the_preset():
     assert "3 SAE seeds" in names and "10000 images, top-1" in names and "10 classes (circuits)" in names
     seeds = E.designs(load_config("seeds"))
     assert all(d.groups == 3 for d in seeds)
-    assert all(d.groups == 3 for d in E.designs(load_config("replicates")))
+    assert all(d.groups == 3 for d in E.designs(load_config("default")))  # three replicates
+    assert all(d.groups == 5 for d in E.designs(load_config("replicates")))
     smoke = E.designs(load_config("smoke", {"sae.seeds": 4}))
     assert "4 SAE seeds" in [d.name for d in smoke]
 

@@ -158,3 +158,24 @@ def test_a_replicated_level_is_gathered_and_judged_per_replicate(tiny_fmnist, tm
     a = pipeline.pruned_model(cfg, 0.0, pipeline.CONTROL).state_dict()
     b = pipeline.pruned_model(levels.for_replicate(cfg, 1), 0.0, pipeline.CONTROL).state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)  # each replicate fine-tunes its own control
+
+
+def test_a_replicate_beyond_the_first_carries_one_sae_seed():
+    """Replicate 0 trains every SAE seed (Table 2's spread, the SAE claims' units with one replicate); the
+    others one each, counted so by the cost model, while their nested means stay the claims' units."""
+    import collections
+
+    from impact_core import cost
+
+    cfg = load_config("default", {"replicates": 3})
+    assert cfg.sae.seeds == 3
+    assert layer.sae_seeds_of(cfg) == 3 and layer.sae_seeds_of(levels.for_replicate(cfg, 2)) == 1
+
+    def sae_runs(replicates):
+        runs = collections.Counter()
+        for r in cost.stage_costs(load_config("default", {"replicates": replicates})):
+            runs[(r.chapter, r.stage)] += r.runs
+        return runs[("layer", "SAE training")]
+
+    models = len(levels.with_dense(cfg.sae.sparsities)) + 2  # dense, every level, the control, random weights
+    assert sae_runs(1) == 3 * models and sae_runs(2) == 4 * models and sae_runs(3) == 5 * models

@@ -201,12 +201,21 @@ def train_sae(cfg, sparsity: float, tokens: Optional[str] = None, k: Optional[in
     return pipeline.cache_for(cfg).get_or_compute(SAE, inputs, compute)
 
 
+def sae_seeds_of(cfg) -> int:
+    """The SAE seeds one replicate trains per model: ``sae.seeds`` in replicate 0 (the units of the SAE claims
+    with one replicate, and Table 2's spread), one in every replicate beyond it. With several replicates the
+    replicates are the claims' units (each replicate's mean over its seeds one value), so more seeds there
+    would only narrow a value the interval does not resample (issue 25: "let a replicate carry one SAE seed")."""
+    return cfg.sae.seeds if not cfg.replicate else 1
+
+
 def quality_over_seeds(cfg, sparsity: float, method: str = "wanda") -> list[dict]:
-    """:func:`quality_row` of the configured probe's SAE for each of the ``sae.seeds`` SAE seeds.
+    """:func:`quality_row` of the configured probe's SAE for each of the replicate's SAE seeds
+    (:func:`sae_seeds_of`).
 
     The spread over SAE seeds is the SAE training's own variability at one model.
     """
-    return [quality_row(train_sae(cfg, sparsity, method=method, sae_seed=i)) for i in range(cfg.sae.seeds)]
+    return [quality_row(train_sae(cfg, sparsity, method=method, sae_seed=i)) for i in range(sae_seeds_of(cfg))]
 
 
 def load_sae(entry: dict, device="cpu") -> BatchTopKSAE:
