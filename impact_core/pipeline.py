@@ -46,6 +46,10 @@ what the pipeline alone does, so a sparsity effect is judged against it (issue "
 control")."""
 
 
+CONTROL_ROW = "control (dense, fine-tuned, nothing pruned)"
+"""The control's row name in the chapters' tables (its short label is :func:`model_label`'s "control")."""
+
+
 TRAINED_SPARSE = "trained_sparse"
 """A model trained sparse from scratch (:mod:`impact_core.methods.sparse_training`): the dense
 model's architecture, data, optimiser and budget with an annealed L0 constraint on every block

@@ -353,7 +353,6 @@ def gallery_figure(galleries: dict, title: Optional[str] = None):
 # ---------------------------------------------------------------------------------------------
 # The chapter's tables, figures and glued values (book/chapters/04_circuit)
 # ---------------------------------------------------------------------------------------------
-CONTROL_ROW = "control (dense, fine-tuned, nothing pruned)"
 TABLE3_COLUMNS = ["Node (%)", "Size (% dense edges)", "Size (% remaining edges)", "Pruning-only size (% dense edges)",
                   "Pruning-only size (% remaining edges)", "Acc. (%)", "Full acc. (%)", "Ablated acc. (%)",
                   "Random-ablated acc. (%)", "Faithfulness", "Faithfulness (ablated)", "NCQ", "NCQ (Acc x (1 - Size))"]
@@ -426,7 +425,7 @@ def table3_frame(cfg: Config, r: dict):
     import pandas as pd
 
     results, main = r["results"], r["main"]
-    rows = {level_label(0.0): summary(results[0.0]), CONTROL_ROW: summary(r["control"], r["pruning_only_control"]),
+    rows = {level_label(0.0): summary(results[0.0]), pipeline.CONTROL_ROW: summary(r["control"], r["pruning_only_control"]),
             **{level_label(s): summary(res, r["pruning_only"][s]) for s, res in results.items() if s > 0}}
     if r["equal_k"] is not None:
         rows[f"{level_label(main)} at the dense k ({cfg.circuit.k_dense:.0e})"] = summary(r["equal_k"],

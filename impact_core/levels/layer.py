@@ -448,7 +448,6 @@ def gallery_figure(galleries: dict, title: Optional[str] = None):
 # ---------------------------------------------------------------------------------------------
 # The chapter's tables, figures and glued readings (book/chapters/03_layer)
 # ---------------------------------------------------------------------------------------------
-CONTROL_LABEL = "control (dense, fine-tuned, nothing pruned)"
 QUALITY_METRICS = ["NMSE", "FVE", "dead", "NMSE per sample", "L0"]
 
 
@@ -470,7 +469,7 @@ def setup_table(cfg, block_index: int):
 def chapter_models(cfg) -> dict:
     """``{row label: (sparsity, method)}``: dense, every Wanda level, then the control."""
     return ({pipeline.model_label(s): (s, "wanda") for s in with_dense(cfg.sae.sparsities)}
-            | {CONTROL_LABEL: (0.0, pipeline.CONTROL)})
+            | {pipeline.CONTROL_ROW: (0.0, pipeline.CONTROL)})
 
 
 def table2_display(cfg):

@@ -460,7 +460,6 @@ def gallery_figure(galleries: dict, title: str | None = None):
 # ---------------------------------------------------------------------------------------------
 # the chapter's tables and figures (book/chapters/05_model)
 # ---------------------------------------------------------------------------------------------
-CONTROL_ROW = "control (dense, fine-tuned, nothing pruned)"
 SUBSTITUTES = {"black": ": insert into / delete to black (0 in pixel space)",
                "rise": ": insert into a blurred copy / delete to the data mean (RISE)",
                "mean": ": insert into / delete to the data mean"}
@@ -471,7 +470,7 @@ def chapter_models(cfg: Config) -> list[tuple[str, float, str]]:
     """The chapter's rows: ``(row label, sparsity, model kind)`` for dense, the control, then every level."""
     from . import with_dense
 
-    return [("dense", 0.0, "wanda"), (CONTROL_ROW, 0.0, pipeline.CONTROL)] + \
+    return [("dense", 0.0, "wanda"), (pipeline.CONTROL_ROW, 0.0, pipeline.CONTROL)] + \
         [(pipeline.model_label(s), s, "wanda") for s in with_dense(cfg.attribution.sparsities) if s != 0.0]
 
 
@@ -484,7 +483,7 @@ def table4_frames(cfg: Config, by_row: dict, models: list) -> tuple[list, pd.Dat
     a = cfg.attribution
     primary = a.references[0]
     tables, scores = table4(by_row, a.references)
-    scores = scores[(scores.reference == primary) & (scores.model != CONTROL_ROW)]
+    scores = scores[(scores.reference == primary) & (scores.model != pipeline.CONTROL_ROW)]
     source = "paper: Chefer, DeiT-III B/16, ImageNet"
     paper = pd.DataFrame({pipeline.model_label(s): [PAPER_TABLE_4["insertion"][i], PAPER_TABLE_4["deletion"][i]]
                           for i, s in enumerate(PAPER_TABLE_4["sparsity"])},

@@ -69,7 +69,7 @@ def control_check(cfg: Config, sparsity: float = 0.7, method: str = "wanda") -> 
     steps and images, top-1 (the control must equal dense in nonzeros and the pruned model in
     fine-tuning)."""
     rows = {}
-    kinds = [("dense", 0.0, "wanda"), ("control (dense, fine-tuned, nothing pruned)", 0.0, pipeline.CONTROL),
+    kinds = [("dense", 0.0, "wanda"), (pipeline.CONTROL_ROW, 0.0, pipeline.CONTROL),
              (f"{method} {sparsity:.0%}", sparsity, method)]
     for label, s, m in kinds:
         model = pipeline.pruned_model(cfg, s, m)
