@@ -6,6 +6,8 @@ the chapters are the same :class:`~impact_core.claims.Claim` objects.
 """
 from __future__ import annotations
 
+import re
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -72,7 +74,8 @@ def glue_values(claims: list[Claim], seeds, replicates: int = 1) -> dict:
     out.update({f"sens_{k}": joined(v) for k, v in sensitivity_groups(claims).items()})
     replicated = (f" Every pruned model a claim reads, the control and every analysis ran as {replicates} replicates "
                   "of the pipeline's stochastic stages (calibration draw, fine-tuning, SAE seeds, circuit masks, "
-                  "random baselines) on each dense model; the chapter 'Sparsity trained in' reads replicate 0."
+                  "random baselines) on each dense model, a replicate beyond the first with one SAE seed; the "
+                  "chapter 'Sparsity trained in' reads replicate 0."
                   if replicates > 1 else "")
     if len(seeds) > 1:
         out["seeds_note"] = (f"This build trained {len(seeds)} dense models (seeds {list(seeds)}) and pruned and "
@@ -181,7 +184,7 @@ def _would_decide(c: Claim) -> str:
     if est is None or c.margin_value is None:
         return "a measurement"
     n = samples_needed(est, c.margin_value, kind="equivalence" if c.expected == "0" else "direction")
-    unit = est.unit.split(" (")[0]
+    unit = re.sub(r"^\d+ ", "", est.unit.split(" (")[0])  # "3 replicates (classes nested)" -> "replicates"
     if not n:
         return "narrower intervals"
     if unit == "classes":

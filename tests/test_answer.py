@@ -2,6 +2,8 @@
 answer per question in words (variants grouped), and the CSV written beside the figure."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -147,3 +149,17 @@ def test_the_answer_keeps_the_claims_words_and_names_at_most_three_undecided():
     assert "Undecided: SAE latent 0 AUC rises (would take" in text  # case kept, the question's prefix dropped
     assert "SAE latent 2 AUC rises" in text and "SAE latent 3" not in text
     assert "and 2 more (the claims table lists them)" in text
+
+
+def test_what_would_decide_names_replicates_without_their_count():
+    """Over replicates the unit reads "3 replicates (classes nested)": the answer asks for "about N replicates"."""
+    dense = [RNG.normal(0.3, 0.05, 10) for _ in range(3)]
+    m = DEFAULT_MARGINS["node_fraction"]
+    j = J.nested(1, 3)
+    c = claims.change_claim(j, id="circuit.open", level="circuit", claim="nodes rise", paper="p",
+                            metric="node_fraction", expected="+", dense=dense,
+                            at_level=[d + m + RNG.normal(0, 0.02, 10) + RNG.normal(0, m) for d in dense],
+                            control=[d + RNG.normal(0, 0.02, 10) for d in dense], unit="classes")
+    assert c.verdict == claims.INCONCLUSIVE and c.estimate.unit.startswith("3 replicates")
+    text = discussion.answer("circuit", [c])
+    assert re.search(r"would take about \d+ replicates\)", text), text
