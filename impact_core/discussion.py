@@ -424,7 +424,10 @@ def landing_table(claims: list[Claim], page_depth: int = 0):
             f"<td>{escape(c.ours)}<br><small>{escape(c.effect)}</small></td>"
             f'<td style="background-color: {colour}">{escape(c.verdict)}</td></tr>')
     head = "<tr><th>level</th><th>claim (evidence)</th><th>paper (DeiT-III B/16)</th><th>ours (effect, 95% interval)</th><th>verdict</th></tr>"
-    return HTML(f'<table class="claims-table"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>')
+    cols = "".join(f'<col style="width: {w}%">' for w in (13, 33, 16, 22, 16))
+    style = "table-layout: fixed; width: 100%; overflow-wrap: anywhere; font-size: 0.85em"  # fits a phone's width
+    return HTML(f'<table class="claims-table" style="{style}"><colgroup>{cols}</colgroup><thead>{head}</thead>'
+                f'<tbody>{"".join(rows)}</tbody></table>')
 
 
 def trend_table(claims: list[Claim]) -> pd.DataFrame:

@@ -218,19 +218,22 @@ LANDING_ORDER = """
 const top = e => e ? e.getBoundingClientRect().top + window.scrollY : null;
 const answers = document.querySelector('ul.impact-answers');
 const forest = document.querySelector('a[href$="forest.csv"]');
-const table = document.querySelector('table.claims-table');
+const table = document.querySelector(arguments[0]);
 return {answers: answers ? answers.querySelectorAll('li').length : 0, answersTop: top(answers),
         forestTop: top(forest), tableTop: top(table), screen: window.innerHeight,
         images: [...document.images].filter(i => top(i) < top(table) && i.naturalWidth > 0).length};
 """
 
 
-def test_the_landing_page_opens_with_the_answer_then_every_claim_in_one_picture(server, browser, smoke_book):
+@pytest.mark.parametrize("page, table", [(None, "table.claims-table"),
+                                         ("book/chapters/07_discussion.html", "table.claims-compact")])
+def test_the_landing_page_and_discussion_open_with_the_answer_then_every_claim_in_one_picture(server, browser,
+                                                                                             smoke_book, page, table):
     """A reader's first screen holds the answer per question; the forest plot (with its data as CSV) comes
-    before the long claims table."""
+    before the long claims table; on the landing page and in the discussion."""
     base, html = server
-    browser.get(f"{base}/{landing_page(html)}")
-    order = browser.execute_script(LANDING_ORDER)
+    browser.get(f"{base}/{page or landing_page(html)}")
+    order = browser.execute_script(LANDING_ORDER, table)
     assert order["answers"] >= 5, order  # pruning, neuron, layer, circuit, model (and chapter 6's)
     assert order["answersTop"] < order["screen"], order  # on the first screen
     assert order["forestTop"] is not None and order["answersTop"] < order["forestTop"] < order["tableTop"], order
@@ -248,29 +251,34 @@ def test_screenshots_for_the_record(server, browser):
 
 
 TABLE_FIT = """
-const t = document.querySelector('table.claims-compact');
+const t = document.querySelector(arguments[0]);
 if (!t) { return null; }
 const verdicts = [...t.querySelectorAll('tbody tr')].map(r => r.lastElementChild.getBoundingClientRect().right);
 return {rows: t.querySelectorAll('tbody tr').length, table: t.scrollWidth, container: t.parentElement.clientWidth,
-        viewport: document.documentElement.clientWidth, rightmost: Math.max(...verdicts)};
+        viewport: document.documentElement.clientWidth, page: document.documentElement.scrollWidth,
+        rightmost: Math.max(...verdicts)};
 """
 
 
+@pytest.mark.parametrize("page, table", [("book/chapters/07_discussion.html", "table.claims-compact"),
+                                         ("book/intro.html", "table.claims-table")])
 @pytest.mark.parametrize("width", [1280, 400])
-def test_the_discussions_claims_table_fits_the_page(server, browser, smoke_book, width):
-    """At a laptop's and a phone's width the discussion's claims table does not overflow its container
-    and every verdict cell lies inside the viewport (no horizontal scrolling to read a verdict). Last in
-    this file: it resizes the shared browser window."""
+def test_the_claims_tables_fit_the_page(server, browser, smoke_book, width, page, table):
+    """At a laptop's and a phone's width the discussion's and the landing page's claims tables do not
+    overflow their container, every verdict cell lies inside the viewport and the page itself does not
+    scroll sideways (no horizontal scrolling to read a verdict). Last in this file: it resizes the shared
+    browser window."""
     base, html = server
     out, _ = smoke_book
     n_claims = int(read_glued(out / "_build" / "src" / "book" / "chapters" / "07_discussion.ipynb")["n_claims"])
     try:
         browser.set_window_size(width, 1600)
-        browser.get(f"{base}/book/chapters/07_discussion.html")
-        fit = browser.execute_script(TABLE_FIT)
+        browser.get(f"{base}/{page}")
+        fit = browser.execute_script(TABLE_FIT, table)
     finally:
         browser.set_window_size(1280, 1600)
-    assert fit is not None, "the discussion shows no table of class 'claims-compact'"
+    assert fit is not None, f"{page} shows no {table}"
     assert fit["rows"] == n_claims
     assert fit["table"] <= fit["container"] + 1, fit
     assert fit["rightmost"] <= fit["viewport"] + 1, fit
+    assert fit["page"] <= fit["viewport"] + 1, fit
