@@ -133,6 +133,11 @@ def level_of_chapter(chapter: str) -> Level | None:
 # ---------------------------------------------------------------------------------------------
 # helpers every level uses
 # ---------------------------------------------------------------------------------------------
+def main_level(sparsities) -> float:
+    """The level the chapters' prose reads: 70% (the paper's main level) when it is analysed, else the sparsest."""
+    return 0.7 if 0.7 in sparsities else max(sparsities)
+
+
 def with_dense(sparsities) -> list[float]:
     """Dense (0) and the preset's sparsities above 0, ascending."""
     return [0.0] + sorted({float(s) for s in sparsities if s > 0})

@@ -23,7 +23,7 @@ from ..data import Batches, seeded_subset
 from ..methods import sae_features
 from ..methods.sae import (BatchTopKSAE, activation_chunks, buffered_batches, check_tokens, choose_decode_impl,
                            evaluate, fit, shuffled_batches, tokens_per_image)
-from . import Level, Piece, model_pieces, over_models, register_level, with_dense
+from . import Level, Piece, main_level, model_pieces, over_models, register_level, with_dense
 from .neuron import neuron_claims
 
 log = logging.getLogger("impact_core")
@@ -586,7 +586,7 @@ def reading_values(cfg, sweep, feats: dict, block_index: int) -> dict:
     dense one?), the token sets' FVE and the latents' label entropy against ln C."""
     s_cfg = cfg.sae
     sparsities = with_dense(s_cfg.sparsities)
-    main = 0.7 if 0.7 in sparsities else max(sparsities)
+    main = main_level(sparsities)
     q0, qm = train_sae(cfg, 0.0), train_sae(cfg, main)
 
     def nmse_of(s, k, e, tokens=s_cfg.tokens):

@@ -22,7 +22,7 @@ from ..methods.neuron import NEURON_METRICS, SAME, analyse, block_unit_counts, c
 from ..methods.sites import site_name
 from ..methods.unit_metrics import max_over_patches, paired_comparison
 from ..pipeline import CONTROL, model_label
-from . import Level, Piece, displayed, model_pieces, over_models, register_level
+from . import Level, Piece, displayed, main_level, model_pieces, over_models, register_level
 
 log = logging.getLogger("impact_core")
 
@@ -457,7 +457,7 @@ def reading_values(cfg, results: dict, frame: pd.DataFrame, table: pd.DataFrame)
     earlier blocks' largest impact, and the median entropy (as a share of ln C), selectivity and class variance.
     ``frame``/``table``: :func:`metrics_frame` / :func:`comparison_table` without the control."""
     sparsities = sorted(results)
-    main = 0.7 if 0.7 in sparsities else max(sparsities)
+    main = main_level(sparsities)
     last_block = max(cfg.neuron.blocks)
     late = table[(table.metric == "impact") & (table.block == last_block) & (table.sparsity == main)].iloc[0]
     early = frame[(frame.metric == "impact") & (frame.block < last_block)]
