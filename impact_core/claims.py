@@ -46,8 +46,10 @@ SMALL = "shown but small"  # the change is shown to exist and shown smaller than
 PIPELINE = "explained by the pipeline"
 PRUNING = "explained by pruning alone"
 METRIC_BLIND = "metric blind"  # "no change", on a metric that cannot tell the trained model from random weights
-VERDICTS = (REPRODUCED, SMALL, NOT_REPRODUCED, INCONCLUSIVE, PIPELINE, PRUNING, METRIC_BLIND)
+ACCURACY = "explained by accuracy"  # the change is as large in a dense model of the level's accuracy
+VERDICTS = (REPRODUCED, SMALL, NOT_REPRODUCED, INCONCLUSIVE, PIPELINE, PRUNING, ACCURACY, METRIC_BLIND)
 SEES, BLIND = "sees", "blind"  # readings of the metric-sensitivity check (judge_sensitivity)
+BEYOND_ACCURACY, FOLLOWS_ACCURACY = "beyond accuracy", "follows accuracy"  # readings of judge_matched
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Claim:
     why: str = ""
     seeds: str = ""        # with several training seeds: for how many the claim holds on its own
     sensitivity: str = ""  # trained dense minus random weights on the claim's metric (judge_sensitivity)
+    accuracy: str = ""     # level minus the matched-accuracy dense model (judge_matched)
     family: str = ""       # the claim this one is a variant of (per sparsity, substitute, ...); default: its id
     curve: list = field(default_factory=list, repr=False)  # [(label, sparsity, Estimate)] for figures
     # the numbers behind ``effect`` / ``control`` / ``margin`` for the forest plot (unscaled: the margin's units)
@@ -342,12 +345,14 @@ def change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metri
                  dense: Sequence, at_level: Sequence, control: Optional[Sequence], unit: str, scale: float = 1.0,
                  fmt: str = ".3f", curve: Optional[dict] = None, counterfactual: Optional[Sequence] = None,
                  magnitude: Optional[tuple[str, float]] = None, random_weights: Optional[Sequence] = None,
-                 family: str = "") -> Claim:
+                 matched: Optional[Sequence] = None, family: str = "") -> Claim:
     """A change claim from per-unit arrays, one per training seed (``dense[g]``, ``at_level[g]``,
     ``control[g]``: the same units); ``curve``: {sparsity: per-seed arrays} for the trend
     (the control stands at sparsity 0); ``counterfactual``: the pruning-only arrays (edges);
     ``random_weights``: the random-weights model's arrays (the metric-sensitivity check,
-    :func:`with_sensitivity`: "not reproduced" for no change from dense on a blind metric reads "metric blind")."""
+    :func:`with_sensitivity`: "not reproduced" for no change from dense on a blind metric reads "metric blind");
+    ``matched``: the matched-accuracy dense model's arrays at the claim's level (:func:`with_matched`:
+    "reproduced" for a change as large in that model reads "explained by accuracy")."""
     margin = j.margins[metric]
     eff = j.diff(list(zip(dense, at_level)), unit)
     ctl = j.diff(list(zip(dense, control)), unit) if control is not None else None
@@ -368,6 +373,8 @@ def change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metri
     if random_weights is not None:
         with_sensitivity(j, c, {"dense": (random_weights, dense)}, margin, unit,
                          no_change=verdict == NOT_REPRODUCED and why.startswith("no change"))
+    if matched is not None:
+        with_matched(j, c, matched, at_level, margin, unit, expected, scale, fmt)
     if magnitude is not None:
         how, stated = magnitude
         if how == "ratio":  # "N x fewer": mean(dense) / mean(level)
@@ -433,6 +440,38 @@ def judge_sensitivity(family: Sequence[Estimate], margin: float, alpha: float = 
     The choice of "any block sees" over "every block sees" is ours (the paper runs no such check)."""
     reading = judge_no_change(family, margin, alpha)[0]
     return {NOT_REPRODUCED: SEES, REPRODUCED: BLIND}.get(reading, "undecided")
+
+
+def judge_matched(level_minus_matched: Estimate, expected: str, margin: float) -> str:
+    """Does a change follow accuracy? ``level_minus_matched``: the level minus the dense checkpoint of the
+    same held-out top-1 (:data:`impact_core.pipeline.MATCHED`), paired over the claim's units.
+    :data:`BEYOND_ACCURACY` when the interval lies on the claimed side of 0 and not inside +-margin (the
+    level moved further than a dense model of its accuracy: :func:`impact_core.stats.side` reads UP /
+    DOWN); :data:`FOLLOWS_ACCURACY` when the interval's claimed-side bound lies inside the margin (the level
+    is not shown to move more than the margin further than that dense model: the same, less, or the other
+    way); "undecided" otherwise. One interval, one alpha, as every rule here."""
+    e = level_minus_matched
+    if not e.finite:
+        return "undecided"
+    if _claimed(S.side(e, margin), expected):
+        return BEYOND_ACCURACY
+    bound = e.high if expected == "+" else -e.low
+    return FOLLOWS_ACCURACY if bound < margin else "undecided"
+
+
+def with_matched(j: Judge, c: Claim, matched: Sequence, at_level: Sequence, margin: float, unit: str,
+                 expected: str, scale: float = 1.0, fmt: str = ".3f") -> Claim:
+    """Set ``c.accuracy`` from level minus the matched-accuracy model (:func:`judge_matched`); a
+    "reproduced" change that :data:`FOLLOWS_ACCURACY` becomes :data:`ACCURACY` (the dense model at the
+    level's accuracy shows it as well, so accuracy, not sparsity, is what it follows)."""
+    est = j.diff(list(zip(matched, at_level)), unit)
+    reading = judge_matched(est, expected, margin)
+    c.accuracy = f"{reading}: level minus dense at its accuracy {est.scaled(scale).text('+' + fmt)}"
+    if reading == FOLLOWS_ACCURACY and c.verdict == REPRODUCED:
+        c.verdict = ACCURACY
+        c.why += (f"; but the dense model at the level's accuracy (a checkpoint chosen on held-out images) "
+                  f"shows it too: the level is not {margin * scale:g} beyond it")
+    return c
 
 
 def not_measured(id: str, level: str, claim: str, paper: str, why: str) -> Claim:

@@ -53,6 +53,11 @@ def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be a number {bound}, got {value!r}")
 
 
+def _count(value: Any, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key}: must be an integer >= 0, got {value!r}")
+
+
 class Section:
     """Base of every config section: strict construction from a dict."""
 
@@ -104,6 +109,10 @@ class DataConfig(Section):
     train_images: Optional[int] = None  # cap on the training split (None: all)
     calib_images: int = 1024  # Wanda calibration images (paper: 4096), drawn from train at `seed`
     eval_images: Optional[int] = None  # cap on the evaluation split (None: all)
+    # Training images held out of every training, calibration and analysis (a seeded draw at `seed + 2`):
+    # the split the matched-accuracy control picks its dense checkpoint on, never the evaluation split.
+    # 0: no held-out split (and no matched-accuracy control)
+    holdout_images: int = 0
     batch_size: int = 256  # inference batch size
     num_workers: int = 0
 
@@ -117,6 +126,7 @@ class DataConfig(Section):
             if getattr(self, key) is not None:
                 _positive(getattr(self, key), prefix + key)
         _positive(self.num_workers, prefix + "num_workers", allow_zero=True)
+        _count(self.holdout_images, prefix + "holdout_images")
 
 
 @dataclass
@@ -162,11 +172,15 @@ class TrainConfig(Section):
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     label_smoothing: float = 0.0
+    # Dense checkpoints saved at evenly spaced steps of the training (the last at its end), from which the
+    # matched-accuracy control is picked on the held-out split (data.holdout_images); 0: none, no control
+    checkpoints: int = 0
 
     def validate(self, prefix: str) -> None:
         for key in ("epochs", "batch_size", "lr"):
             _positive(getattr(self, key), prefix + key)
         _positive(self.weight_decay, prefix + "weight_decay", allow_zero=True)
+        _count(self.checkpoints, prefix + "checkpoints")
 
 
 @dataclass
@@ -497,6 +511,9 @@ class Config(Section):
             if not isinstance(self.seeds, list) or not self.seeds or not all(isinstance(x, int) for x in self.seeds):
                 raise ConfigError(f"{prefix}seeds: must be a non-empty list of integers, got {self.seeds!r}")
             self.seed = self.seeds[0]
+        if self.train.checkpoints and not self.data.holdout_images:
+            raise ConfigError(f"{prefix}train.checkpoints: the matched-accuracy control picks its checkpoint on a "
+                              f"held-out split; set data.holdout_images > 0 (or train.checkpoints: 0)")
         self._check_against_model(prefix)
 
     def _check_against_model(self, prefix: str) -> None:

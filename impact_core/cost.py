@@ -604,10 +604,11 @@ class StageCost:
 
 
 def split_sizes(cfg: Config) -> tuple[int, int]:
-    """Images in the (train, eval) splits: :data:`SPLIT_SIZES` capped by ``data.train_images`` / ``eval_images``."""
+    """Images in the (train, eval) splits: :data:`SPLIT_SIZES` capped by ``data.train_images`` / ``eval_images``,
+    less the held-out images (``data.holdout_images``) for train."""
     n_train, n_eval = SPLIT_SIZES[cfg.data.kind]
     cap = (lambda n, c: n if c is None else min(n, c))
-    return cap(n_train, cfg.data.train_images), cap(n_eval, cfg.data.eval_images)
+    return max(0, cap(n_train, cfg.data.train_images) - cfg.data.holdout_images), cap(n_eval, cfg.data.eval_images)
 
 
 def _stage(cfg: Config, name: str, work: Work, unit: Unit, batch: int, *, forwards=0.0, backwards=0.0,
@@ -930,10 +931,19 @@ class _Book:
         from .models import architecture
         from .pipeline import TRAINED_SPARSE
 
-        from .pipeline import RANDOM_WEIGHTS
+        from .pipeline import MATCHED, RANDOM_WEIGHTS, checkpoint_steps
 
         cfg, key = self.cfg, self.key(s, m)
         if not self.once("model", key) or m == RANDOM_WEIGHTS:  # an initialisation: no training
+            return
+        if m == MATCHED:  # a checkpoint of the dense training: every checkpoint's held-out top-1 (once), the level's
+            self.model(chapter, s, "wanda")
+            n = cfg.data.holdout_images
+            if self.once("checkpoint_accuracy"):
+                steps = math.ceil(cfg.train.epochs * split_sizes(cfg)[0] / cfg.train.batch_size)
+                for _ in checkpoint_steps(steps, cfg.train.checkpoints):
+                    self.add(chapter, _named(evaluation(cfg, n), "held-out evaluation"))
+            self.add(chapter, _named(evaluation(cfg, n), "held-out evaluation"))
             return
         if key == ("dense",) or m == TRAINED_SPARSE:
             if architecture(cfg.model).trained_here:
@@ -1031,11 +1041,16 @@ def _named(cost: StageCost, name: str, book: bool = False) -> StageCost:
 def _replicated_levels(book: "_Book", first: bool) -> None:
     """The stages of the replicated levels for ``book.cfg``'s replicate: the claims' work in every replicate,
     the display-only work (Table 1's other models, galleries, sweeps) in the first only."""
-    from .levels import circuit as circuit_level, layer as layer_level
+    from .levels import circuit as circuit_level, layer as layer_level, matched_level
     from .levels.pruning import claim_models
-    from .pipeline import CONTROL, RANDOM_WEIGHTS
+    from .pipeline import CONTROL, MATCHED, RANDOM_WEIGHTS
 
     cfg = book.cfg
+
+    def matched(sparsities):  # the matched-accuracy control, where the preset builds it
+        m = matched_level(cfg, sparsities)
+        return [] if m is None else [(m, MATCHED)]
+
     P, sc, cc = cfg.pruning, cfg.sae, cfg.circuit
     # pruning: Table 1 (every method at dense and every sparsity) and the control
     for m in P.methods:
@@ -1050,8 +1065,8 @@ def _replicated_levels(book: "_Book", first: bool) -> None:
         if book.once("neuron_gallery", s):
             book.add("neuron", gallery(cfg, _neuron_images(cfg), "neuron gallery (book)", cfg.data.num_workers))
     # layer: SAE seeds per model, the sweep (Tables 5 / 6), the latents' metrics, the gallery
-    for s, m in book.analysed(sc.sparsities) + [(0.0, RANDOM_WEIGHTS)]:
-        (book.accuracy if first and m != RANDOM_WEIGHTS else book.model)("layer", s, m)  # Table 1 once, then built
+    for s, m in book.analysed(sc.sparsities) + [(0.0, RANDOM_WEIGHTS)] + matched(sc.sparsities):
+        (book.accuracy if first and m not in (RANDOM_WEIGHTS, MATCHED) else book.model)("layer", s, m)  # Table 1 once
         for seed in range(layer_level.sae_seeds_of(book.cfg)):
             book.sae("layer", s, m, sc.tokens, sc.k, sc.expansion, seed)
     for s in book.with_dense(sc.sparsities) if first else ():
@@ -1068,7 +1083,7 @@ def _replicated_levels(book: "_Book", first: bool) -> None:
     # circuit: every level at its k, the control, the sparsest level and the control at the dense k,
     # the k sweep at the sparsest level (the chapter's, in the book)
     levels = book.with_dense(cc.sparsities)
-    for s, m in book.analysed(cc.sparsities) + [(0.0, RANDOM_WEIGHTS)]:
+    for s, m in book.analysed(cc.sparsities) + [(0.0, RANDOM_WEIGHTS)] + matched(cc.sparsities):
         book.circuits("circuit", s, m, circuit_level.default_k(cfg, s, m))
     top = max(levels)
     if top > 0:
@@ -1077,7 +1092,7 @@ def _replicated_levels(book: "_Book", first: bool) -> None:
     for k in circuit_level.sweep_ks(cfg) if first else ():
         book.circuits("circuit", top, "wanda", k, book=True)
     # model: dense, every level, the control
-    for s, m in book.analysed(cfg.attribution.sparsities) + [(0.0, RANDOM_WEIGHTS)]:
+    for s, m in book.analysed(cfg.attribution.sparsities) + [(0.0, RANDOM_WEIGHTS)] + matched(cfg.attribution.sparsities):
         book.attribution("model", s, m)
 
 

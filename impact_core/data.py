@@ -157,7 +157,8 @@ def seeded_subset(split: "Split", n: Optional[int], seed: int, name: Optional[st
 
 
 def load_splits(cfg: Config) -> dict[str, Split]:
-    """The deterministic ``train``, ``calib`` and ``eval`` splits of the config's data set."""
+    """The deterministic ``train``, ``calib`` and ``eval`` splits of the config's data set, and ``holdout``
+    when ``data.holdout_images`` > 0 (:func:`hold_out`)."""
     check_data(cfg)
     root = Path(cfg.data.root)
     mcfg = cfg.model
@@ -175,15 +176,33 @@ def load_splits(cfg: Config) -> dict[str, Split]:
     if len(classes) != mcfg.num_classes and architecture(mcfg).trained_here:  # a loaded model keeps its head
         raise ConfigError(f"model.num_classes={mcfg.num_classes} but the data set has {len(classes)} classes")
     train_idx = seeded_positions(len(train), cfg.data.train_images, cfg.seed)
+    train_idx, holdout_idx = hold_out(train_idx, cfg.data.holdout_images, cfg.seed + 2)
     rng = np.random.default_rng(cfg.seed)
     calib_idx = np.sort(rng.permutation(train_idx)[: cfg.data.calib_images])
     eval_idx = seeded_positions(len(evals), cfg.data.eval_images, cfg.seed + 1)
     workers = cfg.data.num_workers
-    return {
+    out = {
         "train": Split("train", train, train_idx, classes, workers),
         "calib": Split("calib", train, calib_idx, classes, workers),
         "eval": Split("eval", evals, eval_idx, classes, workers),
     }
+    if len(holdout_idx):
+        out["holdout"] = Split("holdout", train, holdout_idx, classes, workers)
+    return out
+
+
+def hold_out(train_idx: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the training positions into (kept, held out): ``n`` of them drawn at ``seed``
+    (:func:`seeded_positions`), both sorted. Nothing trains, calibrates or is analysed on the held-out
+    images; the matched-accuracy control picks its dense checkpoint on them (``data.holdout_images``)."""
+    if not n:
+        return train_idx, train_idx[:0]
+    if n >= len(train_idx):
+        raise ConfigError(f"data.holdout_images={n} leaves no training images (the training split has "
+                          f"{len(train_idx)}); lower it")
+    held = np.zeros(len(train_idx), dtype=bool)
+    held[seeded_positions(len(train_idx), n, seed)] = True
+    return train_idx[~held], train_idx[held]
 
 
 def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0,

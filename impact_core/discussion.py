@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .claims import (INCONCLUSIVE, METRIC_BLIND, NOT_REPRODUCED, PIPELINE, PRUNING, REPRODUCED, SMALL, Claim,
+from .claims import (ACCURACY, INCONCLUSIVE, METRIC_BLIND, NOT_REPRODUCED, PIPELINE, PRUNING, REPRODUCED, SMALL, Claim,
                      verdict_counts)
 
 
@@ -44,6 +44,18 @@ def sensitivity_groups(claims: list[Claim]) -> dict[str, list[str]]:
     return groups
 
 
+def accuracy_groups(claims: list[Claim]) -> dict[str, list[str]]:
+    """The change claims by their matched-accuracy reading (the level against the dense checkpoint of its
+    held-out top-1, :func:`impact_core.claims.judge_matched`): ``beyond accuracy``, ``follows accuracy``,
+    ``undecided``."""
+    groups = {"beyond accuracy": [], "follows accuracy": [], "undecided": []}
+    for c in claims:
+        reading = c.accuracy.split(":")[0] if c.accuracy else ""
+        if reading in groups:
+            groups[reading].append(c.claim)
+    return groups
+
+
 def dose_response(claims: list[Claim]) -> pd.DataFrame:
     """One row per (change claim, model): the judged quantity's mean and 95% interval against
     sparsity (the control at 0), and the claim's trend reading."""
@@ -56,7 +68,7 @@ def dose_response(claims: list[Claim]) -> pd.DataFrame:
 
 
 VERDICT_COLOURS = {REPRODUCED: "#d8f0d8", SMALL: "#e9f3d2", NOT_REPRODUCED: "#f6d5d5", INCONCLUSIVE: "#f3f0d0",
-                   PIPELINE: "#dde4f6", PRUNING: "#e8dcf2", METRIC_BLIND: "#e4e4e4"}
+                   PIPELINE: "#dde4f6", PRUNING: "#e8dcf2", ACCURACY: "#dcecf0", METRIC_BLIND: "#e4e4e4"}
 
 
 def glue_values(claims: list[Claim], seeds, replicates: int = 1) -> dict:
@@ -65,13 +77,14 @@ def glue_values(claims: list[Claim], seeds, replicates: int = 1) -> dict:
     :func:`sensitivity_groups` group, and the note on training seeds."""
     counts = verdict_counts(claims)
     names = {REPRODUCED: "reproduced", SMALL: "small", NOT_REPRODUCED: "not_reproduced", INCONCLUSIVE: "inconclusive",
-             PIPELINE: "pipeline", PRUNING: "pruning", METRIC_BLIND: "metric_blind"}
+             PIPELINE: "pipeline", PRUNING: "pruning", ACCURACY: "accuracy", METRIC_BLIND: "metric_blind"}
     out = {"n_claims": len(claims), "n_seeds": len(seeds), **{f"n_{names[v]}": n for v, n in counts.items()}}
     joined = lambda items: "; ".join(items) if items else "none"  # noqa: E731
     out["n_families"] = len(families(claims))
     out["family_counts"] = family_tally(claims)
     out.update({f"dose_{k.replace(' ', '_')}": joined(v) for k, v in dose_groups(claims).items()})
     out.update({f"sens_{k}": joined(v) for k, v in sensitivity_groups(claims).items()})
+    out.update({f"acc_{k.replace(' ', '_')}": joined(v) for k, v in accuracy_groups(claims).items()})
     replicated = (f" Every pruned model a claim reads, the control and every analysis ran as {replicates} replicates "
                   "of the pipeline's stochastic stages (calibration draw, fine-tuning, SAE seeds, circuit masks, "
                   "random baselines) on each dense model, a replicate beyond the first with one SAE seed; the "
@@ -228,9 +241,10 @@ def answer(question: str, claims: list[Claim]) -> str:
     if changed:
         second = "Shown to change as claimed (beyond the control where there is one): " + "; ".join(changed)
     else:
-        explained = [_title(vs) for name, vs in fams.items() if verdicts[name] in (PIPELINE, PRUNING)]
+        explained = [_title(vs) for name, vs in fams.items() if verdicts[name] in (PIPELINE, PRUNING, ACCURACY)]
         second = ("None is shown as claimed beyond the control"
-                  + (f"; what changes, changes in the control or with pruning alone too ({'; '.join(explained)})"
+                  + (f"; what changes, changes in the control, with pruning alone or in a dense model of the "
+                     f"same accuracy too ({'; '.join(explained)})"
                      if explained else ""))
     if held:
         second += "; shown unchanged within the margin: " + "; ".join(held)
@@ -269,7 +283,8 @@ def answers_html(claims: list[Claim]):
 
 
 VERDICT_POINT_COLOURS = {REPRODUCED: "#2e8b3a", SMALL: "#8aa62b", NOT_REPRODUCED: "#c0392b",
-                         INCONCLUSIVE: "#c9a227", PIPELINE: "#3b6fc4", PRUNING: "#8e5bb5", METRIC_BLIND: "#8c8c8c"}
+                         INCONCLUSIVE: "#c9a227", PIPELINE: "#3b6fc4", PRUNING: "#8e5bb5", ACCURACY: "#2a8fa3",
+                         METRIC_BLIND: "#8c8c8c"}
 FOREST_LIMIT = 6.0  # the forest's axis, in margins; a point beyond it is drawn at the edge with an arrow
 
 
@@ -367,7 +382,8 @@ class ClaimsTable:
     DETAILS = (("why", "why"), ("rule", "rule"), ("control", "the control alone (control - dense)"),
                ("vs_dense", "the level - dense"), ("margin", "margin"), ("magnitude", "magnitude"),
                ("trend", "dose-response"), ("seeds", "seeds"),
-               ("sensitivity", "can the metric see? (trained - random weights)"))
+               ("sensitivity", "can the metric see? (trained - random weights)"),
+               ("accuracy", "does it follow accuracy? (level - dense at its accuracy)"))
 
     def __init__(self, claims: list[Claim]):
         self.claims = list(claims)

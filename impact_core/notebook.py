@@ -102,7 +102,7 @@ def glue(key: str, value: Any, display: bool = False) -> Any:
 
 
 CLAIM_FIELDS = ("claim", "paper", "ours", "effect", "vs_dense", "control", "margin", "verdict", "magnitude", "trend",
-                "why", "seeds", "sensitivity")
+                "why", "seeds", "sensitivity", "accuracy")
 
 
 def glue_claims(claims):

@@ -6,6 +6,8 @@
                                           as a pruned model is, with nothing pruned
     accuracy(cfg, sparsity, method)       top-1 / top-5 on the eval split
     site_means(cfg, sparsity, method)     per-position dataset means of all named sites
+    pruned_model(cfg, sparsity, MATCHED)  the matched-accuracy control: the dense training's checkpoint
+                                          whose held-out top-1 is nearest Wanda's at ``sparsity``
 
 Each cache key is a hash of exactly the config subset the artefact depends on
 (plus the keys of the artefacts it is built from), so a chapter run with another
@@ -37,6 +39,9 @@ PRUNED_MODEL = artefact("pruned_model", 2)  # 2: fine-tuning steps stored; the c
 TRAINED_SPARSE_MODEL = artefact("trained_sparse_model", 1)
 ACCURACY = artefact("accuracy", 2)  # 2: per-image ``correct``
 SITE_MEANS = artefact("site_means", 1)
+DENSE_CHECKPOINTS = artefact("dense_checkpoints", 1)  # written by the dense training beside its model
+HOLDOUT_ACCURACY = artefact("holdout_accuracy", 1)    # top-1 on the held-out split (levels and checkpoints)
+MATCHED_MODEL = artefact("matched_model", 1)
 
 CONTROL = "control"
 """The negative-control model kind: the dense model taken through a pruned model's pipeline
@@ -64,6 +69,21 @@ cannot tell the trained dense model from it cannot see a change of interpretabil
 metric see anything?")."""
 
 
+MATCHED = "matched_accuracy"
+"""The matched-accuracy control (Frankle and Bau 2019: interpretable units survive pruning until accuracy
+falls): the dense model at the accuracy of the level, ``(sparsity > 0, method=MATCHED)``. Of the dense
+training's ``train.checkpoints`` evenly spaced checkpoints, the one whose top-1 on the held-out split
+(``data.holdout_images``, never the evaluation split) is nearest Wanda's at ``sparsity`` in the same
+replicate (:func:`pick_matched`). A change that the level shows and this dense model shows as well
+follows accuracy, not sparsity. The matched model is trained no further (no fine-tuning): our choice;
+the control model separates what fine-tuning does."""
+
+
+def matched_control(cfg: Config) -> bool:
+    """Whether the preset builds the matched-accuracy control (dense checkpoints on a held-out split)."""
+    return bool(cfg.train.checkpoints) and architecture(cfg.model).trained_here
+
+
 def check_model_kind(sparsity: float, method: str) -> float:
     """The one check of a model's identity: ``sparsity`` in [0, 1) and ``method`` a registered
     pruning method, or ``CONTROL`` at sparsity 0. Returns the sparsity as a float."""
@@ -72,9 +92,9 @@ def check_model_kind(sparsity: float, method: str) -> float:
         if sparsity != 0:
             raise ValueError(f"the {model_label(0.0, method)} model has nothing pruned: sparsity must be 0, "
                              f"got {sparsity}")
-    elif method == TRAINED_SPARSE:
+    elif method in (TRAINED_SPARSE, MATCHED):
         if sparsity == 0:
-            raise ValueError("a trained-sparse model needs a sparsity > 0 (sparsity 0 is the dense model)")
+            raise ValueError(f"a {method} model needs a sparsity > 0 (sparsity 0 is the dense model)")
     elif method not in pruning.PRUNING_METHODS:
         raise ValueError(f"unknown pruning method {method!r}; known: {list(pruning.PRUNING_METHODS)} (or {CONTROL!r})")
     elif pruning.PRUNING_METHODS[method].sparsity not in (None, sparsity) and sparsity != 0:
@@ -176,7 +196,12 @@ def calibration_split(cfg: Config):
 def dense_inputs(cfg: Config) -> dict:
     inputs = {"model": cfg.model.to_dict(), "seed": cfg.seed}
     if architecture(cfg.model).trained_here:
-        inputs.update(train=cfg.train.to_dict(), data={"kind": cfg.data.kind, "train_images": cfg.data.train_images})
+        train, data = cfg.train.to_dict(), {"kind": cfg.data.kind, "train_images": cfg.data.train_images}
+        if not train["checkpoints"]:  # the keys of builds before the checkpoints existed stay valid
+            train.pop("checkpoints")
+        if cfg.data.holdout_images:
+            data["holdout_images"] = cfg.data.holdout_images
+        inputs.update(train=train, data=data)
     else:
         ckpt = Path(cfg.model.checkpoint)
         inputs["checkpoint"] = {"path": str(ckpt.resolve()), "size": ckpt.stat().st_size,
@@ -210,6 +235,8 @@ def model_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
         return {"dense": cache.key(DENSE_MODEL, dense_inputs(cfg))}
     if method == TRAINED_SPARSE:
         return {"trained_sparse": cache.key(TRAINED_SPARSE_MODEL, trained_sparse_inputs(cfg, sparsity))}
+    if method == MATCHED:
+        return {"matched": cache.key(MATCHED_MODEL, matched_inputs(cfg, sparsity))}
     return {"pruned": cache.key(PRUNED_MODEL, pruned_inputs(cfg, sparsity, method))}
 
 
@@ -244,15 +271,39 @@ def random_weights_model(cfg: Config) -> torch.nn.Module:
     return build_model(cfg.model).to(resolve_device(cfg)).eval()
 
 
+def checkpoint_steps(steps: int, count: int) -> list[int]:
+    """``count`` evenly spaced steps of a ``steps``-step training, the last at its end:
+    ``round(steps * i / count)`` for i = 1..count (distinct, so fewer when count > steps)."""
+    return sorted({max(1, round(steps * i / count)) for i in range(1, count + 1)})
+
+
 def dense_model(cfg: Config) -> torch.nn.Module:
-    """The dense model: trained by the project (small preset) or loaded from ``model.checkpoint``."""
+    """The dense model: trained by the project (small preset) or loaded from ``model.checkpoint``.
+    With ``train.checkpoints``, the training also stores its checkpoints (:data:`DENSE_CHECKPOINTS`)."""
     preflight(cfg)
     device = resolve_device(cfg)
     if not architecture(cfg.model).trained_here:
         return load_checkpoint(build_model(cfg.model), cfg.model.checkpoint).to(device).eval()
 
     def compute():
-        model, losses = train_dense(cfg, splits(cfg), device=device)
+        saved: list[tuple[int, dict]] = []
+
+        def start(steps):  # copies the weights at the checkpoint steps; changes nothing of the training
+            at, done = set(checkpoint_steps(steps, cfg.train.checkpoints)), [0]
+
+            def hook(model):
+                done[0] += 1
+                if done[0] in at:
+                    saved.append((done[0], {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
+            return hook
+
+        model, losses = train_dense(cfg, splits(cfg), device=device,
+                                    after_step=start if cfg.train.checkpoints else None)
+        if saved:
+            inputs = dense_inputs(cfg)
+            cache_for(cfg).save(DENSE_CHECKPOINTS, cache_for(cfg).key(DENSE_CHECKPOINTS, inputs),
+                                {"steps": [st for st, _ in saved], "states": [sd for _, sd in saved]}, inputs)
+            log.info("stored %d dense checkpoints (steps %s)", len(saved), [st for st, _ in saved])
         return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "losses": losses}
 
     entry = cache_for(cfg).get_or_compute(DENSE_MODEL, dense_inputs(cfg), compute)
@@ -281,6 +332,8 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
         return dense_model(cfg)
     if method == TRAINED_SPARSE:
         return trained_sparse_model(cfg, sparsity)
+    if method == MATCHED:
+        return matched_model(cfg, sparsity)
     device = resolve_device(cfg)
 
     def compute():
@@ -305,6 +358,77 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
 
     entry = cache_for(cfg).get_or_compute(PRUNED_MODEL, pruned_inputs(cfg, sparsity, method), compute)
     return _state_to_model(cfg, entry["state"], device)
+
+
+def dense_checkpoints(cfg: Config) -> dict:
+    """``{"steps": [...], "states": [...]}``: the dense training's checkpoints (trains the dense model if needed)."""
+    if not matched_control(cfg):
+        raise ValueError("no dense checkpoints: the preset sets no train.checkpoints (or loads its model)")
+    dense_model(cfg)
+    cache = cache_for(cfg)
+    key = cache.key(DENSE_CHECKPOINTS, dense_inputs(cfg))
+    try:
+        return cache.load(DENSE_CHECKPOINTS, key)
+    except (KeyError, CacheError, FileNotFoundError) as err:
+        raise CacheError(f"the dense model is cached without its checkpoints ({DENSE_CHECKPOINTS}/{key}): remove "
+                         f"its entry ({DENSE_MODEL}/{cache.key(DENSE_MODEL, dense_inputs(cfg))}) to train it again, "
+                         f"with checkpoints") from err
+
+
+def holdout_top1(cfg: Config, model: torch.nn.Module, inputs: dict, desc: str) -> float:
+    """Top-1 of ``model`` on the held-out split (cached under ``inputs``, which name the model)."""
+    inputs = {**inputs, "holdout_images": cfg.data.holdout_images, "data_kind": cfg.data.kind,
+              "batch_size": cfg.data.batch_size}
+    return cache_for(cfg).get_or_compute(HOLDOUT_ACCURACY, inputs, lambda: evaluate(
+        model, splits(cfg)["holdout"], cfg.data.batch_size, resolve_device(cfg), desc=desc,
+        precision=cfg.precision)["top1"])
+
+
+def pick_matched(checkpoint_top1, target: float) -> int:
+    """The checkpoint whose held-out top-1 is nearest ``target`` (a tie goes to the later checkpoint)."""
+    gaps = [abs(float(a) - float(target)) for a in checkpoint_top1]
+    return max(range(len(gaps)), key=lambda i: (-gaps[i], i))
+
+
+def matched_inputs(cfg: Config, sparsity: float) -> dict:
+    return {"checkpoints": cache_for(cfg).key(DENSE_CHECKPOINTS, dense_inputs(cfg)),
+            "level": model_inputs(cfg, sparsity, "wanda"), "holdout_images": cfg.data.holdout_images,
+            "batch_size": cfg.data.batch_size}
+
+
+def matched_model(cfg: Config, sparsity: float) -> torch.nn.Module:
+    """:data:`MATCHED` at ``sparsity``: the dense checkpoint nearest in held-out top-1 to Wanda at ``sparsity``
+    (this replicate's). The entry keeps every checkpoint's held-out top-1, the level's, and the choice."""
+    if not matched_control(cfg):
+        raise ValueError("the matched-accuracy control needs train.checkpoints > 0 and data.holdout_images > 0 "
+                         "on a model trained here")
+    device = resolve_device(cfg)
+
+    def compute():
+        ckpts = dense_checkpoints(cfg)
+        key = cache_for(cfg).key(DENSE_CHECKPOINTS, dense_inputs(cfg))
+        top1 = [holdout_top1(cfg, _state_to_model(cfg, sd, device), {"checkpoint": key, "step": st},
+                             desc=f"held-out top-1, checkpoint {st}")
+                for st, sd in zip(ckpts["steps"], ckpts["states"])]
+        level = holdout_top1(cfg, pruned_model(cfg, sparsity, "wanda"), {"model": model_inputs(cfg, sparsity)},
+                             desc=f"held-out top-1, {model_label(sparsity)}")
+        i = pick_matched(top1, level)
+        log.info("matched-accuracy control for %s: checkpoint at step %d (held-out top-1 %.4f; the level %.4f)",
+                 model_label(sparsity), ckpts["steps"][i], top1[i], level)
+        return {"state": ckpts["states"][i], "step": ckpts["steps"][i], "steps": ckpts["steps"],
+                "checkpoint_top1": top1, "level_top1": level}
+
+    entry = cache_for(cfg).get_or_compute(MATCHED_MODEL, matched_inputs(cfg, sparsity), compute)
+    return _state_to_model(cfg, entry["state"], device)
+
+
+def matched_choice(cfg: Config, sparsity: float) -> dict:
+    """The matched-accuracy control's entry without its weights: ``step``, ``steps``, ``checkpoint_top1``,
+    ``level_top1`` (held-out top-1)."""
+    matched_model(cfg, sparsity)
+    cache = cache_for(cfg)
+    entry = cache.load(MATCHED_MODEL, cache.key(MATCHED_MODEL, matched_inputs(cfg, sparsity)))
+    return {k: v for k, v in entry.items() if k != "state"}
 
 
 def trained_sparse_model(cfg: Config, sparsity: float) -> torch.nn.Module:
@@ -385,6 +509,8 @@ def model_label(sparsity: float, method: str = "wanda") -> str:
         return "random weights"
     if method == TRAINED_SPARSE:
         return f"trained sparse {sparsity:.0%}"
+    if method == MATCHED:
+        return f"dense at {sparsity:.0%}'s accuracy"
     if method != "wanda" and sparsity > 0:
         return f"{method} {sparsity:.0%}"
     return "dense" if sparsity == 0 else f"{sparsity:.0%}"

@@ -82,6 +82,7 @@ STAGE_KINDS = {
     "SAE gallery (book)": "sae_gallery", "circuit masks": "circuits", "circuit evaluation": "circuits",
     "circuit masks (k sweep, book)": "circuits", "circuit evaluation (k sweep, book)": "circuits",
     "attribution maps": "attribution_results", "insertion/deletion": "attribution_results",
+    "held-out evaluation": "holdout_accuracy",
 }
 """The kind of cached artefact each stage of :func:`impact_core.cost.stage_costs` computes: the unit at
 which a build's measured time (the entries' ``self_seconds``) and the cost model's prediction meet."""

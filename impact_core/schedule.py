@@ -62,7 +62,7 @@ def plan(cfg, chapters: list[str]) -> list[Task]:
     """The tasks of a build of ``chapters`` (``_toc.yml`` paths) on ``cfg``: the pieces of their levels,
     then the chapters, each with what it needs (see the module docstring)."""
     from .levels import get_level, level_of_chapter, level_pieces
-    from .pipeline import RANDOM_WEIGHTS, TRAINED_SPARSE
+    from .pipeline import MATCHED, RANDOM_WEIGHTS, TRAINED_SPARSE
 
     selected = [lv.name for lv in map(level_of_chapter, chapters) if lv is not None]
     by_level = {name: [p.label for p in level_pieces(cfg, [name])] for name in selected}
@@ -80,6 +80,8 @@ def plan(cfg, chapters: list[str]) -> list[Task]:
             t.needs.add(models[of])
         elif dense and of[1] not in (TRAINED_SPARSE, RANDOM_WEIGHTS):  # those start from no dense model
             t.needs.add(dense)
+        if not t.model and of[1] == MATCHED and (of[0], "wanda", *of[2:]) in models:
+            t.needs.add(models[(of[0], "wanda", *of[2:])])  # its checkpoint is chosen by that model's accuracy
     level_chapters = []
     for chapter in chapters:
         level = level_of_chapter(chapter)

@@ -177,5 +177,5 @@ def test_a_replicate_beyond_the_first_carries_one_sae_seed():
             runs[(r.chapter, r.stage)] += r.runs
         return runs[("layer", "SAE training")]
 
-    models = len(levels.with_dense(cfg.sae.sparsities)) + 2  # dense, every level, the control, random weights
+    models = len(levels.with_dense(cfg.sae.sparsities)) + 3  # dense, every level, the control, random weights, matched
     assert sae_runs(1) == 3 * models and sae_runs(2) == 4 * models and sae_runs(3) == 5 * models

@@ -143,26 +143,58 @@ def with_dense(sparsities) -> list[float]:
     return [0.0] + sorted({float(s) for s in sparsities if s > 0})
 
 
-def over_models(entry: Callable[..., dict], sparsities, random_weights: bool = False) -> dict:
+def matched_level(cfg, sparsities) -> Optional[float]:
+    """The level the matched-accuracy control is built for: the sparsest analysed one, when the preset builds
+    the control (:func:`impact_core.pipeline.matched_control`); else None. (Lighter levels lose less
+    accuracy; the chapters show each level's top-1 beside it.)"""
+    from ..pipeline import matched_control
+
+    top = max(with_dense(sparsities))
+    return top if matched_control(cfg) and top > 0 else None
+
+
+def matched_text(cfg, sparsities) -> str:
+    """One sentence on the matched-accuracy control of the level :func:`matched_level` picks (replicate 0):
+    the checkpoint chosen and its held-out top-1 beside the level's; glued by the chapters."""
+    from ..pipeline import matched_choice, model_label
+
+    m = matched_level(cfg, sparsities)
+    if m is None:
+        return ("not built by this preset (it needs train.checkpoints > 0 and data.holdout_images > 0 on a model "
+                "trained here)")
+    c = matched_choice(cfg, m)
+    return (f"the dense training's checkpoint at step {c['step']:,} of {c['steps'][-1]:,} "
+            f"(of {len(c['steps'])} saved), with {c['checkpoint_top1'][c['steps'].index(c['step'])]:.2%} top-1 on the "
+            f"{cfg.data.holdout_images:,} held-out training images against {c['level_top1']:.2%} for "
+            f"{model_label(m)} (the dense model: {c['checkpoint_top1'][-1]:.2%}; replicate 0, each replicate "
+            f"picks its own)")
+
+
+def over_models(entry: Callable[..., dict], sparsities, random_weights: bool = False,
+                matched: Optional[float] = None) -> dict:
     """``entry(sparsity, method)`` for dense, every sparsity and the control model:
     ``{"by_sparsity": {0.0: dense, s: ...}, "control": ...}`` (what most levels' claims read); with
-    ``random_weights``, also ``"random_weights"``: the random-weights model (the metric-sensitivity check)."""
-    from ..pipeline import CONTROL, RANDOM_WEIGHTS
+    ``random_weights``, also ``"random_weights"``: the random-weights model (the metric-sensitivity check);
+    with ``matched`` (a sparsity: :func:`matched_level`), also ``"matched"``: the matched-accuracy control."""
+    from ..pipeline import CONTROL, MATCHED, RANDOM_WEIGHTS
 
     out = {"by_sparsity": {s: entry(s, "wanda") for s in with_dense(sparsities)}, "control": entry(0.0, CONTROL)}
     if random_weights:
         out["random_weights"] = entry(0.0, RANDOM_WEIGHTS)
+    if matched is not None:
+        out["matched"] = entry(matched, MATCHED)
     return out
 
 
 def model_pieces(what: str, entry: Callable, sparsities, cost: float, random_weights: bool = False,
-                 **kwargs) -> list[Piece]:
+                 matched: Optional[float] = None, **kwargs) -> list[Piece]:
     """A :class:`Piece` of ``entry(cfg, sparsity, method=...)`` for each model :func:`over_models` visits:
-    dense, every sparsity, the control (and the random-weights model)."""
-    from ..pipeline import CONTROL, RANDOM_WEIGHTS, model_label
+    dense, every sparsity, the control (and the random-weights model, and the matched-accuracy control)."""
+    from ..pipeline import CONTROL, MATCHED, RANDOM_WEIGHTS, model_label
 
     models = [(s, "wanda") for s in with_dense(sparsities)] + [(0.0, CONTROL)]
     models += [(0.0, RANDOM_WEIGHTS)] if random_weights else []
+    models += [(matched, MATCHED)] if matched is not None else []
     return [Piece(f"{what}, {model_label(s, m)}", entry, (s,), {"method": m, **kwargs}, of=(s, m), cost=cost)
             for s, m in models]
 

@@ -19,7 +19,7 @@ from ..claims import Claim, Judge, as_array, change_claim, judge_chance
 from ..config import Config
 from ..methods.circuits import ClassSets, balanced_indices, compute_circuits, edge_counts, ncq_edges
 from ..pipeline import CONTROL
-from . import Level, Piece, model_pieces, register_level, with_dense
+from . import Level, Piece, matched_level, model_pieces, register_level, with_dense
 
 log = logging.getLogger("impact_core")
 
@@ -151,7 +151,7 @@ def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
     """``runs[g] = {"by_sparsity": {s: circuit_results}, "control": circuit_results or None,
     "equal_k": circuits of the sparsest level at the dense k or None, "equal_k_control": the
     control's circuits at the dense k or None, "pruning_only": dict or None, "random_weights": the
-    random-weights model's circuits or None}``. With the random-weights model, the edge, node and NCQ claims
+    random-weights model's circuits or None, "matched": the matched-accuracy model's circuits or None}``. With the random-weights model, the edge, node and NCQ claims
     carry the metric-sensitivity check; the ablation-to-chance claims do not (a model at chance has no
     accuracy for its circuit to carry, so the check is undefined there)."""
     first = runs[0]
@@ -173,6 +173,9 @@ def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
     def random_weights(key):
         return [get(r["random_weights"], key) for r in runs] if first.get("random_weights") is not None else None
 
+    def matched(key):  # the dense model at the sparsest level's accuracy (the claims' level is that one)
+        return [get(r["matched"], key) for r in runs] if first.get("matched") is not None else None
+
     def curve(key):
         c = {s: arrays(key, s) for s in sparsities if s > 0}
         if has_control:
@@ -187,18 +190,20 @@ def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
                             dense=arrays("size_dense", 0.0), at_level=arrays("size_dense", top),
                             control=arrays("size_dense", "control"), scale=100, fmt=".2f", curve=curve("size_dense"),
                             counterfactual=cf, magnitude=("ratio", 2.5), random_weights=random_weights("size_dense"),
-                            **common))
+                            matched=matched("size_dense"), **common))
     out.append(change_claim(j, id="circuit.edges_remaining",
                             claim=f"circuit edges fall from {tag} as a share of the weights the model still has",
                             paper="32.4% -> 43.1% implied by Table 3 (rises)", metric="edge_size", expected="-",
                             dense=arrays("size_remaining", 0.0), at_level=arrays("size_remaining", top),
                             control=arrays("size_remaining", "control"), scale=100, fmt=".2f",
-                            curve=curve("size_remaining"), random_weights=random_weights("size_remaining"), **common))
+                            curve=curve("size_remaining"), random_weights=random_weights("size_remaining"),
+                            matched=matched("size_remaining"), **common))
     out.append(change_claim(j, id="circuit.nodes", claim=f"node fraction rises from {tag}", paper="29.0% -> 41.6%",
                             metric="node_fraction", expected="+", dense=arrays("node_fraction", 0.0),
                             at_level=arrays("node_fraction", top), control=arrays("node_fraction", "control"),
                             scale=100, fmt=".2f", curve=curve("node_fraction"),
-                            random_weights=random_weights("node_fraction"), **common))
+                            random_weights=random_weights("node_fraction"), matched=matched("node_fraction"),
+                            **common))
     if first.get("equal_k") is not None:
         out.append(change_claim(j, id="circuit.nodes_equal_k",
                                 claim=f"node fraction rises from {tag} at the dense model's k",
@@ -211,12 +216,13 @@ def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
     out.append(change_claim(j, id="circuit.ncq", claim=f"NCQ (Eq. 12, node form) rises from {tag}",
                             paper="0.602 -> 0.780", metric="ncq", expected="+", dense=arrays("ncq", 0.0),
                             at_level=arrays("ncq", top), control=arrays("ncq", "control"), curve=curve("ncq"),
-                            random_weights=random_weights("ncq"), **common))
+                            random_weights=random_weights("ncq"), matched=matched("ncq"), **common))
     out.append(change_claim(j, id="circuit.ncq_edges",
                             claim=f"NCQ as the paper's tables print it, Acc x (1 - edge size), rises from {tag}",
                             paper="0.602 -> 0.780", metric="ncq", expected="+", dense=arrays("ncq_edges", 0.0),
                             at_level=arrays("ncq_edges", top), control=arrays("ncq_edges", "control"),
-                            curve=curve("ncq_edges"), random_weights=random_weights("ncq_edges"), **common))
+                            curve=curve("ncq_edges"), random_weights=random_weights("ncq_edges"),
+                            matched=matched("ncq_edges"), **common))
     if first.get("equal_k") is not None:
         out.append(change_claim(j, id="circuit.collapse",
                                 claim=f"at {top:.0%}, the dense model's k lowers circuit accuracy (circuit collapse)",
@@ -253,19 +259,22 @@ def gather(cfg) -> dict:
     control at the dense k; the pruning-only counterfactual of the sparsest level."""
     sparsities = with_dense(cfg.circuit.sparsities)
     top = sparsities[-1]
+    m = matched_level(cfg, cfg.circuit.sparsities)
     return {"by_sparsity": {s: circuit_results(cfg, s) for s in sparsities},
             "control": circuit_results(cfg, 0.0, method=CONTROL),
             "equal_k": circuit_results(cfg, top, k=cfg.circuit.k_dense) if top > 0 else None,
             "equal_k_control": circuit_results(cfg, 0.0, k=cfg.circuit.k_dense, method=CONTROL),
             "pruning_only": pruning_only_edges(cfg, top) if top > 0 else None,
-            "random_weights": circuit_results(cfg, 0.0, method=pipeline.RANDOM_WEIGHTS)}
+            "random_weights": circuit_results(cfg, 0.0, method=pipeline.RANDOM_WEIGHTS),
+            "matched": circuit_results(cfg, m, method=pipeline.MATCHED) if m is not None else None}
 
 
 def pieces(cfg) -> list[Piece]:
     """The circuits :func:`gather` reads (each model at its k; the sparsest and the control also at the
     dense k) and the chapter's k sweep of Table 7 at the sparsest level."""
     top = max(with_dense(cfg.circuit.sparsities))
-    out = model_pieces("circuits", circuit_results, cfg.circuit.sparsities, cost=70, random_weights=True)
+    out = model_pieces("circuits", circuit_results, cfg.circuit.sparsities, cost=70, random_weights=True,
+                       matched=matched_level(cfg, cfg.circuit.sparsities))
     out.append(Piece("circuits at the dense k, control", circuit_results, (0.0,),
                      {"k": cfg.circuit.k_dense, "method": CONTROL}, of=(0.0, CONTROL), cost=70))
     if top > 0:
@@ -415,6 +424,8 @@ def chapter_results(cfg: Config) -> dict:
         "pruning_only_control": pruning_only_edges(cfg, 0.0, CONTROL),
         "equal_k": circuit_results(cfg, main, k=cfg.circuit.k_dense) if main > 0 else None,
         "equal_k_control": circuit_results(cfg, 0.0, k=cfg.circuit.k_dense, method=CONTROL),
+        "matched": (circuit_results(cfg, main, method=pipeline.MATCHED)
+                    if matched_level(cfg, cfg.circuit.sparsities) is not None else None),
     }
 
 
@@ -431,6 +442,8 @@ def table3_frame(cfg: Config, r: dict):
         rows[f"{level_label(main)} at the dense k ({cfg.circuit.k_dense:.0e})"] = summary(r["equal_k"],
                                                                                         r["pruning_only"][main])
         rows[f"control at the dense k ({cfg.circuit.k_dense:.0e})"] = summary(r["equal_k_control"])
+    if r.get("matched") is not None:
+        rows[f"{pipeline.model_label(main, pipeline.MATCHED)} (k {default_k(cfg, main):.0e})"] = summary(r["matched"])
     return pd.DataFrame({name: {c: mean_pm_sd(sm[c], _digits(c)) if c in sm else "–" for c in TABLE3_COLUMNS}
                          for name, sm in rows.items()}).T
 

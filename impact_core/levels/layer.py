@@ -23,7 +23,7 @@ from ..data import Batches, seeded_subset
 from ..methods import sae_features
 from ..methods.sae import (BatchTopKSAE, activation_chunks, buffered_batches, check_tokens, choose_decode_impl,
                            evaluate, fit, shuffled_batches, tokens_per_image)
-from . import Level, Piece, main_level, model_pieces, over_models, register_level, with_dense
+from . import Level, Piece, main_level, matched_level, model_pieces, over_models, register_level, with_dense
 from .neuron import neuron_claims
 
 log = logging.getLogger("impact_core")
@@ -290,6 +290,7 @@ def layer_claims(runs: list[dict], j: Judge) -> list[Claim]:
     metric-sensitivity check (Heap et al. 2025: SAEs reconstruct random transformers about as well)."""
     first = runs[0]
     rw = first.get("random_weights") is not None
+    mt = first.get("matched") is not None  # the dense model at the sparsest level's accuracy
     sparsities = sorted(first["by_sparsity"])
     top = sparsities[-1]
     tag = f"dense to {top:.0%}"
@@ -308,14 +309,16 @@ def layer_claims(runs: list[dict], j: Judge) -> list[Claim]:
                         at_level=[per_seed(r["by_sparsity"][top], "NMSE") for r in runs],
                         control=[per_seed(r["control"], "NMSE") for r in runs], unit="SAE seeds", fmt=".4f",
                         curve=series("NMSE"),
-                        random_weights=[per_seed(r["random_weights"], "NMSE") for r in runs] if rw else None)]
+                        random_weights=[per_seed(r["random_weights"], "NMSE") for r in runs] if rw else None,
+                        matched=[per_seed(r["matched"], "NMSE") for r in runs] if mt else None)]
     out.append(change_claim(j, id="layer.dead", level="layer", claim=f"dead latents fall from {tag} (fraction of latents)",
                             paper="85.9 -> 68.3 (of 24,576)", metric="dead_fraction", expected="-",
                             dense=[per_seed(r["by_sparsity"][0.0], "dead %", 0.01) for r in runs],
                             at_level=[per_seed(r["by_sparsity"][top], "dead %", 0.01) for r in runs],
                             control=[per_seed(r["control"], "dead %", 0.01) for r in runs], unit="SAE seeds",
                             fmt=".4f", curve=series("dead %", 0.01),
-                            random_weights=[per_seed(r["random_weights"], "dead %", 0.01) for r in runs] if rw else None))
+                            random_weights=[per_seed(r["random_weights"], "dead %", 0.01) for r in runs] if rw else None,
+                            matched=[per_seed(r["matched"], "dead %", 0.01) for r in runs] if mt else None))
     if first.get("features") is not None:  # Fig. 3: the four metrics on SAE latents, per class
         def as_blocks(f):
             return {"blocks": [-1], **{m: as_array(f[m])[None] for m in ("selectivity", "label_entropy",
@@ -338,6 +341,8 @@ def gather(cfg) -> dict:
                       random_weights=True)
     out["features"] = over_models(lambda s, method: sae_feature_metrics(cfg, s, method=method), cfg.sae.sparsities,
                                   random_weights=True)
+    m = matched_level(cfg, cfg.sae.sparsities)  # the change claims (NMSE, dead latents) read its SAEs' quality
+    out["matched"] = quality_over_seeds(cfg, m, method=pipeline.MATCHED) if m is not None else None
     return out
 
 
@@ -353,6 +358,10 @@ def pieces(cfg) -> list[Piece]:
     Tables 5 and 6 (one SAE each, :func:`sweep_rows`)."""
     s_cfg = cfg.sae
     out = model_pieces("SAEs", model_results, s_cfg.sparsities, cost=60, random_weights=True)
+    m = matched_level(cfg, s_cfg.sparsities)
+    if m is not None:  # the matched-accuracy control: only its SAEs' quality is read (the latents' claims are "no change")
+        out.append(Piece(f"SAEs, {pipeline.model_label(m, pipeline.MATCHED)}", quality_over_seeds, (m,),
+                         {"method": pipeline.MATCHED}, of=(m, pipeline.MATCHED), cost=40))
     for s in with_dense(s_cfg.sparsities):
         for spec in sweep_rows(s_cfg.tokens, s_cfg.k, s_cfg.expansion, dense=(s == 0)):
             if (spec["tokens"], spec["k"], spec["expansion"]) == (s_cfg.tokens, s_cfg.k, s_cfg.expansion):
@@ -467,9 +476,12 @@ def setup_table(cfg, block_index: int):
 
 
 def chapter_models(cfg) -> dict:
-    """``{row label: (sparsity, method)}``: dense, every Wanda level, then the control."""
+    """``{row label: (sparsity, method)}``: dense, every Wanda level, the control, then the matched-accuracy
+    control where the preset builds it."""
+    m = matched_level(cfg, cfg.sae.sparsities)
     return ({pipeline.model_label(s): (s, "wanda") for s in with_dense(cfg.sae.sparsities)}
-            | {pipeline.CONTROL_ROW: (0.0, pipeline.CONTROL)})
+            | {pipeline.CONTROL_ROW: (0.0, pipeline.CONTROL)}
+            | ({pipeline.model_label(m, pipeline.MATCHED): (m, pipeline.MATCHED)} if m is not None else {}))
 
 
 def table2_display(cfg):

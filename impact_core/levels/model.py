@@ -20,7 +20,7 @@ from ..config import Config
 from ..data import batches, seeded_positions
 from ..methods import attribution as attr
 from ..methods.perturbation import RISE_BLUR, SCORE_KEYS, figure_positions, other_rule, score_chunk
-from . import Level, Piece, displayed, model_pieces, over_models, register_level
+from . import Level, Piece, displayed, matched_level, model_pieces, over_models, register_level
 
 # 4: random patch scores, two substitutes, the other LayerScale rule; 5: conservation extremes per image;
 # 6: display-only work on the display images of the displayed models
@@ -324,7 +324,10 @@ def model_claims(runs: list[dict], j: Judge, method: str = "chefer") -> list[Cla
                              control=[gain(r["control"], ref, metric) for r in runs] if has_control else None,
                              unit="images", curve=curve,
                              random_weights=[gain(r["random_weights"], ref, metric) for r in runs]
-                             if first.get("random_weights") is not None else None, family=f"model.{metric}")
+                             if first.get("random_weights") is not None else None,
+                             matched=[gain(r["matched"], ref, metric) for r in runs]
+                             if first.get("matched") is not None and s == sparsities[-1] else None,
+                             family=f"model.{metric}")
             c.ours = f"AUC {raw[0]:.3f} -> {raw[1]:.3f}; above random: {c.ours}"
             out.append(c)
     return out
@@ -334,12 +337,13 @@ def gather(cfg) -> dict:
     """Attribution results of dense, every level, the control and the random-weights model (the claims' methods
     only: the metric-sensitivity check)."""
     return over_models(lambda s, method: attribution_results(cfg, s, method=method), cfg.attribution.sparsities,
-                       random_weights=True)
+                       random_weights=True, matched=matched_level(cfg, cfg.attribution.sparsities))
 
 
 def pieces(cfg) -> list[Piece]:
     """:func:`attribution_results` of each model (dense, every sparsity, the control, the random-weights model)."""
-    return model_pieces("attribution", attribution_results, cfg.attribution.sparsities, cost=100, random_weights=True)
+    return model_pieces("attribution", attribution_results, cfg.attribution.sparsities, cost=100, random_weights=True,
+                        matched=matched_level(cfg, cfg.attribution.sparsities))
 
 
 register_level(Level(
