@@ -904,9 +904,6 @@ class _Book:
         self.done: set = set()
         self.rows: dict[tuple[str, str], StageCost] = {}
 
-    def analysed(self, sparsities) -> list[tuple[float, str]]:
-        return [(s, "wanda") for s in self.with_dense(sparsities)] + [(0.0, self.control)]
-
     def key(self, s: float, m: str) -> tuple:
         """An artefact's model: the one dense model, or a model of the current replicate (``self.cfg``)."""
         from .pipeline import is_dense
@@ -1038,85 +1035,72 @@ def _named(cost: StageCost, name: str, book: bool = False) -> StageCost:
     return dataclasses.replace(cost, stage=name, shard="" if book else cost.shard)
 
 
-def _replicated_levels(book: "_Book", first: bool) -> None:
-    """The stages of the replicated levels for ``book.cfg``'s replicate: the claims' work in every replicate,
-    the display-only work (Table 1's other models, galleries, sweeps) in the first only."""
-    from .levels import circuit as circuit_level, layer as layer_level, matched_level
-    from .levels.pruning import claim_models
-    from .pipeline import CONTROL, MATCHED, RANDOM_WEIGHTS
+def _piece_work(book: "_Book", chapter: str, piece) -> None:
+    """The stages of one piece of the work plan (:class:`impact_core.levels.Piece`), by its entry point:
+    the plan's pieces are the one description of the work, which this turns into units (forwards,
+    training steps, mask steps, ...). A new kind of piece needs a line here (a test walks every preset's plan)."""
+    from . import pipeline
+    from .levels import circuit as circuit_level, layer as layer_level, model as model_level, neuron as neuron_level
+    from .levels import pruning as pruning_level
 
-    cfg = book.cfg
+    entry, args, kw = piece.entry, piece.args, dict(piece.kwargs)
+    model_args = entry in (pipeline.accuracy, pruning_level.built_model) and len(args) > 1  # (sparsity, method)
+    s, m = float(args[0]), kw.get("method", args[1] if model_args else "wanda")
+    cfg, sc = book.cfg, book.cfg.sae
+    if entry is pipeline.accuracy:
+        book.accuracy(chapter, s, m)
+    elif entry is pruning_level.built_model:
+        if cfg.replicate == 0 or m == pipeline.CONTROL or (m, s) in pruning_level.claim_models(cfg):
+            book.accuracy(chapter, s, m)
+        else:
+            book.model(chapter, s, m)
+    elif entry is neuron_level.neuron_metrics:
+        book.neuron(chapter, s, m)
+    elif entry in (layer_level.model_results, layer_level.quality_over_seeds):
+        for seed in range(layer_level.sae_seeds_of(cfg)):
+            book.sae(chapter, s, m, sc.tokens, sc.k, sc.expansion, seed)
+        if entry is layer_level.model_results and book.once("sae_features", book.key(s, m), cfg.replicate):
+            book.add(chapter, sae_features(cfg))
+    elif entry is layer_level.train_sae:  # a row of the chapter's sweep (Tables 5 / 6): one SAE, seed 0
+        _, tokens, k, expansion = args
+        book.sae(chapter, s, m, tokens, k, expansion, 0, book=True)
+    elif entry is circuit_level.circuit_results:
+        k = kw.get("k") or circuit_level.default_k(cfg, s, m)
+        book.circuits(chapter, s, m, k, book=not piece.per_replicate)  # the k sweep's middle k: display only
+    elif entry is model_level.attribution_results:
+        book.attribution(chapter, s, m)
+    else:
+        raise KeyError(f"the cost model has no stages for pieces of {entry.__module__}.{entry.__qualname__} "
+                       f"({piece.label!r}): add them to cost._piece_work")
 
-    def matched(sparsities):  # the matched-accuracy control, where the preset builds it
-        m = matched_level(cfg, sparsities)
-        return [] if m is None else [(m, MATCHED)]
 
-    P, sc, cc = cfg.pruning, cfg.sae, cfg.circuit
-    # pruning: Table 1 (every method at dense and every sparsity) and the control
-    for m in P.methods:
-        for s in book.with_dense(P.sparsities):
-            if first or (m, float(s)) in claim_models(cfg):
-                book.accuracy("pruning", s, m)
-    book.accuracy("pruning", 0.0, CONTROL)
-    # neuron: dense, every level, the control; the gallery (dense and the sparsest level)
-    for s, m in book.analysed(cfg.neuron.sparsities) + [(0.0, RANDOM_WEIGHTS)]:  # + the sensitivity check
-        book.neuron("neuron", s, m)
-    for s in (0.0, max(book.with_dense(cfg.neuron.sparsities))) if first else ():
+def _chapter_work(book: "_Book") -> None:
+    """What the chapters compute themselves, outside the plan's pieces: the neuron and SAE galleries."""
+    cfg, sc = book.cfg, book.cfg.sae
+    for s in (0.0, max(book.with_dense(cfg.neuron.sparsities))):
         if book.once("neuron_gallery", s):
             book.add("neuron", gallery(cfg, _neuron_images(cfg), "neuron gallery (book)", cfg.data.num_workers))
-    # layer: SAE seeds per model, the sweep (Tables 5 / 6), the latents' metrics, the gallery
-    for s, m in book.analysed(sc.sparsities) + [(0.0, RANDOM_WEIGHTS)] + matched(sc.sparsities):
-        (book.accuracy if first and m not in (RANDOM_WEIGHTS, MATCHED) else book.model)("layer", s, m)  # Table 1 once
-        for seed in range(layer_level.sae_seeds_of(book.cfg)):
-            book.sae("layer", s, m, sc.tokens, sc.k, sc.expansion, seed)
-    for s in book.with_dense(sc.sparsities) if first else ():
-        for spec in layer_level.sweep_rows(sc.tokens, sc.k, sc.expansion, dense=(s == 0)):
-            book.sae("layer", s, "wanda", spec["tokens"], spec["k"], spec["expansion"], 0, book=True)
-    for s, m in book.analysed(sc.sparsities) + [(0.0, RANDOM_WEIGHTS)]:
-        if book.once("sae_features", book.key(s, m), cfg.replicate):
-            book.add("layer", sae_features(cfg))
     n_sae_eval = min(split_sizes(cfg)[1], sc.eval_images or split_sizes(cfg)[1])
-    for s in (0.0, max(book.with_dense(sc.sparsities))) if first else ():
+    for s in (0.0, max(book.with_dense(sc.sparsities))):
         if book.once("sae_gallery", s):
             book.add("layer", gallery(cfg, n_sae_eval, "SAE gallery (book)",
                                       sae_tokens=_tokens_per_image(cfg, sc.tokens)))
-    # circuit: every level at its k, the control, the sparsest level and the control at the dense k,
-    # the k sweep at the sparsest level (the chapter's, in the book)
-    levels = book.with_dense(cc.sparsities)
-    for s, m in book.analysed(cc.sparsities) + [(0.0, RANDOM_WEIGHTS)] + matched(cc.sparsities):
-        book.circuits("circuit", s, m, circuit_level.default_k(cfg, s, m))
-    top = max(levels)
-    if top > 0:
-        book.circuits("circuit", top, "wanda", cc.k_dense)
-    book.circuits("circuit", 0.0, CONTROL, cc.k_dense)
-    for k in circuit_level.sweep_ks(cfg) if first else ():
-        book.circuits("circuit", top, "wanda", k, book=True)
-    # model: dense, every level, the control
-    for s, m in book.analysed(cfg.attribution.sparsities) + [(0.0, RANDOM_WEIGHTS)] + matched(cfg.attribution.sparsities):
-        book.attribution("model", s, m)
 
 
 def stage_costs(cfg: Config) -> list[StageCost]:
-    """Every stage of the book on ``cfg``, per chapter, over the models each chapter builds (the
-    chapters' and levels' own lists: ``levels.*.gather``, the chapters' sweeps and galleries, the
-    ``sparse_training`` level's models), each cached artefact counted once, by the first chapter
-    in book order that needs it; the replicated levels once per replicate (``cfg.replicates``)."""
-    from .levels import circuit as circuit_level, for_replicate, sparse_training as st_level
+    """Every stage of the book on ``cfg``, per chapter: the work plan's pieces (``levels.level_pieces``, each
+    replicate's copies included: what ``make book`` computes), turned into stages by :func:`_piece_work`, then
+    the chapters' own galleries (:func:`_chapter_work`). Each cached artefact is counted once, by the first
+    chapter in book order that needs it."""
+    from .levels import for_replicate, level_pieces
 
-    sc, cc = cfg.sae, cfg.circuit
     book = _Book(cfg)
-    for r in range(cfg.replicates):  # the replicated levels, once per replicate (levels.replicated_pieces)
-        book.cfg = for_replicate(cfg, r)
-        _replicated_levels(book, first=r == 0)
+    for chapter in CHAPTERS:  # each chapter's level has the chapter's name
+        for piece in level_pieces(cfg, [chapter]):
+            book.cfg = for_replicate(cfg, piece.replicate)
+            _piece_work(book, chapter, piece)
     book.cfg = cfg
-    # sparse_training: its models at the four levels (those the level chapters made are cached)
-    for s, m in st_level.models(cfg):
-        book.accuracy("sparse_training", s, m)
-        book.neuron("sparse_training", s, m)
-        for seed in range(sc.seeds):
-            book.sae("sparse_training", s, m, sc.tokens, sc.k, sc.expansion, seed)
-        book.circuits("sparse_training", s, m, cc.k_sparse if s > 0 else circuit_level.default_k(cfg, s, m))
-        book.attribution("sparse_training", s, m)
+    _chapter_work(book)
     order = {c: i for i, c in enumerate(CHAPTERS)}
     return sorted(book.rows.values(), key=lambda r: order[r.chapter])
 

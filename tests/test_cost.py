@@ -152,3 +152,28 @@ def test_every_stage_is_compared_with_the_artefact_kind_it_computes():
     total = table.loc["total (kinds measured)"]
     assert total.predicted_s == pytest.approx(table.loc[["circuits", "sae"], "predicted_s"].sum())
     assert total.measured_s == 12.0
+
+
+def test_the_cost_model_counts_the_work_plan():
+    """``stage_costs`` walks the plan ``make book`` runs: one circuit run per circuit piece, one SAE (per seed)
+    per SAE piece, one attribution run per attribution piece, in every preset; a piece it does not know
+    stops it with its name."""
+    import collections
+
+    from impact_core import levels
+    from impact_core.levels import circuit, layer, model
+
+    for preset in ("smoke", "default", "paper"):
+        cfg = load_config(preset)
+        runs = collections.Counter()
+        for st in cost.stage_costs(cfg):
+            runs[st.stage] += st.runs
+        pieces = [p for name in cost.CHAPTERS for p in levels.level_pieces(cfg, [name])]
+        unique = {p.label: p for p in pieces}.values()  # a piece two levels declare is computed once
+        count = collections.Counter(p.entry for p in unique)
+        assert runs["circuit masks"] + runs["circuit masks (k sweep, book)"] == count[circuit.circuit_results], preset
+        assert runs["attribution maps"] >= count[model.attribution_results], preset
+        assert runs["SAE training (book)"] == count[layer.train_sae], preset
+    bad = levels.Piece("an unknown piece", print, (0.0,))
+    with pytest.raises(KeyError, match="an unknown piece"):
+        cost._piece_work(cost._Book(load_config("smoke")), "neuron", bad)
