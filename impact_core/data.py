@@ -2,7 +2,10 @@
 
 Splits are deterministic functions of the config and its seed:
 
-* ``train``: the training set (capped at ``data.train_images``);
+* ``train``: the training set (capped at ``data.train_images``), less the held-out images;
+* ``holdout``: ``data.holdout_images`` training images drawn at ``seed + 2`` that nothing trains,
+  calibrates or is analysed on (present only when that is > 0): the matched-accuracy control picks
+  its dense checkpoint on them;
 * ``calib``: ``data.calib_images`` training images drawn at ``seed`` (Wanda calibration);
 * ``eval``: the test / validation set (capped at ``data.eval_images``, a seeded subset).
 

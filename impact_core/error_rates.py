@@ -166,13 +166,24 @@ def _chance_at_margin(design, rng, margin):
     return C.judge_chance(at, clearly_above, margin)[0]
 
 
+@_rule("judge_matched: the level a margin beyond the matched model")
+def _matched_at_margin(design, rng, margin):
+    """The level goes exactly the margin beyond the dense model of its accuracy: "follows accuracy" (which
+    turns a reproduced change into "explained by accuracy") would be false. Returns whether it was said."""
+    return C.judge_matched(S.mean_difference(_draw(design, margin, rng), design.unit), "+", margin) == C.FOLLOWS_ACCURACY
+
+
 def rule_rates(design: Design, draws: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Each rule's share of "reproduced" or "shown but small" on a false claim (see :data:`RULES`). The margin is half
-    the per-unit noise sd (0.005 on the 0/1 scale of top-1, the preset's ``top1`` margin), where a
-    verdict can go either way."""
+    """Each rule's share of "reproduced" or "shown but small" on a false claim (see :data:`RULES`; a rule whose
+    false claim is another reading returns whether it made it). The margin is half the per-unit noise sd
+    (0.005 on the 0/1 scale of top-1, the preset's ``top1`` margin), where a verdict can go either way."""
     rng = np.random.default_rng(seed)
     margin = 0.005 if design.kind == "binary" else 0.5
-    return {name: sum(f(design, rng, margin) in CLAIMED for _ in range(draws)) / draws
+
+    def false_claim(out) -> bool:
+        return out if isinstance(out, bool) else out in CLAIMED
+
+    return {name: sum(false_claim(f(design, rng, margin)) for _ in range(draws)) / draws
             for name, f in RULES.items()}
 
 
