@@ -73,6 +73,7 @@ class Claim:
     seeds: str = ""        # with several training seeds: for how many the claim holds on its own
     sensitivity: str = ""  # trained dense minus random weights on the claim's metric (judge_sensitivity)
     accuracy: str = ""     # level minus the matched-accuracy dense model (judge_matched)
+    cascade: str = ""      # the sensitivity check against the top j blocks re-initialised, per j (config.cascade)
     family: str = ""       # the claim this one is a variant of (per sparsity, substitute, ...); default: its id
     curve: list = field(default_factory=list, repr=False)  # [(label, sparsity, Estimate)] for figures
     # the numbers behind ``effect`` / ``control`` / ``margin`` for the forest plot (unscaled: the margin's units)

@@ -478,6 +478,11 @@ class Config(Section):
     # comparison (impact_core.stats), with classes or images nested inside it.
     replicates: int = 1
     replicate: int = 0  # which replicate this config computes (set by levels.for_replicate; 0: today's seeds)
+    # The random-weights control's cascade (Adebayo et al. 2018): for each j, the dense model with its head,
+    # final norm and top j blocks re-initialised (pipeline.reinit_method), taken through every level's
+    # analyses like the random-weights model; each claim then says from which j its metric sees the change.
+    # [] (default): none; each j costs about one random-weights model (some 100 s of task time per replicate)
+    cascade: list = field(default_factory=list)
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
     precision: str = "fp32"  # "fp32" or "bf16": autocast of the forward-only passes (impact_core.precision)
     cpu_threads: int = 1  # torch threads of every computation on the CPU: part of every cache key (see cpu_salt)
@@ -511,6 +516,12 @@ class Config(Section):
             if not isinstance(self.seeds, list) or not self.seeds or not all(isinstance(x, int) for x in self.seeds):
                 raise ConfigError(f"{prefix}seeds: must be a non-empty list of integers, got {self.seeds!r}")
             self.seed = self.seeds[0]
+        if not isinstance(self.cascade, list) or not all(
+                isinstance(j, int) and not isinstance(j, bool) and 1 <= j < self.model.depth for j in self.cascade) \
+                or len(set(self.cascade)) != len(self.cascade):
+            raise ConfigError(f"{prefix}cascade: a list of distinct block counts in [1, {self.model.depth}) (model.depth "
+                              f"= {self.model.depth}; all blocks re-initialised is the random-weights model), "
+                              f"got {self.cascade!r}")
         if self.train.checkpoints and not self.data.holdout_images:
             raise ConfigError(f"{prefix}train.checkpoints: the matched-accuracy control picks its checkpoint on a "
                               f"held-out split; set data.holdout_images > 0 (or train.checkpoints: 0)")

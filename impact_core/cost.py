@@ -928,10 +928,10 @@ class _Book:
         from .models import architecture
         from .pipeline import TRAINED_SPARSE
 
-        from .pipeline import MATCHED, RANDOM_WEIGHTS, checkpoint_steps
+        from .pipeline import MATCHED, RANDOM_WEIGHTS, checkpoint_steps, reinit_blocks
 
         cfg, key = self.cfg, self.key(s, m)
-        if not self.once("model", key) or m == RANDOM_WEIGHTS:  # an initialisation: no training
+        if not self.once("model", key) or m == RANDOM_WEIGHTS or reinit_blocks(m):  # initialisation: no training
             return
         if m == MATCHED:  # a checkpoint of the dense training: every checkpoint's held-out top-1 (once), the level's
             self.model(chapter, s, "wanda")

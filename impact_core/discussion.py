@@ -44,6 +44,31 @@ def sensitivity_groups(claims: list[Claim]) -> dict[str, list[str]]:
     return groups
 
 
+def cascade_frame(claims: list[Claim], cascade):
+    """The random-weights control's cascade as a table: one row per claim with a sensitivity check, one column
+    per step (the top j blocks re-initialised, ``cfg.cascade``) and the whole model at random (the claims'
+    own check), each cell the reading (sees / blind / undecided) and the largest trained-minus-re-initialised
+    difference. A sentence instead when the preset runs no cascade."""
+    import re
+
+    if not cascade:
+        from IPython.display import Markdown
+
+        return Markdown("*This preset runs no cascade* (`cascade: []`); `cascade: [1, 6]` in a preset adds the dense "
+                        "model with its top 1 and top 6 blocks re-initialised, and this table.")
+    rows = {}
+    for c in claims:
+        if not c.sensitivity:
+            continue
+        cells = {j: f"{reading} {est.strip()}" for j, reading, est in
+                 re.findall(r"top (\d+): (\w+): trained minus random weights, largest ([^(]+)", c.cascade)}
+        row = {f"top {j} blocks": cells.get(str(j), "-") for j in sorted(cascade)}
+        reading, _, rest = c.sensitivity.partition(": trained minus random weights, largest ")
+        row["all (random weights)"] = f"{reading} {rest.split(' (')[0]}"
+        rows[c.id] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("claim")
+
+
 def accuracy_groups(claims: list[Claim]) -> dict[str, list[str]]:
     """The change claims by their matched-accuracy reading (the level against the dense checkpoint of its
     held-out top-1, :func:`impact_core.claims.judge_matched`): ``beyond accuracy``, ``follows accuracy``,

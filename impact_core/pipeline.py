@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -79,6 +80,24 @@ follows accuracy, not sparsity. The matched model is trained no further (no fine
 the control model separates what fine-tuning does."""
 
 
+REINIT = "reinit_top"
+"""The random-weights control's cascade: ``(0.0, reinit_method(j))`` is the dense model with its head, final
+norm and top ``j`` blocks set back to its own initialisation (the weights :data:`RANDOM_WEIGHTS` has there),
+the rest trained (Adebayo et al. 2018's cascading randomisation, from the logits down). ``config.cascade``
+lists the j analysed."""
+
+
+def reinit_method(blocks: int) -> str:
+    """The model kind of the cascade step that re-initialises the top ``blocks`` blocks: ``"reinit_top3"``."""
+    return f"{REINIT}{int(blocks)}"
+
+
+def reinit_blocks(method: str) -> Optional[int]:
+    """``j`` of a cascade model kind (:func:`reinit_method`), or None for any other kind."""
+    tail = method[len(REINIT):] if method.startswith(REINIT) else ""
+    return int(tail) if tail.isdigit() and int(tail) > 0 else None
+
+
 def matched_control(cfg: Config) -> bool:
     """Whether the preset builds the matched-accuracy control (dense checkpoints on a held-out split)."""
     return bool(cfg.train.checkpoints) and architecture(cfg.model).trained_here
@@ -88,7 +107,7 @@ def check_model_kind(sparsity: float, method: str) -> float:
     """The one check of a model's identity: ``sparsity`` in [0, 1) and ``method`` a registered
     pruning method, or ``CONTROL`` at sparsity 0. Returns the sparsity as a float."""
     sparsity = check_sparsity(sparsity, "sparsity")
-    if method in (CONTROL, RANDOM_WEIGHTS):
+    if method in (CONTROL, RANDOM_WEIGHTS) or reinit_blocks(method):
         if sparsity != 0:
             raise ValueError(f"the {model_label(0.0, method)} model has nothing pruned: sparsity must be 0, "
                              f"got {sparsity}")
@@ -104,8 +123,8 @@ def check_model_kind(sparsity: float, method: str) -> float:
 
 def is_dense(sparsity: float, method: str) -> bool:
     """Whether ``(sparsity, method)`` names the one dense model (any pruning method at sparsity 0; not the
-    control or the random-weights model, which are models of their own)."""
-    return float(sparsity) == 0 and method not in (CONTROL, RANDOM_WEIGHTS)
+    control, the random-weights model or a cascade step, which are models of their own)."""
+    return float(sparsity) == 0 and method not in (CONTROL, RANDOM_WEIGHTS) and not reinit_blocks(method)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -231,6 +250,9 @@ def model_inputs(cfg: Config, sparsity: float, method: str = "wanda") -> dict:
     cache = cache_for(cfg)
     if method == RANDOM_WEIGHTS:
         return {"random_weights": random_weights_inputs(cfg)}
+    if reinit_blocks(method):
+        return {"reinit": {"dense": cache.key(DENSE_MODEL, dense_inputs(cfg)), "blocks": reinit_blocks(method),
+                           "init": random_weights_inputs(cfg)}}
     if is_dense(sparsity, method):
         return {"dense": cache.key(DENSE_MODEL, dense_inputs(cfg))}
     if method == TRAINED_SPARSE:
@@ -275,6 +297,18 @@ def checkpoint_steps(steps: int, count: int) -> list[int]:
     """``count`` evenly spaced steps of a ``steps``-step training, the last at its end:
     ``round(steps * i / count)`` for i = 1..count (distinct, so fewer when count > steps)."""
     return sorted({max(1, round(steps * i / count)) for i in range(1, count + 1)})
+
+
+def reinit_model(cfg: Config, blocks: int) -> torch.nn.Module:
+    """The cascade step :func:`reinit_method` ``(blocks)``: the dense model with ``head``, ``norm`` (and
+    ``fc_norm``) and its top ``blocks`` blocks copied from :func:`random_weights_model` (built, not cached)."""
+    model, init = dense_model(cfg), random_weights_model(cfg).state_dict()
+    depth = len(model.blocks)
+    top = tuple(f"blocks.{b}." for b in range(depth - blocks, depth)) + ("head.", "norm.", "fc_norm.")
+    state = model.state_dict()
+    state.update({k: v for k, v in init.items() if k.startswith(top)})
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def dense_model(cfg: Config) -> torch.nn.Module:
@@ -328,6 +362,8 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
     sparsity = check_model_kind(sparsity, method)
     if method == RANDOM_WEIGHTS:
         return random_weights_model(cfg)
+    if reinit_blocks(method):
+        return reinit_model(cfg, reinit_blocks(method))
     if is_dense(sparsity, method):
         return dense_model(cfg)
     if method == TRAINED_SPARSE:
@@ -507,6 +543,8 @@ def model_label(sparsity: float, method: str = "wanda") -> str:
         return "control"
     if method == RANDOM_WEIGHTS:
         return "random weights"
+    if reinit_blocks(method):
+        return f"top {reinit_blocks(method)} blocks re-initialised"
     if method == TRAINED_SPARSE:
         return f"trained sparse {sparsity:.0%}"
     if method == MATCHED:

@@ -53,7 +53,10 @@ def tiny_config(data_root: Path | str = "/usr/share/datasets/fashion-mnist", **s
             "model": {"embed_dim": 16, "num_heads": 2},
             "train": {"epochs": 1, "batch_size": 16}}
     for key, value in sections.items():
-        base.setdefault(key, {}).update(value)
+        if isinstance(value, dict):
+            base.setdefault(key, {}).update(value)
+        else:  # a top-level key (``cascade=[1, 6]``)
+            base[key] = value
     return Config.from_dict(base)
 
 

@@ -171,29 +171,33 @@ def matched_text(cfg, sparsities) -> str:
 
 
 def over_models(entry: Callable[..., dict], sparsities, random_weights: bool = False,
-                matched: Optional[float] = None) -> dict:
+                matched: Optional[float] = None, cascade: Sequence[int] = ()) -> dict:
     """``entry(sparsity, method)`` for dense, every sparsity and the control model:
     ``{"by_sparsity": {0.0: dense, s: ...}, "control": ...}`` (what most levels' claims read); with
     ``random_weights``, also ``"random_weights"``: the random-weights model (the metric-sensitivity check);
-    with ``matched`` (a sparsity: :func:`matched_level`), also ``"matched"``: the matched-accuracy control."""
-    from ..pipeline import CONTROL, MATCHED, RANDOM_WEIGHTS
+    with ``matched`` (a sparsity: :func:`matched_level`), also ``"matched"``: the matched-accuracy control;
+    with ``cascade`` (``cfg.cascade``), also ``"cascade"``: ``{j: the model with its top j blocks re-initialised}``."""
+    from ..pipeline import CONTROL, MATCHED, RANDOM_WEIGHTS, reinit_method
 
     out = {"by_sparsity": {s: entry(s, "wanda") for s in with_dense(sparsities)}, "control": entry(0.0, CONTROL)}
     if random_weights:
         out["random_weights"] = entry(0.0, RANDOM_WEIGHTS)
+    if random_weights and cascade:
+        out["cascade"] = {j: entry(0.0, reinit_method(j)) for j in cascade}
     if matched is not None:
         out["matched"] = entry(matched, MATCHED)
     return out
 
 
 def model_pieces(what: str, entry: Callable, sparsities, cost: float, random_weights: bool = False,
-                 matched: Optional[float] = None, **kwargs) -> list[Piece]:
+                 matched: Optional[float] = None, cascade: Sequence[int] = (), **kwargs) -> list[Piece]:
     """A :class:`Piece` of ``entry(cfg, sparsity, method=...)`` for each model :func:`over_models` visits:
-    dense, every sparsity, the control (and the random-weights model, and the matched-accuracy control)."""
-    from ..pipeline import CONTROL, MATCHED, RANDOM_WEIGHTS, model_label
+    dense, every sparsity, the control (and the random-weights model and its cascade, and the
+    matched-accuracy control)."""
+    from ..pipeline import CONTROL, MATCHED, RANDOM_WEIGHTS, model_label, reinit_method
 
     models = [(s, "wanda") for s in with_dense(sparsities)] + [(0.0, CONTROL)]
-    models += [(0.0, RANDOM_WEIGHTS)] if random_weights else []
+    models += [(0.0, RANDOM_WEIGHTS)] + [(0.0, reinit_method(j)) for j in cascade] if random_weights else []
     models += [(matched, MATCHED)] if matched is not None else []
     return [Piece(f"{what}, {model_label(s, m)}", entry, (s,), {"method": m, **kwargs}, of=(s, m), cost=cost)
             for s, m in models]
@@ -291,6 +295,10 @@ def level_claims(cfg, name: str) -> list[Claim]:
     runs = [level.gather(for_replicate(for_seed(cfg, s), r)) for s, r in pairs]
     judge = Judge.from_config(cfg).nested(len(seeds), per_seed_runs)
     claims = level.claims(runs, judge)
+    for j in cfg.cascade:  # the cascade: each claim's sensitivity check again, on the top j blocks re-initialised
+        for c, step in zip(claims, level.claims([cascade_step(r, j) for r in runs], judge)):
+            if step.sensitivity:
+                c.cascade += ("; " if c.cascade else "") + f"top {j}: {step.sensitivity}"
     if len(seeds) > 1:
         alone = Judge.from_config(cfg).nested(1, per_seed_runs)
         per_seed = [level.claims(runs[i * per_seed_runs:(i + 1) * per_seed_runs], alone) for i in range(len(seeds))]
@@ -298,6 +306,18 @@ def level_claims(cfg, name: str) -> list[Claim]:
             vs = [p[i].verdict for p in per_seed]
             c.seeds = f"{sum(v == c.verdict for v in vs)}/{len(vs)} seeds alone: {c.verdict}"
     return claims
+
+
+def cascade_step(run, j: int):
+    """``run`` (a level's :func:`gather`) with every ``"random_weights"`` entry that has a ``"cascade"`` beside
+    it replaced by the cascade's step ``j``: the claims built on it read their sensitivity check against the
+    model with its top ``j`` blocks re-initialised instead of all of them."""
+    if not isinstance(run, dict):
+        return run
+    out = {k: cascade_step(v, j) for k, v in run.items()}
+    if run.get("cascade") and run.get("random_weights") is not None:
+        out["random_weights"] = run["cascade"][j]
+    return out
 
 
 def all_claims(cfg, names: Sequence[str] | None = None) -> list[Claim]:

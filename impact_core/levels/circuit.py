@@ -266,6 +266,7 @@ def gather(cfg) -> dict:
             "equal_k_control": circuit_results(cfg, 0.0, k=cfg.circuit.k_dense, method=CONTROL),
             "pruning_only": pruning_only_edges(cfg, top) if top > 0 else None,
             "random_weights": circuit_results(cfg, 0.0, method=pipeline.RANDOM_WEIGHTS),
+            "cascade": {j: circuit_results(cfg, 0.0, method=pipeline.reinit_method(j)) for j in cfg.cascade},
             "matched": circuit_results(cfg, m, method=pipeline.MATCHED) if m is not None else None}
 
 
@@ -274,7 +275,7 @@ def pieces(cfg) -> list[Piece]:
     dense k) and the chapter's k sweep of Table 7 at the sparsest level."""
     top = max(with_dense(cfg.circuit.sparsities))
     out = model_pieces("circuits", circuit_results, cfg.circuit.sparsities, cost=70, random_weights=True,
-                       matched=matched_level(cfg, cfg.circuit.sparsities))
+                       cascade=cfg.cascade, matched=matched_level(cfg, cfg.circuit.sparsities))
     out.append(Piece("circuits at the dense k, control", circuit_results, (0.0,),
                      {"k": cfg.circuit.k_dense, "method": CONTROL}, of=(0.0, CONTROL), cost=70))
     if top > 0:

@@ -338,9 +338,9 @@ def gather(cfg) -> dict:
     """SAE quality per SAE seed and the latents' metrics, for dense, every level, the control and the
     random-weights model (the metric-sensitivity check)."""
     out = over_models(lambda s, method: quality_over_seeds(cfg, s, method=method), cfg.sae.sparsities,
-                      random_weights=True)
+                      random_weights=True, cascade=cfg.cascade)
     out["features"] = over_models(lambda s, method: sae_feature_metrics(cfg, s, method=method), cfg.sae.sparsities,
-                                  random_weights=True)
+                                  random_weights=True, cascade=cfg.cascade)
     m = matched_level(cfg, cfg.sae.sparsities)  # the change claims (NMSE, dead latents) read its SAEs' quality
     out["matched"] = quality_over_seeds(cfg, m, method=pipeline.MATCHED) if m is not None else None
     return out
@@ -357,7 +357,7 @@ def pieces(cfg) -> list[Piece]:
     """Each model's SAEs and latent metrics (:func:`model_results`), then the chapter's sweeps of
     Tables 5 and 6 (one SAE each, :func:`sweep_rows`)."""
     s_cfg = cfg.sae
-    out = model_pieces("SAEs", model_results, s_cfg.sparsities, cost=60, random_weights=True)
+    out = model_pieces("SAEs", model_results, s_cfg.sparsities, cost=60, random_weights=True, cascade=cfg.cascade)
     m = matched_level(cfg, s_cfg.sparsities)
     if m is not None:  # the matched-accuracy control: only its SAEs' quality is read (the latents' claims are "no change")
         out.append(Piece(f"SAEs, {pipeline.model_label(m, pipeline.MATCHED)}", quality_over_seeds, (m,),

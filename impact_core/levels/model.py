@@ -337,12 +337,13 @@ def gather(cfg) -> dict:
     """Attribution results of dense, every level, the control and the random-weights model (the claims' methods
     only: the metric-sensitivity check)."""
     return over_models(lambda s, method: attribution_results(cfg, s, method=method), cfg.attribution.sparsities,
-                       random_weights=True, matched=matched_level(cfg, cfg.attribution.sparsities))
+                       random_weights=True, cascade=cfg.cascade, matched=matched_level(cfg, cfg.attribution.sparsities))
 
 
 def pieces(cfg) -> list[Piece]:
     """:func:`attribution_results` of each model (dense, every sparsity, the control, the random-weights model)."""
     return model_pieces("attribution", attribution_results, cfg.attribution.sparsities, cost=100, random_weights=True,
+                        cascade=cfg.cascade,
                         matched=matched_level(cfg, cfg.attribution.sparsities))
 
 

@@ -181,12 +181,13 @@ def neuron_claims(runs: list[dict], j: Judge, metrics=("selectivity", "label_ent
 def gather(cfg) -> dict:
     """``{"by_sparsity": {sparsity: neuron_metrics}, "control": ..., "random_weights": ...}`` (dense at 0)."""
     return over_models(lambda s, method: neuron_metrics(cfg, s, method=method), cfg.neuron.sparsities,
-                       random_weights=True)
+                       random_weights=True, cascade=cfg.cascade)
 
 
 def pieces(cfg) -> list[Piece]:
     """:func:`neuron_metrics` of each model (dense, every sparsity, the control, the random-weights model)."""
-    return model_pieces("neuron metrics", neuron_metrics, cfg.neuron.sparsities, cost=25, random_weights=True)
+    return model_pieces("neuron metrics", neuron_metrics, cfg.neuron.sparsities, cost=25, random_weights=True,
+                        cascade=cfg.cascade)
 
 
 register_level(Level(
