@@ -276,7 +276,7 @@ def _needed(est: Estimate, margin: float) -> str:
     are every class of the data set, so more of them is no option: the text says so and points to
     the units that can grow (replicates of the pipeline, or training seeds)."""
     n = S.samples_needed(est, margin)
-    unit = est.unit.split(" (")[0]
+    unit = S.unit_name(est)
     if not n:
         return "undecided"
     if unit == "classes":
@@ -401,7 +401,8 @@ def no_change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, me
     margin = j.margins[metric]
     fam = {k: j.diff(list(zip(c, l)), unit) for k, (c, l) in comparisons.items()}
     verdict, info = judge_no_change(list(fam.values()), margin)
-    needed = f"; about {info['needed']} {unit} would decide" if verdict == INCONCLUSIVE and info["needed"] else ""
+    needed = (f"; about {info['needed']} {S.unit_name(next(iter(fam.values())))} would decide"
+              if verdict == INCONCLUSIVE and info["needed"] else "")
     worst = max(fam.values(), key=lambda e: abs(e.value)) if fam else None
     c = Claim(id=id, level=level, claim=claim, paper=paper,
               ours=f"{info['equivalent']} of {info['n']} (block, level) comparisons equivalent, "
@@ -519,7 +520,7 @@ def judge_direction_family(family: Sequence[Estimate], expected: str, margin: fl
     needed = [S.samples_needed(e, margin) for e, c in zip(fam, claimed) if not c]
     most = max((x for x in needed if x), default=None)
     return INCONCLUSIVE, (f"{int(claimed.sum())} of {n} comparisons on the claimed side of 0, none shown against"
-                          + (f"; about {most} {fam[0].unit.split(' (')[0]} would decide" if most else ""))
+                          + (f"; about {most} {S.unit_name(fam[0])} would decide" if most else ""))
 
 
 def _mean_of(arrays, scale: float) -> float:

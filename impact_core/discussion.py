@@ -216,13 +216,13 @@ def _effect_words(c: Claim) -> str:
 
 def _would_decide(c: Claim) -> str:
     """What would decide an inconclusive claim, from its judged interval (:func:`impact_core.stats.samples_needed`)."""
-    from .stats import samples_needed
+    from .stats import samples_needed, unit_name
 
     est = c.estimate
     if est is None or c.margin_value is None:
         return "a measurement"
     n = samples_needed(est, c.margin_value, kind="equivalence" if c.expected == "0" else "direction")
-    unit = re.sub(r"^\d+ ", "", est.unit.split(" (")[0])  # "3 replicates (classes nested)" -> "replicates"
+    unit = unit_name(est)  # "3 replicates (classes nested)" -> "replicates"
     if not n:
         return "narrower intervals"
     if unit == "classes":

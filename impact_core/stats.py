@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
@@ -268,6 +269,12 @@ def side(est: Estimate, margin: float) -> str:
     if est.high < 0:
         return SMALL_DOWN if inside else DOWN
     return EQUIVALENT if inside else UNDECIDED
+
+
+def unit_name(est: Estimate) -> str:
+    """What an interval's units are called, without their count or nesting: "3 replicates (classes nested)"
+    -> "replicates", "classes" -> "classes" (for "about N replicates would decide")."""
+    return re.sub(r"^\d+ ", "", est.unit.split(" (")[0])
 
 
 def units_needed(est: Estimate, target: float) -> Optional[int]:

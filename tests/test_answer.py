@@ -163,3 +163,16 @@ def test_what_would_decide_names_replicates_without_their_count():
     assert c.verdict == claims.INCONCLUSIVE and c.estimate.unit.startswith("3 replicates")
     text = discussion.answer("circuit", [c])
     assert re.search(r"would take about \d+ replicates\)", text), text
+    # the claim's own "why" says it the same way (it said "about 27 3 replicates would decide")
+    assert re.search(r"about \d+ replicates would decide", c.why) and not re.search(r"\d+ 3 replicates", c.why), c.why
+
+
+def test_a_no_change_claim_over_replicates_asks_for_replicates_not_classes():
+    """``judge_no_change`` counts the units of its intervals: over replicates, replicates (it said "classes")."""
+    j = J.nested(1, 3)
+    ctl = [RNG.normal(0.5, 0.05, 10) for _ in range(3)]
+    lvl = [c + RNG.normal(0, 0.05, 10) + RNG.normal(0, 0.02) for c in ctl]
+    c = claims.no_change_claim(j, id="neuron.selectivity", level="neuron", claim="no change", paper="p",
+                               metric="selectivity", comparisons={(11, 0.7): (ctl, lvl)}, unit="classes")
+    assert c.verdict == claims.INCONCLUSIVE and re.search(r"about \d+ replicates would decide", c.why), c.why
+    assert claims.S.unit_name(claims.S.Estimate(0, -1, 1, "3 replicates (classes nested)", 3, "t")) == "replicates"
