@@ -127,3 +127,25 @@ def test_the_matched_model_is_a_dense_checkpoint_chosen_on_held_out_images(tiny_
     assert all(torch.equal(matched[k], ckpts["states"][i][k]) for k in matched)
     out = {c.id: c for c in levels.level_claims(cfg, "circuit")}
     assert out["circuit.nodes"].accuracy.split(":")[0] in (claims.BEYOND_ACCURACY, claims.FOLLOWS_ACCURACY, "undecided")
+
+
+def test_table4_shows_a_dash_for_methods_a_claims_only_model_was_not_scored_with():
+    """The matched-accuracy control (like every claims-only model) has Chefer and random order only: its Table 4
+    row shows those and "–" for the rest."""
+    import torch
+
+    from impact_core.levels import model
+    from impact_core.methods import attribution as attr
+
+    def scores(methods):
+        g = torch.Generator().manual_seed(0)
+        return {"black": {m: {k: torch.rand(6, generator=g) for k in ("insertion", "deletion")} for m in methods}}
+
+    by_model = {"dense": {"scores": scores(attr.METHODS), "level": "dense"},
+                "matched": {"scores": scores(model.CLAIM_METHODS), "level": "matched"}}
+    tables, rows = model.table4(by_model, ["black"])
+    t = tables["black"]
+    other = next(m for m in attr.METHODS if m not in model.CLAIM_METHODS)
+    assert t.loc["matched", ("insertion", attr.METHOD_LABELS[other])] == "–"
+    assert t.loc["matched", ("insertion", attr.METHOD_LABELS["chefer"])].count("[") == 1
+    assert set(rows[rows.model == "matched"].method) == set(model.CLAIM_METHODS)

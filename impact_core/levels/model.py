@@ -211,7 +211,8 @@ CONSERVATION_TOLERANCE = 1e-2
 
 def table4(by_model: dict[str, dict], references):
     """Table 4 analogue per reference: one row per model, each method's insertion and deletion
-    as "mean [95% interval over images]" and Chefer minus random (paired over images).
+    as "mean [95% interval over images]" and Chefer minus random (paired over images); "–" for a method a
+    model was not scored with (the claims-only models: Chefer and random order).
     Returns ``({reference: DataFrame}, long DataFrame of means with model, level, method, metric)``."""
     def cell(v):
         e = stats.mean([np.asarray(v, dtype=np.float64)], "images")
@@ -224,6 +225,9 @@ def table4(by_model: dict[str, dict], references):
             sc, line = res["scores"][ref], {}
             for metric in ("insertion", "deletion"):
                 for m in attr.METHODS:
+                    if m not in sc:
+                        line[(metric, attr.METHOD_LABELS[m])] = "–"
+                        continue
                     text, e = cell(sc[m][metric].numpy())
                     line[(metric, attr.METHOD_LABELS[m])] = text
                     rows.append({"reference": ref, "model": model, "level": res["level"], "method": m,
@@ -481,14 +485,21 @@ def chapter_models(cfg: Config) -> list[tuple[str, float, str]]:
 
 def table4_frames(cfg: Config, by_row: dict, models: list) -> tuple[list, pd.DataFrame]:
     """What the chapter shows as Table 4: ``([(caption, frame)], scores)``: the top-1 of every row, then one
-    table per substitute (:func:`table4`), then the paper's Table 4; ``scores``: the primary substitute's
-    means of the levels (no control), for the prose."""
+    table per substitute (:func:`table4`, with the matched-accuracy control's row where the preset builds
+    it), then the paper's Table 4; ``scores``: the primary substitute's means of dense and the levels (no
+    control, no matched model), for the prose."""
     from ..paper_values import PAPER_TABLE_4
 
     a = cfg.attribution
     primary = a.references[0]
+    m = matched_level(cfg, a.sparsities)
+    if m is not None:  # the matched-accuracy control beside the control (its claims' methods only)
+        label = pipeline.model_label(m, pipeline.MATCHED)
+        by_row, models = ({**by_row, label: attribution_results(cfg, m, method=pipeline.MATCHED)},
+                          [*models, (label, m, pipeline.MATCHED)])
     tables, scores = table4(by_row, a.references)
-    scores = scores[(scores.reference == primary) & (scores.model != pipeline.CONTROL_ROW)]
+    levels = [row for row, _, kind in models if kind == "wanda"]  # dense and the levels: the prose's means
+    scores = scores[(scores.reference == primary) & scores.model.isin(levels)]
     source = "paper: Chefer, DeiT-III B/16, ImageNet"
     paper = pd.DataFrame({pipeline.model_label(s): [PAPER_TABLE_4["insertion"][i], PAPER_TABLE_4["deletion"][i]]
                           for i, s in enumerate(PAPER_TABLE_4["sparsity"])},
