@@ -373,7 +373,7 @@ def change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, metri
               estimate=beyond or eff, control_estimate=ctl, margin_value=margin, expected=expected, family=family)
     if random_weights is not None:
         with_sensitivity(j, c, {"dense": (random_weights, dense)}, margin, unit,
-                         no_change=verdict == NOT_REPRODUCED and why.startswith("no change"))
+                         no_change=verdict == NOT_REPRODUCED and why.startswith("no change"), scale=scale, fmt=fmt)
     if matched is not None:
         with_matched(j, c, matched, at_level, margin, unit, expected, scale, fmt)
     if magnitude is not None:
@@ -417,18 +417,19 @@ def no_change_claim(j: Judge, *, id: str, level: str, claim: str, paper: str, me
     return c
 
 
-def with_sensitivity(j: Judge, c: Claim, sensitivity: dict, margin: float, unit: str, no_change: bool) -> Claim:
+def with_sensitivity(j: Judge, c: Claim, sensitivity: dict, margin: float, unit: str, no_change: bool,
+                     scale: float = 1.0, fmt: str = ".3f") -> Claim:
     """Set ``c.sensitivity`` from ``sensitivity[key] = (random-weights arrays per seed, dense arrays per seed)``
-    (:func:`judge_sensitivity`); a claim whose verdict says "no change" (``no_change``) on a blind metric
-    becomes :data:`METRIC_BLIND`."""
+    (:func:`judge_sensitivity`), shown in the claim's own scale (points where its effect is in points); a claim
+    whose verdict says "no change" (``no_change``) on a blind metric becomes :data:`METRIC_BLIND`."""
     sens = {k: j.diff(list(zip(r, d)), unit) for k, (r, d) in sensitivity.items()}
     reading = judge_sensitivity(list(sens.values()), margin)
     largest = max(sens.values(), key=lambda e: abs(e.value))
-    c.sensitivity = f"{reading}: trained minus random weights, largest {largest.text('+.3f')}"
+    c.sensitivity = f"{reading}: trained minus random weights, largest {largest.scaled(scale).text('+' + fmt)}"
     if no_change and reading == BLIND:
         c.verdict = METRIC_BLIND
         c.why += (f"; but the metric cannot tell the trained model from random weights (every "
-                  f"trained-minus-random interval lies inside +-{margin:g}), so 'no change' says nothing")
+                  f"trained-minus-random interval lies inside +-{margin * scale:g}), so 'no change' says nothing")
     return c
 
 

@@ -44,27 +44,30 @@ def sensitivity_groups(claims: list[Claim]) -> dict[str, list[str]]:
     return groups
 
 
-def cascade_frame(claims: list[Claim], cascade):
-    """The random-weights control's cascade as a table: one row per claim with a sensitivity check, one column
-    per step (the top j blocks re-initialised, ``cfg.cascade``) and the whole model at random (the claims'
-    own check), each cell the reading (sees / blind / undecided) and the largest trained-minus-re-initialised
-    difference. A sentence instead when the preset runs no cascade."""
+def controls_frame(claims: list[Claim], cascade=()) -> pd.DataFrame:
+    """The two checks beside the control, one row per claim that carries either: its verdict; can its metric
+    see? (the trained dense model minus random weights: reading and largest difference); with a cascade
+    (``cfg.cascade``), the same check against the top j blocks re-initialised, one column per j; does its
+    change follow accuracy? (the level minus the dense checkpoint of its accuracy: reading and difference).
+    "-" where a claim carries no such check."""
     import re
 
-    if not cascade:
-        from IPython.display import Markdown
+    def short(text: str, lead: str) -> str:  # "sees: trained minus ..., largest -0.25 [...] (3 replicates ...)"
+        reading, _, rest = text.partition(lead)
+        return f"{reading} {rest.split(' (')[0]}".strip() if text else "-"
 
-        return Markdown("*This preset runs no cascade* (`cascade: []`); `cascade: [1, 6]` in a preset adds the dense "
-                        "model with its top 1 and top 6 blocks re-initialised, and this table.")
     rows = {}
     for c in claims:
-        if not c.sensitivity:
+        if not (c.sensitivity or c.accuracy):
             continue
-        cells = {j: f"{reading} {est.strip()}" for j, reading, est in
+        row = {"verdict": c.verdict,
+               "can the metric see? (trained - random weights)": short(c.sensitivity, ": trained minus random weights, largest ")}
+        steps = {j: f"{reading} {est.strip()}" for j, reading, est in
                  re.findall(r"top (\d+): (\w+): trained minus random weights, largest ([^(]+)", c.cascade)}
-        row = {f"top {j} blocks": cells.get(str(j), "-") for j in sorted(cascade)}
-        reading, _, rest = c.sensitivity.partition(": trained minus random weights, largest ")
-        row["all (random weights)"] = f"{reading} {rest.split(' (')[0]}"
+        for j in sorted(cascade):
+            row[f"... top {j} blocks re-initialised"] = steps.get(str(j), "-")
+        row["does it follow accuracy? (level - dense at its accuracy)"] = short(
+            c.accuracy, ": level minus dense at its accuracy ")
         rows[c.id] = row
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("claim")
 

@@ -70,6 +70,13 @@ def test_the_circuit_claims_read_the_check_at_each_cascade_step(tiny_fmnist, tmp
     nodes = out["circuit.nodes"]
     assert nodes.cascade.startswith("top 1: ") and "; top 6: " in nodes.cascade
     assert out["circuit.ablation_dense"].cascade == ""  # no sensitivity check there, so no cascade
-    frame = discussion.cascade_frame(list(out.values()), cfg.cascade)
-    assert list(frame.columns) == ["top 1 blocks", "top 6 blocks", "all (random weights)"]
-    assert frame.loc["circuit.nodes", "top 1 blocks"].split()[0] in (claims.SEES, claims.BLIND, "undecided")
+    frame = discussion.controls_frame(list(out.values()), cfg.cascade)
+    assert list(frame.columns) == ["verdict", "can the metric see? (trained - random weights)",
+                                   "... top 1 blocks re-initialised", "... top 6 blocks re-initialised",
+                                   "does it follow accuracy? (level - dense at its accuracy)"]
+    assert frame.loc["circuit.nodes", "... top 1 blocks re-initialised"].split()[0] in (claims.SEES, claims.BLIND,
+                                                                                       "undecided")
+    assert frame.loc["circuit.nodes", "does it follow accuracy? (level - dense at its accuracy)"] == "-"  # none built
+    assert "circuit.ablation_dense" not in frame.index  # it carries neither check
+    no_cascade = discussion.controls_frame(list(out.values()))
+    assert not any("re-initialised" in col for col in no_cascade.columns)

@@ -2,6 +2,8 @@
 initialisation) and the "metric blind" verdict, on synthetic inputs that give every outcome."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from impact_core import claims
@@ -163,6 +165,8 @@ def test_circuit_claims_carry_the_check_and_turn_blind_only_on_no_change():
     seeing = dict(run, random_weights=result(0.9, 0.9))
     out = {c.id: c for c in circuit_claims([seeing], J)}
     assert out["circuit.nodes"].verdict == claims.NOT_REPRODUCED and out["circuit.nodes"].sensitivity.startswith("sees")
+    # in the claim's own scale, as its effect: node fraction in points (0.3 - 0.9 of the nodes: -60 points)
+    assert re.search(r"largest -60\.\d\d \[", out["circuit.nodes"].sensitivity), out["circuit.nodes"].sensitivity
 
 
 def test_the_circuit_level_trains_circuits_on_the_random_weights_model(tiny_fmnist, tmp_path):
