@@ -334,9 +334,9 @@ def dense_model(cfg: Config) -> torch.nn.Module:
         model, losses = train_dense(cfg, splits(cfg), device=device,
                                     after_step=start if cfg.train.checkpoints else None)
         if saved:
-            inputs = dense_inputs(cfg)
-            cache_for(cfg).save(DENSE_CHECKPOINTS, cache_for(cfg).key(DENSE_CHECKPOINTS, inputs),
-                                {"steps": [st for st, _ in saved], "states": [sd for _, sd in saved]}, inputs)
+            cache_for(cfg).save(DENSE_CHECKPOINTS, dense_checkpoints_key(cfg),
+                                {"steps": [st for st, _ in saved], "states": [sd for _, sd in saved]},
+                                dense_inputs(cfg))
             log.info("stored %d dense checkpoints (steps %s)", len(saved), [st for st, _ in saved])
         return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "losses": losses}
 
@@ -396,13 +396,18 @@ def pruned_model(cfg: Config, sparsity: float, method: str = "wanda") -> torch.n
     return _state_to_model(cfg, entry["state"], device)
 
 
+def dense_checkpoints_key(cfg: Config) -> str:
+    """The key of the dense training's checkpoints (:data:`DENSE_CHECKPOINTS`: the dense model's inputs)."""
+    return cache_for(cfg).key(DENSE_CHECKPOINTS, dense_inputs(cfg))
+
+
 def dense_checkpoints(cfg: Config) -> dict:
     """``{"steps": [...], "states": [...]}``: the dense training's checkpoints (trains the dense model if needed)."""
     if not matched_control(cfg):
         raise ValueError("no dense checkpoints: the preset sets no train.checkpoints (or loads its model)")
     dense_model(cfg)
     cache = cache_for(cfg)
-    key = cache.key(DENSE_CHECKPOINTS, dense_inputs(cfg))
+    key = dense_checkpoints_key(cfg)
     try:
         return cache.load(DENSE_CHECKPOINTS, key)
     except (KeyError, CacheError, FileNotFoundError) as err:
@@ -411,12 +416,13 @@ def dense_checkpoints(cfg: Config) -> dict:
                          f"with checkpoints") from err
 
 
-def holdout_top1(cfg: Config, model: torch.nn.Module, inputs: dict, desc: str) -> float:
-    """Top-1 of ``model`` on the held-out split (cached under ``inputs``, which name the model)."""
+def holdout_top1(cfg: Config, build, inputs: dict, desc: str) -> float:
+    """Top-1 on the held-out split of the model ``build()`` makes (built only when not cached under ``inputs``,
+    which name the model)."""
     inputs = {**inputs, "holdout_images": cfg.data.holdout_images, "data_kind": cfg.data.kind,
               "batch_size": cfg.data.batch_size}
     return cache_for(cfg).get_or_compute(HOLDOUT_ACCURACY, inputs, lambda: evaluate(
-        model, splits(cfg)["holdout"], cfg.data.batch_size, resolve_device(cfg), desc=desc,
+        build(), splits(cfg)["holdout"], cfg.data.batch_size, resolve_device(cfg), desc=desc,
         precision=cfg.precision)["top1"])
 
 
@@ -427,14 +433,13 @@ def pick_matched(checkpoint_top1, target: float) -> int:
 
 
 def matched_inputs(cfg: Config, sparsity: float) -> dict:
-    return {"checkpoints": cache_for(cfg).key(DENSE_CHECKPOINTS, dense_inputs(cfg)),
+    return {"checkpoints": dense_checkpoints_key(cfg),
             "level": model_inputs(cfg, sparsity, "wanda"), "holdout_images": cfg.data.holdout_images,
             "batch_size": cfg.data.batch_size}
 
 
-def matched_model(cfg: Config, sparsity: float) -> torch.nn.Module:
-    """:data:`MATCHED` at ``sparsity``: the dense checkpoint nearest in held-out top-1 to Wanda at ``sparsity``
-    (this replicate's). The entry keeps every checkpoint's held-out top-1, the level's, and the choice."""
+def _matched_entry(cfg: Config, sparsity: float) -> dict:
+    """The cached entry of :func:`matched_model`: ``state`` and the choice (see :func:`matched_choice`)."""
     if not matched_control(cfg):
         raise ValueError("the matched-accuracy control needs train.checkpoints > 0 and data.holdout_images > 0 "
                          "on a model trained here")
@@ -442,11 +447,11 @@ def matched_model(cfg: Config, sparsity: float) -> torch.nn.Module:
 
     def compute():
         ckpts = dense_checkpoints(cfg)
-        key = cache_for(cfg).key(DENSE_CHECKPOINTS, dense_inputs(cfg))
-        top1 = [holdout_top1(cfg, _state_to_model(cfg, sd, device), {"checkpoint": key, "step": st},
+        key = dense_checkpoints_key(cfg)
+        top1 = [holdout_top1(cfg, lambda sd=sd: _state_to_model(cfg, sd, device), {"checkpoint": key, "step": st},
                              desc=f"held-out top-1, checkpoint {st}")
                 for st, sd in zip(ckpts["steps"], ckpts["states"])]
-        level = holdout_top1(cfg, pruned_model(cfg, sparsity, "wanda"), {"model": model_inputs(cfg, sparsity)},
+        level = holdout_top1(cfg, lambda: pruned_model(cfg, sparsity, "wanda"), {"model": model_inputs(cfg, sparsity)},
                              desc=f"held-out top-1, {model_label(sparsity)}")
         i = pick_matched(top1, level)
         log.info("matched-accuracy control for %s: checkpoint at step %d (held-out top-1 %.4f; the level %.4f)",
@@ -454,17 +459,19 @@ def matched_model(cfg: Config, sparsity: float) -> torch.nn.Module:
         return {"state": ckpts["states"][i], "step": ckpts["steps"][i], "steps": ckpts["steps"],
                 "checkpoint_top1": top1, "level_top1": level}
 
-    entry = cache_for(cfg).get_or_compute(MATCHED_MODEL, matched_inputs(cfg, sparsity), compute)
-    return _state_to_model(cfg, entry["state"], device)
+    return cache_for(cfg).get_or_compute(MATCHED_MODEL, matched_inputs(cfg, sparsity), compute)
+
+
+def matched_model(cfg: Config, sparsity: float) -> torch.nn.Module:
+    """:data:`MATCHED` at ``sparsity``: the dense checkpoint nearest in held-out top-1 to Wanda at ``sparsity``
+    (this replicate's). The entry keeps every checkpoint's held-out top-1, the level's, and the choice."""
+    return _state_to_model(cfg, _matched_entry(cfg, sparsity)["state"], resolve_device(cfg))
 
 
 def matched_choice(cfg: Config, sparsity: float) -> dict:
     """The matched-accuracy control's entry without its weights: ``step``, ``steps``, ``checkpoint_top1``,
     ``level_top1`` (held-out top-1)."""
-    matched_model(cfg, sparsity)
-    cache = cache_for(cfg)
-    entry = cache.load(MATCHED_MODEL, cache.key(MATCHED_MODEL, matched_inputs(cfg, sparsity)))
-    return {k: v for k, v in entry.items() if k != "state"}
+    return {k: v for k, v in _matched_entry(cfg, sparsity).items() if k != "state"}
 
 
 def trained_sparse_model(cfg: Config, sparsity: float) -> torch.nn.Module:

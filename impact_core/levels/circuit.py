@@ -19,7 +19,7 @@ from ..claims import Claim, Judge, as_array, change_claim, judge_chance
 from ..config import Config
 from ..methods.circuits import ClassSets, balanced_indices, compute_circuits, edge_counts, ncq_edges
 from ..pipeline import CONTROL
-from . import Level, Piece, matched_level, model_pieces, register_level, with_dense
+from . import Level, Piece, matched_level, model_pieces, over_models, register_level, with_dense
 
 log = logging.getLogger("impact_core")
 
@@ -255,19 +255,17 @@ def circuit_claims(runs: list[dict], j: Judge) -> list[Claim]:
 
 
 def gather(cfg) -> dict:
-    """Circuits of dense, every level and the control at the paper's k; the sparsest level and the
-    control at the dense k; the pruning-only counterfactual of the sparsest level."""
+    """Circuits of dense, every level, the control, the random-weights model (its cascade) and the matched-accuracy
+    control at the paper's k (:func:`~impact_core.levels.over_models`); the sparsest level and the control at the
+    dense k; the pruning-only counterfactual of the sparsest level."""
     sparsities = with_dense(cfg.circuit.sparsities)
     top = sparsities[-1]
-    m = matched_level(cfg, cfg.circuit.sparsities)
-    return {"by_sparsity": {s: circuit_results(cfg, s) for s in sparsities},
-            "control": circuit_results(cfg, 0.0, method=CONTROL),
-            "equal_k": circuit_results(cfg, top, k=cfg.circuit.k_dense) if top > 0 else None,
-            "equal_k_control": circuit_results(cfg, 0.0, k=cfg.circuit.k_dense, method=CONTROL),
-            "pruning_only": pruning_only_edges(cfg, top) if top > 0 else None,
-            "random_weights": circuit_results(cfg, 0.0, method=pipeline.RANDOM_WEIGHTS),
-            "cascade": {j: circuit_results(cfg, 0.0, method=pipeline.reinit_method(j)) for j in cfg.cascade},
-            "matched": circuit_results(cfg, m, method=pipeline.MATCHED) if m is not None else None}
+    out = over_models(lambda s, method: circuit_results(cfg, s, method=method), cfg.circuit.sparsities,
+                      random_weights=True, cascade=cfg.cascade, matched=matched_level(cfg, cfg.circuit.sparsities))
+    out.update(equal_k=circuit_results(cfg, top, k=cfg.circuit.k_dense) if top > 0 else None,
+               equal_k_control=circuit_results(cfg, 0.0, k=cfg.circuit.k_dense, method=CONTROL),
+               pruning_only=pruning_only_edges(cfg, top) if top > 0 else None)
+    return out
 
 
 def pieces(cfg) -> list[Piece]:
