@@ -63,31 +63,21 @@ def benchmarks(device: str) -> list[dict]:
         setting = " (the chapter's circuit.batch_size)" if batch == chapter else ""
         rows.append(bench.entry(f"circuit masks: 10 classes batched vs sequential, {batch} images per class and "
                                 f"step{setting}", ref, fast, device, config, target=3.0 if batch == chapter else None))
-    rows.append(foreach_row(device, hooked, means, data, dict(kwargs, batch_size=chapter)))
+    rows.append(plain_row(device, hooked, means, data, dict(kwargs, batch_size=chapter)))
     return rows
 
 
-def foreach_row(device: str, hooked, means, data, kw) -> dict:
-    """The batched path with its foreach AdamW and clamp (one kernel per operation for all 96 sites'
-    logits) against the same path with the plain per-tensor AdamW loop and clamp (the same logits
-    to the bit: tests/test_circuits.py)."""
-    adamw, clamp_min, clamp_max = torch.optim.AdamW, torch._foreach_clamp_min_, torch._foreach_clamp_max_
-
-    def plain():
-        torch.optim.AdamW = lambda params, **k: adamw(params, **{**k, "foreach": False})
-        torch._foreach_clamp_min_ = lambda ts, v: [t.clamp_(min=v) for t in ts]
-        torch._foreach_clamp_max_ = lambda ts, v: [t.clamp_(max=v) for t in ts]
-        try:
-            return C.train_masks(hooked, means, data, **kw)
-        finally:
-            torch.optim.AdamW, torch._foreach_clamp_min_, torch._foreach_clamp_max_ = adamw, clamp_min, clamp_max
-
-    ref = bench.best_time(plain, repeat=3)
+def plain_row(device: str, hooked, means, data, kw) -> dict:
+    """The batched path's mask step (all sites' logits in one tensor: one Heaviside, node count, AdamW
+    and clamp; head masks as channel masks and q, k, v masked on the fused qkv output) against its
+    readable per-site reference (``train_masks(plain=True)``: one mask, ``mean_ablate`` hook, optimiser
+    update and clamp per site; the same circuits to float rounding: tests/test_circuits.py)."""
+    ref = bench.best_time(lambda: C.train_masks(hooked, means, data, plain=True, **kw), repeat=3)
     fast = bench.best_time(lambda: C.train_masks(hooked, means, data, **kw), repeat=3)
     config = {"classes": CLASSES, "images_per_class": 2 * PER_CLASS, "batch_per_class": kw["batch_size"],
               "sites": len(hooked.site_names(sites=PAPER_SITES)), "threads": torch.get_num_threads()}
-    return bench.entry("circuit masks: foreach AdamW + clamp vs the per-tensor loop (batched path, the chapter's "
-                       "batch)", ref, fast, device, config)
+    return bench.entry("circuit masks: one flat logit tensor and channel-layout masks vs the per-site reference "
+                       "(batched path, the chapter's batch)", ref, fast, device, config)
 
 
 if __name__ == "__main__":

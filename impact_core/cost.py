@@ -379,8 +379,9 @@ def _u_circuit_step(model, mcfg, B):
     from .methods import circuits
 
     hooked, logits, means = _mask_setup(model)
-    opt = torch.optim.AdamW(list(logits.values()), lr=1e-2, weight_decay=0.01, foreach=True)
-    circuits.mask_step(hooked, logits, means, opt, _images(mcfg, B), torch.zeros(1, B, dtype=torch.long),
+    flat = torch.cat(list(logits.values()), -1).detach().requires_grad_(True)
+    opt = torch.optim.AdamW([flat], lr=1e-2, weight_decay=0.01)
+    circuits.mask_step(hooked, flat, means, opt, _images(mcfg, B), torch.zeros(1, B, dtype=torch.long),
                        torch.zeros(1, dtype=torch.long), k=1e-5)
 
 

@@ -23,7 +23,8 @@ from . import Level, Piece, matched_level, model_pieces, over_models, register_l
 
 log = logging.getLogger("impact_core")
 
-CIRCUITS = artefact("circuits", 2)  # 2: random-ablation baseline, margins and faithfulness, empty-mask accuracy
+CIRCUITS = artefact("circuits", 3)  # 2: random-ablation baseline, margins and faithfulness, empty-mask accuracy;
+# 3: the fast mask step (one flat logit tensor, channel-layout masks): the same circuits to float rounding
 
 
 def resolve_classes(cfg: Config) -> list[int]:

@@ -97,7 +97,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..data import Split, batches
-from .sites import PAPER_SITES, HookedViT, mean_ablate, parse_site, site_name
+from .sites import HEAD_SITES, PAPER_SITES, HookedViT, mean_ablate, parse_site, site_name
 
 log = logging.getLogger("impact_core")
 
@@ -151,7 +151,47 @@ def init_logits(hooked: HookedViT, classes: Sequence[int], seed: int, mean: floa
 
 
 def mask_hooks(masks: dict[str, torch.Tensor], means: dict[str, torch.Tensor]) -> dict:
-    """Eq. 11 hooks for masks ``{site: (K, units)}``: class k's rows of the batch get mask row k."""
+    """Eq. 11 hooks for masks ``{site: (K, units)}``: class k's rows of the batch get mask row k.
+
+    The same values as one :func:`~impact_core.methods.sites.mean_ablate` per site (the plain
+    reference, :func:`mask_hooks_per_site`; tests assert equal outputs and gradients to float
+    rounding), laid out for speed: a head site's mask is repeated over its head's ``D`` channels, so
+    every site is a channel mask on a ``(K, B, N, C)`` view, and a block's q, k and v are masked
+    together on the fused ``qkv`` output (one ``lerp`` where there were three and a re-stack).
+    """
+    out = {}
+    for name, m in masks.items():
+        block, site = parse_site(name)
+        if site in ("q", "k", "v"):
+            continue
+        mean = means[name]
+        if site in HEAD_SITES:
+            m, mean = m.repeat_interleave(mean.shape[-1], -1), mean.flatten(-2)
+        out[name] = _channel_mix(mean, m)
+    for block in sorted({parse_site(n)[0] for n in masks if parse_site(n)[1] in ("q", "k", "v")}):
+        qkv = [site_name(block, s) for s in ("q", "k", "v")]
+        if not all(n in masks for n in qkv):
+            raise KeyError(f"block {block}: q, k and v are masked together; got masks for "
+                           f"{[n for n in qkv if n in masks]}")
+        m = torch.cat([masks[n].repeat_interleave(means[n].shape[-1], -1) for n in qkv], -1)
+        out[site_name(block, "qkv")] = _channel_mix(torch.cat([means[n].flatten(-2) for n in qkv], -1), m)
+    return out
+
+
+def _channel_mix(mean: torch.Tensor, keep: torch.Tensor):
+    """Hook ``lerp(mean, a, keep)`` on an activation ``(K*B, N, ..., C)`` viewed as ``(K, B, N, C)``;
+    ``mean`` ``(N, C)``, ``keep`` ``(K, C)``. Exact for keep in {0, 1} (as ``mean_ablate``)."""
+    m = keep[:, None, None, :]
+
+    def fn(act):
+        a = act.reshape(m.shape[0], -1, act.shape[1], m.shape[-1])
+        return torch.lerp(mean.to(act.dtype), a, m).reshape(act.shape)
+
+    return fn
+
+
+def mask_hooks_per_site(masks: dict[str, torch.Tensor], means: dict[str, torch.Tensor]) -> dict:
+    """Plain reference of :func:`mask_hooks`: one ``mean_ablate`` hook per site."""
     return {n: mean_ablate(means[n], m, n) for n, m in masks.items()}
 
 
@@ -245,49 +285,73 @@ def first_decay_travel(cc) -> float:
     return cc.lr * cc.step_size * steps_per_epoch(2 * cc.train_images_per_class, cc.batch_size)
 
 
-def mask_step(hooked: HookedViT, logits: dict[str, torch.Tensor], means: dict[str, torch.Tensor],
-              opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor, *,
-              k: float, tau: float = 1.0) -> torch.Tensor:
+def split_sites(hooked: HookedViT, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{site: (K, units)}`` views of ``flat`` ``(K, num_nodes)``, whose columns hold :func:`node_sites`
+    in order (the layout :func:`train_masks` keeps its logits in)."""
+    names = node_sites(hooked)
+    return dict(zip(names, flat.split([hooked.num_units(n) for n in names], -1)))
+
+
+def mask_step(hooked: HookedViT, logits, means: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+              x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor, *, k: float, tau: float = 1.0,
+              plain: bool = False) -> torch.Tensor:
     """One optimiser step of the masks of K classes at once (the body of :func:`train_masks`).
 
-    Heaviside masks of ``logits`` (``{site: (K, units)}``) at every site, one forward of ``x`` (the K
-    classes' batches stacked), loss = task loss + ``k`` x active node count per class, backward to
-    the logits, ``opt.step()``, then the logits clamped to [-1, 1]. Returns the ``(K,)`` losses.
+    Heaviside masks of the logits at every site, one forward of ``x`` (the K classes' batches
+    stacked), loss = task loss + ``k`` x active node count per class, backward to the logits,
+    ``opt.step()``, then the logits clamped to [-1, 1]. Returns the ``(K,)`` losses.
+
+    Fast path: ``logits`` ``(K, num_nodes)``, every site's logits side by side (:func:`split_sites`),
+    so the Heaviside, the node count, AdamW and the clamp are one operation each for all sites (the
+    same arithmetic per element), and :func:`mask_hooks`. ``plain=True``, the readable reference:
+    ``logits`` ``{site: (K, units)}``, one mask, :func:`~impact_core.methods.sites.mean_ablate` hook
+    and clamp per site (an optimiser over the per-site tensors).
     """
-    masks = {nm: heaviside(t, tau) for nm, t in logits.items()}
-    with hooked.hooks(mask_hooks(masks, means)):
+    if plain:
+        masks = {nm: heaviside(t, tau) for nm, t in logits.items()}
+        hooks = mask_hooks_per_site(masks, means)
+        count = torch.stack([m.sum(-1) for m in masks.values()]).sum(0)  # (K,)
+    else:
+        flat = heaviside(logits, tau)
+        hooks = mask_hooks(split_sites(hooked, flat), means)
+        count = flat.sum(-1)
+    with hooked.hooks(hooks):
         z = hooked.model(x)
     z = z.view(len(classes), -1, z.shape[-1])
-    count = torch.stack([m.sum(-1) for m in masks.values()]).sum(0)  # (K,)
     loss = task_loss(z, classes, y) + k * count
     opt.zero_grad(set_to_none=True)
     loss.sum().backward()
     opt.step()
     with torch.no_grad():
-        torch._foreach_clamp_min_(list(logits.values()), -1.0)
-        torch._foreach_clamp_max_(list(logits.values()), 1.0)
+        for t in (logits.values() if plain else [logits]):
+            t.clamp_(-1.0, 1.0)
     return loss.detach()
 
 
 def train_masks(hooked: HookedViT, means: dict[str, torch.Tensor], data: ClassSets, *, k: float,
                 epochs: int, lr: float, step_size: int, gamma: float, batch_size: int, tau: float = 1.0,
                 weight_decay: float = 0.01, init_mean: float = 0.5, init_std: float = 0.01, seed: int = 0,
-                device="cpu", progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Learn node masks for all classes of ``data`` at once (fast path).
+                device="cpu", progress: bool = True, plain: bool = False,
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Learn node masks for all classes of ``data`` at once.
 
     Returns (logits ``{site: (K, units)}`` after training, per-step losses ``(steps, K)``).
-    Class k's batch order comes from a generator seeded by ``(seed, class, epoch)``.
+    Class k's batch order comes from a generator seeded by ``(seed, class, epoch)``. ``plain=True``
+    runs :func:`mask_step`'s readable per-site reference (tests: the same circuits to float rounding).
     """
     hooked.eval()
     flags = _frozen(hooked)
     classes = torch.tensor(data.classes, device=device)
     K, n = len(data.classes), len(data)
-    logits = {nm: t.clone().requires_grad_(True)
-              for nm, t in init_logits(hooked, data.classes, seed, init_mean, init_std, device).items()}
-    means = {nm: means[nm].to(device) for nm in logits}
-    # foreach: one update kernel per operation for all sites (96 in the default model) instead of
-    # a Python loop over them; the same arithmetic per element, so the same result to the bit
-    opt = torch.optim.AdamW(list(logits.values()), lr=lr, weight_decay=weight_decay, foreach=True)
+    init = init_logits(hooked, data.classes, seed, init_mean, init_std, device)
+    means = {nm: means[nm].to(device) for nm in init}
+    if plain:
+        logits = {nm: t.clone().requires_grad_(True) for nm, t in init.items()}
+        params = list(logits.values())
+    else:
+        logits = torch.cat([init[nm] for nm in node_sites(hooked)], -1).requires_grad_(True)
+        params = [logits]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=not plain)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
     losses = []
     bar = tqdm(total=epochs * steps_per_epoch(n, batch_size), desc=f"circuit masks ({K} classes)", leave=False,
@@ -298,14 +362,15 @@ def train_masks(hooked: HookedViT, means: dict[str, torch.Tensor], data: ClassSe
             for start in range(0, n, batch_size):
                 x, y = data.images(perm[:, start:start + batch_size])
                 x, y = x.to(device), y.to(device)
-                losses.append(mask_step(hooked, logits, means, opt, x, y, classes, k=k, tau=tau).cpu())
+                losses.append(mask_step(hooked, logits, means, opt, x, y, classes, k=k, tau=tau, plain=plain).cpu())
                 bar.update(1)
             sched.step()
     finally:
         bar.close()
         for p, f in zip(hooked.parameters(), flags):
             p.requires_grad_(f)
-    return {nm: t.detach() for nm, t in logits.items()}, torch.stack(losses)
+    out = logits if plain else split_sites(hooked, logits)
+    return {nm: t.detach().clone() for nm, t in out.items()}, torch.stack(losses)
 
 
 def train_masks_sequential(hooked: HookedViT, means, data: ClassSets, **kwargs):

@@ -17,7 +17,8 @@ Two extra readable sites serve other chapters:
 
 Attribution (:func:`impact_core.methods.attribution.forward_trace`) runs the block explicitly and
 records, besides every site above, the rest of its computation under ``ATTRIBUTION_SITES``
-(read there only; :class:`HookedViT` does not hook them)::
+(read there only; :class:`HookedViT` hooks only ``qkv`` of them, where circuits mask q, k and v in
+one operation)::
 
     resid_pre  residual stream entering the block                (B, N, C)
     qkv        fused qkv projection (q, k, v side by side)       (B, N, 3C)
@@ -108,8 +109,10 @@ class HookedViT(nn.Module):
     def unit_shape(self, name: str) -> tuple[int, ...]:
         """Per-token shape of a site's activation."""
         block, site = parse_site(name)
+        if site == "qkv":
+            return (3 * self.embed_dim,)
         if site in ATTRIBUTION_SITES:
-            raise KeyError(f"{name}: recorded by attribution.forward_trace only; HookedViT hooks {ALL_SITES}")
+            raise KeyError(f"{name}: recorded by attribution.forward_trace only; HookedViT hooks {ALL_SITES} and qkv")
         if block >= self.depth:
             raise KeyError(f"{name}: the model has {self.depth} blocks")
         if site in HEAD_SITES:
@@ -158,7 +161,7 @@ class HookedViT(nn.Module):
 
             return hook
 
-        modules = {"norm1": blk.norm1, "attn_out": blk.ls1, "norm2": blk.norm2,
+        modules = {"norm1": blk.norm1, "qkv": blk.attn.qkv, "attn_out": blk.ls1, "norm2": blk.norm2,
                    "mlp_act": blk.mlp.act, "mlp_out": blk.ls2, "resid_post": blk}
         for site, module in modules.items():
             if site in sites:
