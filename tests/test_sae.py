@@ -30,6 +30,52 @@ def test_batch_topk_keeps_exactly_k_times_batch():
     assert float(pre[f == 0].max()) <= float(kept_min)
 
 
+def test_batch_topk_breaks_ties_by_position_and_the_floor_changes_nothing():
+    """Entries tied at the k*B-th value are kept lowest position first (the same in every run); ranking
+    only the entries above a floor keeps the same ones, to the bit, ties included; a floor above too many
+    entries falls back to ranking all of them."""
+    acts = torch.tensor([[0.9, 0.5, 0.0, 0.5], [0.5, 0.2, 0.7, 0.5]])
+    f = S.batch_topk(acts, 2)  # 4 kept: 0.9, 0.7 and the first two of the four 0.5s
+    want = torch.tensor([[0.9, 0.5, 0.0, 0.5], [0.0, 0.0, 0.7, 0.0]])
+    assert torch.equal(f, want)
+    for floor in (0.1, 0.4, 0.6):  # 0.6: only two entries above it, so all are ranked
+        assert torch.equal(S.batch_topk(acts, 2, floor), want)
+    g = torch.Generator().manual_seed(0)
+    pre = torch.relu(torch.randn(64, 96, generator=g)).requires_grad_(True)
+    w = torch.randn(64, 96, generator=g)
+    pre.data[5] = pre.data[9]  # one row twice: its latents tie
+    grads = []
+    for floor in (None, 0.5, 1.0):
+        pre.grad = None
+        f = S.batch_topk(pre, 4, floor)
+        (f * w).sum().backward()
+        grads.append((f.detach(), pre.grad.clone()))
+    assert all(torch.equal(grads[0][0], a) and torch.equal(grads[0][1], b) for a, b in grads[1:])
+    assert int((grads[0][0] > 0).sum()) == 4 * 64
+
+
+def test_training_with_the_floor_equals_ranking_the_whole_batch():
+    """train_step's fast BatchTopK (TOPK_FLOOR) gives the plain path's SAE and history to the bit, on
+    batches that repeat rows (ties)."""
+    rows = torch.randn(60, 6, generator=torch.Generator().manual_seed(3)) + 0.5
+
+    def run(floor_factor):
+        sae = S.BatchTopKSAE(6, 24, k=3, seed=5)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        batches, hist = S.buffered_batches(rows, 32, seed=1), []
+        for step in range(60):
+            x = next(batches)
+            if step == 0:
+                sae.init_from_batch(x, True)
+            hist.append(S.train_step(sae, opt, x, aux_coefficient=1 / 32, aux_k=4, dead_after_steps=5,
+                                     floor_factor=floor_factor))
+        return hist, sae.state_dict()
+
+    (h0, s0), (h1, s1) = run(None), run(S.TOPK_FLOOR)
+    assert h0 == h1
+    assert all(torch.equal(s0[key], s1[key]) for key in s0)
+
+
 def test_threshold_set_after_one_step_and_used_in_inference():
     torch.manual_seed(0)
     sae = S.BatchTopKSAE(8, 32, k=4)

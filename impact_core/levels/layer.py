@@ -28,7 +28,8 @@ from .neuron import neuron_claims
 
 log = logging.getLogger("impact_core")
 
-SAE = artefact("sae", 2)  # 2: "nmse" is the paper's (1 - FVE), the per-sample one "nmse_per_sample"; SAE seeds
+SAE = artefact("sae", 3)  # 2: "nmse" is the paper's (1 - FVE), the per-sample one "nmse_per_sample"; SAE seeds
+# 3: BatchTopK keeps tied entries lowest position first (and ranks only above a floor: the same SAE)
 SAE_ACTIVATIONS = artefact("sae_acts", 1)  # the activation sets SAEs train and are evaluated on (train_sae)
 SAE_FEATURES = artefact("sae_features", 4)  # 2: held-out selection; 3: no all_auroc_max; 4: no same-image ablation
 
