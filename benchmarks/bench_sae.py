@@ -50,4 +50,32 @@ def benchmarks(device: str) -> list[dict]:
                   "aux": "latents silent for 2 steps count as dead, so the aux-k path is timed too"}
         out.append(entry(f"sae: train step, sparse vs dense decoder ({label})", ref / steps, fast / steps,
                          device, config))
+    out.append(_floor_row(device, shapes[0]))
     return out
+
+
+def _floor_row(device, shape, steps: int = 50) -> dict:
+    """BatchTopK ranking only the entries above ``TOPK_FLOOR`` x the last step's smallest kept one (the
+    training path) against ranking the whole batch (``floor_factor=None``); the same SAE to the bit
+    (tests/test_sae.py). Seeded activations drawn afresh each step, the decoder ``train_sae`` uses."""
+    label, d, expansion, k, batch = shape
+    rows = torch.randn(20 * batch, d, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def timed(floor_factor):
+        sae = S.BatchTopKSAE(d, d * expansion, k, seed=0, decode_impl=S.choose_decode_impl(d * expansion, k)).to(device)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        batches = S.buffered_batches(rows, batch, seed=0)
+        sae.init_from_batch(next(batches), True)
+
+        def run():
+            for _ in range(steps):
+                S.train_step(sae, opt, next(batches), aux_coefficient=1 / 32, aux_k=4 * k, dead_after_steps=50,
+                             floor_factor=floor_factor)
+
+        return best_time(run, repeat=3)
+
+    ref, fast = timed(None), timed(S.TOPK_FLOOR)
+    config = {"d": d, "latents": d * expansion, "k": k, "batch": batch, "steps_timed": steps,
+              "floor_factor": S.TOPK_FLOOR}
+    return entry(f"sae: train step, BatchTopK above the last step's floor vs the whole batch ({label})",
+                 ref / steps, fast / steps, device, config)
