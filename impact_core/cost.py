@@ -929,19 +929,15 @@ class _Book:
         from .models import architecture
         from .pipeline import TRAINED_SPARSE
 
-        from .pipeline import MATCHED, RANDOM_WEIGHTS, checkpoint_steps, reinit_blocks
+        from .pipeline import MATCHED, RANDOM_WEIGHTS, reinit_blocks
 
         cfg, key = self.cfg, self.key(s, m)
         if not self.once("model", key) or m == RANDOM_WEIGHTS or reinit_blocks(m):  # initialisation: no training
             return
         if m == MATCHED:  # a checkpoint of the dense training: every checkpoint's held-out top-1 (once), the level's
             self.model(chapter, s, "wanda")
-            n = cfg.data.holdout_images
-            if self.once("checkpoint_accuracy"):
-                steps = math.ceil(cfg.train.epochs * split_sizes(cfg)[0] / cfg.train.batch_size)
-                for _ in checkpoint_steps(steps, cfg.train.checkpoints):
-                    self.add(chapter, _named(evaluation(cfg, n), "held-out evaluation"))
-            self.add(chapter, _named(evaluation(cfg, n), "held-out evaluation"))
+            self.checkpoints(chapter)
+            self.add(chapter, _named(evaluation(cfg, cfg.data.holdout_images), "held-out evaluation"))
             return
         if key == ("dense",) or m == TRAINED_SPARSE:
             if architecture(cfg.model).trained_here:
@@ -951,6 +947,17 @@ class _Book:
             self.model(chapter, 0.0, "wanda")
             self.add(chapter, calibration(cfg))
         self.add(chapter, fine_tuning(cfg, masked=m != self.control))
+
+    def checkpoints(self, chapter: str) -> None:
+        """The held-out top-1 of every dense checkpoint (``pipeline.checkpoint_accuracies``), once for the book."""
+        from .pipeline import checkpoint_steps
+
+        cfg = self.cfg
+        self.model(chapter, 0.0, "wanda")
+        if self.once("checkpoint_accuracy"):
+            steps = math.ceil(cfg.train.epochs * split_sizes(cfg)[0] / cfg.train.batch_size)
+            for _ in checkpoint_steps(steps, cfg.train.checkpoints):
+                self.add(chapter, _named(evaluation(cfg, cfg.data.holdout_images), "held-out evaluation"))
 
     def accuracy(self, chapter: str, s: float, m: str) -> None:
         self.model(chapter, s, m)
@@ -1045,6 +1052,9 @@ def _piece_work(book: "_Book", chapter: str, piece) -> None:
     from .levels import pruning as pruning_level
 
     entry, args, kw = piece.entry, piece.args, dict(piece.kwargs)
+    if entry is pipeline.checkpoint_accuracies:
+        book.checkpoints(chapter)
+        return
     model_args = entry in (pipeline.accuracy, pruning_level.built_model) and len(args) > 1  # (sparsity, method)
     s, m = float(args[0]), kw.get("method", args[1] if model_args else "wanda")
     cfg, sc = book.cfg, book.cfg.sae

@@ -426,6 +426,22 @@ def holdout_top1(cfg: Config, build, inputs: dict, desc: str) -> float:
         precision=cfg.precision)["top1"])
 
 
+CHECKPOINTS = "dense_checkpoints"
+"""What the plan's piece :func:`checkpoint_accuracies` is ``of``: ``(0.0, CHECKPOINTS)``, one for all replicates.
+Every piece of the matched-accuracy control waits for it (:func:`impact_core.schedule.plan`)."""
+
+
+def checkpoint_accuracies(cfg: Config) -> list[float]:
+    """The held-out top-1 of every dense checkpoint (:func:`dense_checkpoints`, in step order), each a cached
+    :data:`HOLDOUT_ACCURACY` entry. The matched-accuracy control of every replicate picks from them; the plan
+    computes them once, right after the dense model, so no replicate's control waits on another's."""
+    device = resolve_device(cfg)
+    ckpts, key = dense_checkpoints(cfg), dense_checkpoints_key(cfg)
+    return [holdout_top1(cfg, lambda sd=sd: _state_to_model(cfg, sd, device), {"checkpoint": key, "step": st},
+                         desc=f"held-out top-1, checkpoint {st}")
+            for st, sd in zip(ckpts["steps"], ckpts["states"])]
+
+
 def pick_matched(checkpoint_top1, target: float) -> int:
     """The checkpoint whose held-out top-1 is nearest ``target`` (a tie goes to the later checkpoint)."""
     gaps = [abs(float(a) - float(target)) for a in checkpoint_top1]
@@ -443,14 +459,10 @@ def _matched_entry(cfg: Config, sparsity: float) -> dict:
     if not matched_control(cfg):
         raise ValueError("the matched-accuracy control needs train.checkpoints > 0 and data.holdout_images > 0 "
                          "on a model trained here")
-    device = resolve_device(cfg)
 
     def compute():
         ckpts = dense_checkpoints(cfg)
-        key = dense_checkpoints_key(cfg)
-        top1 = [holdout_top1(cfg, lambda sd=sd: _state_to_model(cfg, sd, device), {"checkpoint": key, "step": st},
-                             desc=f"held-out top-1, checkpoint {st}")
-                for st, sd in zip(ckpts["steps"], ckpts["states"])]
+        top1 = checkpoint_accuracies(cfg)
         level = holdout_top1(cfg, lambda: pruned_model(cfg, sparsity, "wanda"), {"model": model_inputs(cfg, sparsity)},
                              desc=f"held-out top-1, {model_label(sparsity)}")
         i = pick_matched(top1, level)

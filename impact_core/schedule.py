@@ -9,7 +9,8 @@ tasks on ``jobs`` slots:
 * a piece runs in a worker process of its own (spawned once per slot, ``cpu_threads`` torch
   threads); a chapter runs with papermill, as before, and reads its pieces from the cache;
 * a task starts when what it needs is done: an analysis after the model it analyses (a pruned
-  model after the dense one), a chapter after its level's pieces and those of the levels it comes
+  model after the dense one; the matched-accuracy control's analyses after the held-out top-1 of the
+  dense checkpoints, computed once for every replicate), a chapter after its level's pieces and those of the levels it comes
   after, the chapters of no level (the discussion) after every other chapter;
 * of the ready tasks, models go first (the dense and the trained-sparse models start together),
   then the longest (``Piece.cost``), so the last task to end is a short one.
@@ -62,7 +63,7 @@ def plan(cfg, chapters: list[str]) -> list[Task]:
     """The tasks of a build of ``chapters`` (``_toc.yml`` paths) on ``cfg``: the pieces of their levels,
     then the chapters, each with what it needs (see the module docstring)."""
     from .levels import get_level, level_of_chapter, level_pieces
-    from .pipeline import MATCHED, RANDOM_WEIGHTS, TRAINED_SPARSE
+    from .pipeline import CHECKPOINTS, MATCHED, RANDOM_WEIGHTS, TRAINED_SPARSE
 
     selected = [lv.name for lv in map(level_of_chapter, chapters) if lv is not None]
     by_level = {name: [p.label for p in level_pieces(cfg, [name])] for name in selected}
@@ -82,6 +83,8 @@ def plan(cfg, chapters: list[str]) -> list[Task]:
             t.needs.add(dense)
         if not t.model and of[1] == MATCHED and (of[0], "wanda", *of[2:]) in models:
             t.needs.add(models[(of[0], "wanda", *of[2:])])  # its checkpoint is chosen by that model's accuracy
+        if of[1] == MATCHED and (0.0, CHECKPOINTS) in models:
+            t.needs.add(models[(0.0, CHECKPOINTS)])  # ... among the checkpoints' held-out top-1, computed once
     level_chapters = []
     for chapter in chapters:
         level = level_of_chapter(chapter)

@@ -94,9 +94,12 @@ def test_the_plan_builds_the_matched_model_after_the_level_it_matches():
     cfg = load_config("default")
     tasks = {t.name: t for t in plan(cfg, toc_chapters())}
     label = pipeline.model_label(0.7, pipeline.MATCHED)
+    checkpoints = "held-out top-1, dense checkpoints"  # once for all replicates, a model piece after the dense one
+    assert tasks[checkpoints].model and tasks[checkpoints].needs == {"dense model"}
+    assert not [n for n in tasks if n.startswith(checkpoints + ", replicate")]
     for what in ("circuits", "SAEs", "attribution"):
-        assert tasks[f"{what}, {label}"].needs == {"dense model", "model 70%"}
-        assert tasks[f"{what}, {label}, replicate 2"].needs == {"dense model", "model 70%, replicate 2"}
+        assert tasks[f"{what}, {label}"].needs == {"dense model", "model 70%", checkpoints}
+        assert tasks[f"{what}, {label}, replicate 2"].needs == {"dense model", "model 70%, replicate 2", checkpoints}
     assert f"neuron metrics, {label}" not in tasks  # the neuron claims are "no change": nothing reads it
 
 
@@ -124,6 +127,7 @@ def test_the_matched_model_is_a_dense_checkpoint_chosen_on_held_out_images(tiny_
     choice = pipeline.matched_choice(cfg, 0.5)
     i = choice["steps"].index(choice["step"])
     assert i == pipeline.pick_matched(choice["checkpoint_top1"], choice["level_top1"])
+    assert choice["checkpoint_top1"] == pipeline.checkpoint_accuracies(cfg)  # the plan's piece: the same entries
     assert all(torch.equal(matched[k], ckpts["states"][i][k]) for k in matched)
     out = {c.id: c for c in levels.level_claims(cfg, "circuit")}
     assert out["circuit.nodes"].accuracy.split(":")[0] in (claims.BEYOND_ACCURACY, claims.FOLLOWS_ACCURACY, "undecided")

@@ -32,7 +32,8 @@ DISPLAY_READERS = {
 
 def _recorders(monkeypatch, log: set):
     """Replace the cached entry points the levels call with recorders of ``(entry, replicate, arguments)``."""
-    targets = [(pipeline, "accuracy"), (pipeline, "pruned_model"), (neuron, "neuron_metrics"), (layer, "quality_over_seeds"),
+    targets = [(pipeline, "accuracy"), (pipeline, "pruned_model"), (pipeline, "checkpoint_accuracies"),
+               (neuron, "neuron_metrics"), (layer, "quality_over_seeds"),
                (layer, "sae_feature_metrics"), (layer, "train_sae"), (circuit, "circuit_results"),
                (circuit, "pruning_only_edges"), (model, "attribution_results"),
                (sparse_training, "neuron_metrics"), (sparse_training, "quality_over_seeds"),
@@ -47,7 +48,8 @@ def _recorders(monkeypatch, log: set):
             bound.apply_defaults()
             arguments = dict(bound.arguments)
             arguments.pop("cfg")
-            arguments["sparsity"] = float(arguments["sparsity"])
+            if "sparsity" in arguments:
+                arguments["sparsity"] = float(arguments["sparsity"])
             if name == "circuit_results" and arguments["k"] is None:  # the level's own k, as the entry resolves it
                 arguments["k"] = circuit.default_k(cfg, arguments["sparsity"], arguments["method"])
             if "k" in arguments and arguments["k"] is not None:
@@ -87,8 +89,8 @@ def test_every_piece_of_the_default_plan_is_read(monkeypatch):
     needed = {n for t in tasks for n in t.needs}
     for t in tasks:
         unread = computed_by[t.name] - read_by_claims
-        if t.model and t.name in needed:  # a model the analyses of its replicate read
-            unread = {c for c in unread if c[0] != "pruned_model"}
+        if t.model and t.name in needed:  # a model the analyses of its replicate read (or the checkpoints' top-1
+            unread = {c for c in unread if c[0] not in ("pruned_model", "checkpoint_accuracies")}  # it is chosen by)
         if t.piece.per_replicate:
             assert not unread, f"{t.name}: the claims read nothing of {sorted(unread)}"
             continue

@@ -150,7 +150,9 @@ def built_model(cfg, sparsity: float, method: str = "wanda") -> None:
 
 def pieces(cfg) -> list[Piece]:
     """The dense model with its accuracy, then every pruned model and the control with theirs (one piece
-    each; all models, so they come before any analysis and the chapters do not wait for a last small one)."""
+    each; all models, so they come before any analysis and the chapters do not wait for a last small one),
+    and the held-out top-1 of the dense checkpoints the matched-accuracy control picks from (a model piece
+    too: it starts right after the dense model)."""
     out = [Piece("dense model", pipeline.accuracy, (0.0,), model=True, cost=420)]
     read = claim_models(cfg) | {("wanda", float(s)) for lv in ("neuron", "sae", "circuit", "attribution")
                                 for s in getattr(cfg, lv).sparsities}
@@ -159,6 +161,9 @@ def pieces(cfg) -> list[Piece]:
                       per_replicate=(m, float(s)) in read)
                 for s in sorted(cfg.pruning.sparsities) if s > 0]
     out.append(Piece("model control", pipeline.accuracy, (0.0, CONTROL), of=(0.0, CONTROL), model=True, cost=25))
+    if pipeline.matched_control(cfg):  # the matched-accuracy control's candidates, once for every replicate
+        out.append(Piece("held-out top-1, dense checkpoints", pipeline.checkpoint_accuracies,
+                         of=(0.0, pipeline.CHECKPOINTS), model=True, cost=45))
     return out
 
 
