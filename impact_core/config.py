@@ -258,9 +258,13 @@ class SAEConfig(Section):
                                       # (computed once for every process of a build); 0: never stored
     pool_batches: int = 32  # streaming: the shuffling pool holds this many SAE batches
     seeds: int = 3  # SAE training seeds per model (Table 2 analogue: mean and min-max over them)
+    sweep: str = "full"  # Tables 5 / 6: "full" (every row of the paper's sweep) or "reading" (the rows the
+                         # chapter's reading compares; display only either way: no claim reads the sweep)
 
     def validate(self, prefix: str) -> None:
         self.sparsities = as_sparsity_list(self.sparsities, prefix + "sparsities")
+        if self.sweep not in ("full", "reading"):
+            raise ConfigError(f"{prefix}sweep: must be 'full' or 'reading', got {self.sweep!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ConfigError(f"{prefix}seeds: must be an integer >= 1, got {self.seeds!r}")
         for key in ("top_k", "buffer_max_mb", "pool_batches", "aux_k", "dead_after_steps"):

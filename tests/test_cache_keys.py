@@ -29,6 +29,7 @@ NOT_CHECKED = {
     "circuit.k_sparse": "chooses the k of an entry, and the k is in its key",
     "circuit.classes": "resolved to the class list, which is in the key",
     "sae.seeds": "how many SAEs a model gets; each SAE's own seed is in its key",
+    "sae.sweep": "which SAEs the sweep trains; each SAE's tokens, k and expansion are in its key",
     "sae.sweep_k": "which SAEs the sweep trains; each SAE's k is in its key",
     "sae.sweep_expansion": "which SAEs the sweep trains; each SAE's expansion is in its key",
     "sae.block": "resolved to the block index, which is in the key",

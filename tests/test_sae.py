@@ -530,3 +530,33 @@ def test_ablation_split_over_two_simulated_processes_equals_one(monkeypatch, fam
             assert not torch.allclose(split, whole, rtol=1e-3)  # its share alone is not the answer
     assert not partial
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_the_reading_sweep_trains_the_rows_the_chapter_compares_and_no_other(monkeypatch):
+    """``sae.sweep: reading`` (the default build): e/2, 2k and the other token sets at dense, 2k at the main
+    level, the probe everywhere; the chapter's reading runs on those rows alone; ``full`` is every row."""
+    import pandas as pd
+
+    from impact_core.config import ConfigError, load_config
+    from impact_core.levels import with_dense
+
+    cfg = load_config("default", {"sae.sweep": "reading"})
+    full = load_config("default", {"sae.sweep": "full"})
+    spec = lambda c, s: [(r["tokens"], r["k"], r["expansion"]) for r in layer.sweep_specs(c, s)]  # noqa: E731
+    assert spec(cfg, 0.0) == [("cls", 16, 4), ("cls", 16, 8), ("cls", 32, 8), ("all", 16, 8), ("patch", 16, 8)]
+    assert spec(cfg, 0.7) == [("cls", 16, 8), ("cls", 32, 8)]
+    assert spec(cfg, 0.3) == [("cls", 16, 8)]  # the probe alone: the model's own SAE, nothing trained for the sweep
+    for s in with_dense(cfg.sae.sparsities):
+        assert set(spec(cfg, s)) < set(spec(full, s))
+        assert spec(full, s) == [(r["tokens"], r["k"], r["expansion"]) for r in layer.sweep_rows("cls", 16, 8, dense=s == 0)]
+    assert "5 SAEs" in layer.sweep_text(cfg) and "15 SAEs" in layer.sweep_text(full)
+    with pytest.raises(ConfigError, match="sweep"):
+        load_config("default", {"sae.sweep": "some"})
+
+    rows = [{"sparsity": s, "tokens": t, "k": k, "expansion": e, "NMSE": 0.1 + 0.01 * i, "FVE": 0.9 - 0.01 * i}
+            for i, (s, (t, k, e)) in enumerate((s, r) for s in with_dense(cfg.sae.sparsities) for r in spec(cfg, s))]
+    entry = {"metrics": {"eval_images": 10, "eval_tokens": 10, "nmse": 0.1, "fve": 0.9, "dead": 0}, "n_latents": 128}
+    monkeypatch.setattr(layer, "train_sae", lambda *a, **k: entry)
+    values = layer.reading_values(cfg, pd.DataFrame(rows), {0.7: {"label_entropy": torch.ones(3)}}, 11)
+    assert np.isfinite([values["k2_gain_dense"], values["k2_gain_main"], values["e2_gain_dense"],
+                        values["fve_other_tokens"]]).all()

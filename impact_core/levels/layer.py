@@ -248,6 +248,37 @@ def sweep_rows(tokens: str, k: int, expansion: int, dense: bool = True) -> list[
     return [{"tokens": t, "k": kk, "expansion": e, "paper": (pt, pk, pe)} for pt, pk, pe, t, kk, e in rows]
 
 
+def sweep_specs(cfg, sparsity: float) -> list[dict]:
+    """The rows of :func:`sweep_rows` at ``sparsity`` that ``sae.sweep`` selects. "full": all of them.
+    "reading": the probe's own row (seed 0 of the model's SAEs, trained anyway) and the rows the chapter's
+    reading compares (:func:`reading_values`): e/2, 2k and the other token sets at dense, 2k at the main level."""
+    s_cfg = cfg.sae
+    tokens, k, e = s_cfg.tokens, s_cfg.k, s_cfg.expansion
+    rows = sweep_rows(tokens, k, e, dense=(sparsity == 0))
+    if s_cfg.sweep == "full":
+        return rows
+    read = {(tokens, k, e)}
+    if sparsity == 0:
+        read |= {(tokens, k, max(1, e // 2)), (tokens, 2 * k, e)} | {(t, k, e) for t in ("all", "patch", "cls")}
+    elif sparsity == main_level(with_dense(s_cfg.sparsities)):
+        read.add((tokens, 2 * k, e))
+    return [r for r in rows if (r["tokens"], r["k"], r["expansion"]) in read]
+
+
+def sweep_text(cfg) -> str:
+    """What the chapter says of the sweep's extent (``sae.sweep``), with the number of SAEs it trains."""
+    s_cfg = cfg.sae
+    probe = (s_cfg.tokens, s_cfg.k, s_cfg.expansion)
+    extra = sum((r["tokens"], r["k"], r["expansion"]) != probe
+                for s in with_dense(s_cfg.sparsities) for r in sweep_specs(cfg, s))
+    if s_cfg.sweep == "full":
+        return f"every row of the paper's sweep ({extra} SAEs beyond the probes)"
+    return (f"only the rows the reading below compares ({extra} SAEs beyond the probes: e/2, 2k and the other "
+            f"token sets at dense, 2k at the main level; sae.sweep: reading, so that the build's time goes to the "
+            f"claims); the chapter's parameter sweep=\"full\", or a preset with sae.sweep: full (the paper preset), "
+            f"trains every row")
+
+
 def quality_row(entry: dict) -> dict:
     """One table row of a :func:`train_sae` entry: probe, NMSE (the paper's, 1 - FVE), FVE, dead latents,
     L0 and "NMSE per sample" (OpenAI's per-sample ratio ``mean ||x - x_hat||^2 / ||x||^2``)."""
@@ -356,7 +387,7 @@ def model_results(cfg, sparsity: float, method: str = "wanda") -> None:
 
 def pieces(cfg) -> list[Piece]:
     """Each model's SAEs and latent metrics (:func:`model_results`), then the chapter's sweeps of
-    Tables 5 and 6 (one SAE each, :func:`sweep_rows`)."""
+    Tables 5 and 6 (one SAE each, :func:`sweep_specs`)."""
     s_cfg = cfg.sae
     out = model_pieces("SAEs", model_results, s_cfg.sparsities, cost=60, random_weights=True, cascade=cfg.cascade)
     m = matched_level(cfg, s_cfg.sparsities)
@@ -364,7 +395,7 @@ def pieces(cfg) -> list[Piece]:
         out.append(Piece(f"SAEs, {pipeline.model_label(m, pipeline.MATCHED)}", quality_over_seeds, (m,),
                          {"method": pipeline.MATCHED}, of=(m, pipeline.MATCHED), cost=40))
     for s in with_dense(s_cfg.sparsities):
-        for spec in sweep_rows(s_cfg.tokens, s_cfg.k, s_cfg.expansion, dense=(s == 0)):
+        for spec in sweep_specs(cfg, s):
             if (spec["tokens"], spec["k"], spec["expansion"]) == (s_cfg.tokens, s_cfg.k, s_cfg.expansion):
                 continue  # the probe's SAE (seed 0): the model's own piece trains it
             out.append(Piece(f"SAE sweep, {pipeline.model_label(s)} {spec['tokens']} k={spec['k']} x{spec['expansion']}",
@@ -377,7 +408,7 @@ register_level(Level(
     name="layer", title="Layer level", section="sae", gather=gather, claims=layer_claims,
     chapter="book/chapters/03_layer", after=("pruning",),
     parameters={"sparsity": "sae.sparsities", "block": "sae.block", "tokens": "sae.tokens", "k": "sae.k",
-                "expansion": "sae.expansion"}, pieces=pieces))
+                "expansion": "sae.expansion", "sweep": "sae.sweep"}, pieces=pieces))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,7 +569,7 @@ SWEEP_COLUMNS = ["model", "tokens", "k", "expansion", "FVE", "NMSE", "dead %", "
 
 
 def sweep_frame(cfg):
-    """Tables 5 (dense) and 6 (every level): one row per :func:`sweep_rows` SAE with the paper's row beside it."""
+    """Tables 5 (dense) and 6 (every level): one row per SAE of :func:`sweep_specs` with the paper's row beside it."""
     import pandas as pd
 
     from ..paper_values import PAPER_TABLE_5, PAPER_TABLE_6
@@ -548,7 +579,7 @@ def sweep_frame(cfg):
     paper6 = {r[:4]: r[4:] for r in PAPER_TABLE_6}
     rows = []
     for s in with_dense(s_cfg.sparsities):
-        for spec in sweep_rows(s_cfg.tokens, s_cfg.k, s_cfg.expansion, dense=(s == 0)):
+        for spec in sweep_specs(cfg, s):
             entry = train_sae(cfg, s, spec["tokens"], spec["k"], spec["expansion"])
             paper = paper5.get(spec["paper"]) if s == 0 else paper6.get((s, *spec["paper"]))
             rows.append({"model": pipeline.model_label(s), "sparsity": s, **quality_row(entry),
@@ -626,6 +657,7 @@ def reading_values(cfg, sweep, feats: dict, block_index: int) -> dict:
                                / nmse_of(0.0, s_cfg.k, s_cfg.expansion)),
         "fve_other_tokens": fve_other, "fve_probe_tokens": fve_probe,
         "tokens_word": "higher" if fve_probe > (fve_other if other else -1) else "lower",
+        "sweep_text": sweep_text(cfg),
         "ln_c": float(np.log(cfg.model.num_classes)),
         "entropy_main": float(feats[main]["label_entropy"].double().nanmean()),
     }
