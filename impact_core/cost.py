@@ -712,21 +712,32 @@ def neuron_attribution(cfg: Config, images: Optional[int] = None) -> StageCost:
                   loaded=n, workers=cfg.data.num_workers)
 
 
+def _part(unit: Unit, share: float) -> Unit:
+    """``share`` of ``unit`` (its work and operators scale with the blocks run: a forward restarted at a block)."""
+    return Unit(unit.fixed * share, unit.per_image * share, unit.widest)
+
+
 def neuron_ablation(cfg: Config, images: Optional[int] = None, validation_units: Optional[int] = None,
                     same_image: bool = True) -> StageCost:
     """``unit_attribution.ablation_jobs``: per block the top-K ablated for the held-out (n / 2 images)
     and, with ``same_image``, the same-image variant (n), stacked up to ``4 data.batch_size`` rows per
     forward; + the validation's ``validation_units x blocks`` single-unit ablations on
     ``validation_images`` (``validation_units``: default ``neuron.validation_units``; the levels pass
-    :func:`impact_core.levels.neuron.validation_units` of the model)."""
-    u, nc = units(cfg.model), cfg.neuron
+    :func:`impact_core.levels.neuron.validation_units` of the model). Each pass runs the blocks before
+    the last analysed one once per image, and an ablation at block b only the blocks from b on
+    (``ablation_jobs(restart=True)``): ``(L - b) / L`` of a forward."""
+    u, nc, L = units(cfg.model), cfg.neuron, cfg.model.depth
     n = _neuron_images(cfg) if images is None else images
     v_units = nc.validation_units if validation_units is None else validation_units
     val = min(n, n if nc.validation_images is None else nc.validation_images) if v_units > 0 else 0
-    rows = (1.5 if same_image else 0.5) * n * len(nc.blocks) + v_units * len(nc.blocks) * val
+    blocks = [blk % L for blk in nc.blocks]
+    per_block = (1.5 if same_image else 0.5) * n + v_units * val
+    rows = per_block * len(blocks)
     b = 4 * cfg.data.batch_size
-    return _stage(cfg, "neuron ablation", u["ablation"].over(rows, b), u["ablation"], b, forwards=rows,
-                  loaded=n + val, workers=cfg.data.num_workers)
+    work = sum((_part(u["ablation"], (L - blk) / L).over(per_block, b) for blk in blocks), Work())
+    work = work + _part(u["forward"], max(blocks) / L).over(n + (val if v_units else 0), cfg.data.batch_size)
+    return _stage(cfg, "neuron ablation", work, u["ablation"], b, forwards=rows, loaded=n + val,
+                  workers=cfg.data.num_workers)
 
 
 def gallery(cfg: Config, images: int, stage: str, workers: Optional[int] = None, sae_tokens: int = 0) -> StageCost:
@@ -786,9 +797,10 @@ def sae_training(cfg: Config, steps: Optional[int] = None, tokens: Optional[str]
 def sae_features(cfg: Config, images: Optional[int] = None) -> StageCost:
     """``sae_features.analyse`` on the configured SAE: with the SAE spliced into ``resid_post`` (one
     encode and two decodes, 6 d m FLOPs per spliced token), an attribution pass (forward + frozen
-    backward through the blocks after the SAE's), the clean forward and the two top-K ablations
-    (held-out n / 2, same-image n; ``max_batch=1``): 3.5 n forwards. Memory: the AUROC scores
-    ``(n, m)`` float32 and per-class sums ``3 x classes x m`` float64."""
+    backward through the blocks after the SAE's), the clean forward and the held-out top-K ablation
+    (n / 2; ``max_batch=1``; the same-image one is not run, ``same_image_impact=False``), which starts at
+    the SAE's block (``ablation_jobs(restart=True)``): 2 n forwards and n / 2 of ``(L - block) / L`` of
+    one. Memory: the AUROC scores ``(n, m)`` float32 and per-class sums ``3 x classes x m`` float64."""
     u, s, b = units(cfg.model), cfg.sae, cfg.data.batch_size
     d, m, _ = _sae_shape(cfg, None, None)
     n_eval = split_sizes(cfg)[1]
@@ -797,10 +809,11 @@ def sae_features(cfg: Config, images: Optional[int] = None) -> StageCost:
     splice = Work(6 * per_tok * d * m, 4 * per_tok * (4 * m + 4 * d), 0, 0, 4 * per_tok * (3 * m + 4 * d))
     block = s.block % cfg.model.depth
     share = (cfg.model.depth - 1 - block) / cfg.model.depth
-    work = _with_backward(u, share).over(n, b) + u["forward"].over(2.5 * n, b) + splice * (3.5 * n) \
-        + Work(2 * per_tok * d * m * n, 0, 0)  # the gradient to the latents through the decoder
+    work = _with_backward(u, share).over(n, b) + u["forward"].over(n, b) + _part(u["forward"], 1 - block / cfg.model.depth
+                                                                              ).over(0.5 * n, b) \
+        + splice * (1.5 * n) + Work(2 * per_tok * d * m * n, 0, 0)  # the gradient to the latents through the decoder
     memory = 4 * n * m + 8 * 3 * cfg.model.num_classes * m
-    return _stage(cfg, "SAE features", work, u["forward_backward"], b, forwards=3.5 * n, backwards=n, fixed_mem=memory,
+    return _stage(cfg, "SAE features", work, u["forward_backward"], b, forwards=2.5 * n, backwards=n, fixed_mem=memory,
                   loaded=2 * n)
 
 

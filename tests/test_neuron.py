@@ -521,3 +521,65 @@ def test_bad_selection_rejected_before_compute():
     for bad in (torch.ones(8, dtype=torch.bool), torch.ones(9)):
         with pytest.raises(ValueError, match="selection must be a bool mask of shape"):
             neuron.analyse(hooked, batches, means, [0], 2, 3, selection=bad)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "default"])
+def test_ablations_restarted_at_their_block_equal_whole_forwards(arch):
+    """``ablation_jobs`` starts each ablated forward at the family's first hooked block, from the residual stream
+    computed once per batch: the same numbers, to the bit, as every forward from the images (``restart=False``),
+    for neuron jobs at several blocks packed together or alone, on image subsets, and for SAE latents."""
+    from impact_core.methods import sae as S, sae_features as SF, unit_attribution
+
+    if arch == "tiny":
+        hooked, (batches, _, _) = _tiny(seed=3, depth=3), _data(n=30, batch=10)
+        blocks, C = [0, 1, 2], 3
+    else:
+        cfg = load_config("default")
+        torch.manual_seed(0)
+        hooked, C = HookedViT(build_model(cfg.model).eval()), cfg.model.num_classes
+        g = _gen(5)
+        x, y = torch.randn(120, 1, 28, 28, generator=g), torch.arange(120) % C
+        batches = [(x[i:i + 60], y[i:i + 60]) for i in (0, 60)]
+        blocks = [2, 7, 11]
+    means = _means(hooked, batches, blocks)
+    U = hooked.mlp_dim + hooked.num_heads
+    n = sum(len(b[1]) for b in batches)
+    jobs = []
+    for i, b in enumerate(blocks):
+        keep = torch.ones(C, U)
+        keep[:, i:i + 5] = 0
+        keep[1, hooked.mlp_dim + i % hooked.num_heads] = 0
+        jobs += [(b, keep, torch.arange(n) % 2 == i % 2), (b, keep)]
+    for max_batch in (1, 1024):
+        plain = neuron.ablation_jobs(hooked, batches, means, jobs, C, max_batch=max_batch, restart=False)
+        fast = neuron.ablation_jobs(hooked, batches, means, jobs, C, max_batch=max_batch)
+        torch.testing.assert_close(fast, plain, rtol=0, atol=0, equal_nan=True)  # NaN: a class without images
+        assert plain.nan_to_num().abs().sum() > 0
+    # SAE latents spliced at the last block's residual stream (the layer chapter's family)
+    d, last = hooked.embed_dim, hooked.depth - 1
+    _, cache = hooked.run_with_cache(batches[0][0], [f"blocks.{last}.resid_post"])
+    sae = S.BatchTopKSAE(d, 4 * d, k=4)
+    sae.init_from_batch(cache[f"blocks.{last}.resid_post"][:, 0], True)
+    sae.threshold.fill_(0.0)  # inference mode: ReLU (an untrained SAE; what matters is that latents are ablated)
+    sae.eval()
+    families = SF._latents(hooked, sae, last, "cls")
+    keep = torch.ones(C, 4 * d)
+    keep[:, : 2 * d] = 0
+    sae_jobs = [(next(iter(families)), keep, torch.arange(n) % 3 != 0)]
+    plain = unit_attribution.ablation_jobs(hooked, batches, families, sae_jobs, C, max_batch=1, restart=False)
+    fast = unit_attribution.ablation_jobs(hooked, batches, families, sae_jobs, C, max_batch=1)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0, equal_nan=True)  # class 0 has no image here: NaN
+    assert plain.nan_to_num().abs().sum() > 0
+
+
+def test_a_forward_in_two_parts_is_the_whole_forward():
+    hooked = _tiny(seed=4, depth=3)
+    x = torch.randn(9, 1, 8, 8, generator=_gen(2))
+    with torch.no_grad():
+        whole = hooked.model(x)
+        res = hooked.residuals(x, [0, 2])
+        assert torch.equal(hooked.logits_from(res[0], 0), whole) and torch.equal(hooked.logits_from(res[2], 2), whole)
+    with pytest.raises(ValueError, match="before block 2"):
+        hooked.logits_from(res[2], 2, {"blocks.1.mlp_act": lambda a: a})
+    with pytest.raises(ValueError, match="blocks must lie"):
+        hooked.residuals(x, [3])

@@ -159,12 +159,12 @@ def attribution_pass(hooked: HookedViT, batches: Iterable, means: dict[str, Tens
 
 def ablation_jobs(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], jobs: list[tuple],
                   num_classes: int, device="cpu", limit: Optional[int] = None, clean: Optional[tuple] = None,
-                  max_batch: int = 1024, desc: str = "ablation") -> Tensor:
+                  max_batch: int = 1024, desc: str = "ablation", restart: bool = True) -> Tensor:
     """:func:`unit_attribution.ablation_jobs` with mean ablation (Eq. 11), shape ``(jobs, C)``; a job is
     ``(block, keep[, images])``, ``keep`` ``(U,)`` or ``(C, U)`` with 0 for a unit replaced by its mean."""
     families = block_units(hooked, [j[0] for j in jobs], means, device)
     return unit_attribution.ablation_jobs(hooked, batches, families, jobs, num_classes, device, limit, clean,
-                                          max_batch, desc)
+                                          max_batch, desc, restart=restart)
 
 
 def ablation_effect(hooked: HookedViT, batches: Iterable, means: dict[str, Tensor], block: int, keep: Tensor,

@@ -216,6 +216,36 @@ class HookedViT(nn.Module):
         with self.hooks(fns):
             return self.model(x)
 
+    # -- a forward in two parts: up to a block, then from it ----------------------------
+    def residuals(self, x: torch.Tensor, blocks: Iterable[int]) -> dict[int, torch.Tensor]:
+        """``{b: the residual stream entering block b}`` for the images ``x`` and each of ``blocks``: timm's
+        ``forward_features`` (embedding, position, ``norm_pre``, the blocks) up to the last of them, no hooks."""
+        m, wanted = self.model, sorted({int(b) for b in blocks})
+        if not wanted or wanted[0] < 0 or wanted[-1] >= self.depth:
+            raise ValueError(f"blocks must lie in [0, {self.depth}), got {wanted}")
+        h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        out = {}
+        for b in range(wanted[-1] + 1):
+            if b in wanted:
+                out[b] = h
+            if b < wanted[-1]:
+                h = m.blocks[b](h)
+        return out
+
+    def logits_from(self, resid: torch.Tensor, block: int, fns: Optional[dict] = None) -> torch.Tensor:
+        """The logits from the residual stream entering ``block`` (:meth:`residuals`): the blocks from ``block``
+        on, the final norm and the head, with the hook functions ``fns`` (sites of ``block`` or later).
+        ``logits_from(residuals(x, [b])[b], b, fns)`` is ``run_with_hooks(x, fns)`` without re-running the blocks
+        before b (the same numbers: every operation acts on each image's rows alone)."""
+        early = [n for n in (fns or {}) if parse_site(n)[0] < block]
+        if early:
+            raise ValueError(f"hooks {early} lie before block {block}: the forward starts there")
+        m = self.model
+        with self.hooks(fns or {}):
+            for blk in m.blocks[block:]:
+                resid = blk(resid)
+            return m.forward_head(m.norm(resid))
+
 
 def mean_ablate(mean: torch.Tensor, keep: torch.Tensor, name: str) -> HookFn:
     """Hook for Eq. 11, ``a~ = keep * a + (1 - keep) * mean``: a unit with keep 0 takes its

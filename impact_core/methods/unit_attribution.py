@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_sum, gather_rows, local_rows
+from .sites import parse_site
 from .unit_metrics import StreamingClassStats, selected_unit_values, selection_mask, top_units
 
 SAME = "_same"  # suffix of the paper's same-image variant of a result key
@@ -161,7 +162,7 @@ def attribution_pass(hooked, batches: Iterable, families: dict[Hashable, UnitFam
 @torch.no_grad()
 def ablation_jobs(hooked, batches: Iterable, families: dict[Hashable, UnitFamily], jobs: list[tuple], num_classes: int,
                   device="cpu", limit: Optional[int] = None, clean: Optional[tuple] = None, max_batch: int = 1024,
-                  desc: str = "ablation") -> Tensor:
+                  desc: str = "ablation", restart: bool = True) -> Tensor:
     """Eq. 2 averaged per class for several ablations, shape ``(jobs, C)``:
     ``mean_{x in D_c} (f_c(x) - f_c^abl(x)) / ||f(x)||``.
 
@@ -174,10 +175,22 @@ def ablation_jobs(hooked, batches: Iterable, families: dict[Hashable, UnitFamily
     mask. ``clean`` optionally gives ``(f_y, ||f||)`` per image in batch order (from
     :func:`attribution_pass` of families with ``clean_forward``), saving the clean forward.
     ``limit``: only the first images of ``batches``.
+
+    ``restart``: the blocks before a family's first hooked block do not depend on the ablation, so each
+    batch runs them once (``HookedViT.residuals``) and every ablated forward starts there
+    (``HookedViT.logits_from``): a job at block b costs ``(depth - b) / depth`` of a forward. ``restart=False``
+    is the plain path, every forward from the images; both give the same numbers (tests/test_neuron.py).
     """
     device = torch.device(device)
     hooked.eval()
     jobs = [(j[0], j[1].to(device, torch.float32), j[2] if len(j) > 2 else None) for j in jobs]
+    first_block = {}  # the first block each job's family hooks
+    restart = restart and bool(jobs)
+    if restart:
+        for g in {j[0] for j in jobs}:
+            names = families[g].ablation_hooks(torch.ones(1, families[g].units, device=device))
+            first_block[g] = min(parse_site(name)[0] for name in names)
+        starts = sorted(set(first_block.values()))
     sums = torch.zeros(len(jobs) * num_classes, dtype=torch.float64, device=device)
     count = torch.zeros(len(jobs) * num_classes, dtype=torch.float64, device=device)
     seen = 0
@@ -185,8 +198,9 @@ def ablation_jobs(hooked, batches: Iterable, families: dict[Hashable, UnitFamily
         total = len(labels)  # under torchrun: this process's rows; the sums are all-reduced below
         x, y = local_rows(images).to(device), local_rows(labels).to(device).long()
         B = len(y)
+        resid = hooked.residuals(x, starts) if restart and B else None
         if clean is None:
-            logits = hooked.model(x)
+            logits = hooked.logits_from(resid[starts[-1]], starts[-1]) if resid is not None else hooked.model(x)
             f_y, norm = logits.gather(1, y[:, None]).squeeze(1), logits.norm(dim=1)
         else:
             f_y, norm = (local_rows(t[seen:seen + total]).to(device) for t in clean)
@@ -212,7 +226,11 @@ def ablation_jobs(hooked, batches: Iterable, families: dict[Hashable, UnitFamily
                 keeps[g][offset:offset + n_j] = keep[y[rows[j]]] if keep.ndim == 2 else keep
                 offset += n_j
             fns = {name: fn for g, k in keeps.items() for name, fn in families[g].ablation_hooks(k).items()}
-            abl = hooked.run_with_hooks(x[r], fns)
+            if resid is not None:
+                b = min(first_block[g] for g in keeps)
+                abl = hooked.logits_from(resid[b][r], b, fns)
+            else:
+                abl = hooked.run_with_hooks(x[r], fns)
             abl_y = abl.gather(1, y[r][:, None]).squeeze(1)
             effect = (f_y[r] - abl_y) / norm[r]
             index = job * num_classes + y[r]
