@@ -724,8 +724,8 @@ def neuron_ablation(cfg: Config, images: Optional[int] = None, validation_units:
     forward; + the validation's ``validation_units x blocks`` single-unit ablations on
     ``validation_images`` (``validation_units``: default ``neuron.validation_units``; the levels pass
     :func:`impact_core.levels.neuron.validation_units` of the model). Each pass runs the blocks before
-    the last analysed one once per image, and an ablation at block b only the blocks from b on
-    (``ablation_jobs(restart=True)``): ``(L - b) / L`` of a forward."""
+    the last analysed one once for each image some job reads, and an ablation at block b only the blocks
+    from b on (``ablation_jobs(restart=True)``): ``(L - b) / L`` of a forward."""
     u, nc, L = units(cfg.model), cfg.neuron, cfg.model.depth
     n = _neuron_images(cfg) if images is None else images
     v_units = nc.validation_units if validation_units is None else validation_units
@@ -735,7 +735,8 @@ def neuron_ablation(cfg: Config, images: Optional[int] = None, validation_units:
     rows = per_block * len(blocks)
     b = 4 * cfg.data.batch_size
     work = sum((_part(u["ablation"], (L - blk) / L).over(per_block, b) for blk in blocks), Work())
-    work = work + _part(u["forward"], max(blocks) / L).over(n + (val if v_units else 0), cfg.data.batch_size)
+    prefix_rows = (n if same_image else n / 2) + val  # the rows some job reads (held-out: the measurement half)
+    work = work + _part(u["forward"], max(blocks) / L).over(prefix_rows, cfg.data.batch_size)
     return _stage(cfg, "neuron ablation", work, u["ablation"], b, forwards=rows, loaded=n + val,
                   workers=cfg.data.num_workers)
 

@@ -550,9 +550,14 @@ def test_ablations_restarted_at_their_block_equal_whole_forwards(arch):
         keep[:, i:i + 5] = 0
         keep[1, hooked.mlp_dim + i % hooked.num_heads] = 0
         jobs += [(b, keep, torch.arange(n) % 2 == i % 2), (b, keep)]
-    for max_batch in (1, 1024):
-        plain = neuron.ablation_jobs(hooked, batches, means, jobs, C, max_batch=max_batch, restart=False)
-        fast = neuron.ablation_jobs(hooked, batches, means, jobs, C, max_batch=max_batch)
+    with torch.no_grad():  # the clean logits an attribution pass hands on: the restart then reads the jobs' rows only
+        logits = torch.cat([hooked.model(xb) for xb, _ in batches])
+    labels = torch.cat([yb for _, yb in batches])
+    clean = (logits.gather(1, labels[:, None]).squeeze(1), logits.norm(dim=1))
+    held_out = [j for j in jobs if len(j) == 3]
+    for max_batch, given, which in ((1, None, jobs), (1024, None, jobs), (1024, clean, jobs), (1024, clean, held_out)):
+        plain = neuron.ablation_jobs(hooked, batches, means, which, C, clean=given, max_batch=max_batch, restart=False)
+        fast = neuron.ablation_jobs(hooked, batches, means, which, C, clean=given, max_batch=max_batch)
         torch.testing.assert_close(fast, plain, rtol=0, atol=0, equal_nan=True)  # NaN: a class without images
         assert plain.nan_to_num().abs().sum() > 0
     # SAE latents spliced at the last block's residual stream (the layer chapter's family)
@@ -583,3 +588,12 @@ def test_a_forward_in_two_parts_is_the_whole_forward():
         hooked.logits_from(res[2], 2, {"blocks.1.mlp_act": lambda a: a})
     with pytest.raises(ValueError, match="blocks must lie"):
         hooked.residuals(x, [3])
+
+
+def test_restarted_ablations_are_chunked_by_their_first_block():
+    from impact_core.methods.unit_attribution import _chunks
+
+    jobs = list(range(5))
+    assert list(_chunks(jobs, 2, [2, 2, 7, 7, 11])) == [[0, 1], [2, 3], [4]]
+    assert list(_chunks(jobs, 3, [2, 2, 2, 7, 11])) == [[0, 1, 2], [3], [4]]
+    assert list(_chunks(jobs, 2, [0] * 5)) == [[0, 1], [2, 3], [4]]  # the plain path: ``per`` at a time

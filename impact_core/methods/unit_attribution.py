@@ -198,20 +198,23 @@ def ablation_jobs(hooked, batches: Iterable, families: dict[Hashable, UnitFamily
         total = len(labels)  # under torchrun: this process's rows; the sums are all-reduced below
         x, y = local_rows(images).to(device), local_rows(labels).to(device).long()
         B = len(y)
-        resid = hooked.residuals(x, starts) if restart and B else None
+        every = torch.arange(B, device=device)
+        rows = [every if sub is None else every[local_rows(sub[seen:seen + total]).to(device)] for _, _, sub in jobs]
+        resid = used = None
+        if restart and B:  # the residual streams of the rows some job (or the clean forward) reads
+            used = every if clean is None else torch.unique(torch.cat(rows))
+            resid = hooked.residuals(x[used], starts)
         if clean is None:
             logits = hooked.logits_from(resid[starts[-1]], starts[-1]) if resid is not None else hooked.model(x)
             f_y, norm = logits.gather(1, y[:, None]).squeeze(1), logits.norm(dim=1)
         else:
             f_y, norm = (local_rows(t[seen:seen + total]).to(device) for t in clean)
-        every = torch.arange(B, device=device)
-        rows = [every if sub is None else every[local_rows(sub[seen:seen + total]).to(device)] for _, _, sub in jobs]
         seen += total
         if B == 0:
             continue
         per = max(1, max_batch // B)
-        for start in range(0, len(jobs), per):
-            chunk = [j for j in range(start, min(start + per, len(jobs))) if len(rows[j])]
+        for chunk in _chunks(jobs, per, [first_block.get(g, 0) for g, _, _ in jobs]):
+            chunk = [j for j in chunk if len(rows[j])]
             if not chunk:
                 continue
             r = torch.cat([rows[j] for j in chunk])
@@ -228,7 +231,7 @@ def ablation_jobs(hooked, batches: Iterable, families: dict[Hashable, UnitFamily
             fns = {name: fn for g, k in keeps.items() for name, fn in families[g].ablation_hooks(k).items()}
             if resid is not None:
                 b = min(first_block[g] for g in keeps)
-                abl = hooked.logits_from(resid[b][r], b, fns)
+                abl = hooked.logits_from(resid[b][torch.searchsorted(used, r)], b, fns)
             else:
                 abl = hooked.run_with_hooks(x[r], fns)
             abl_y = abl.gather(1, y[r][:, None]).squeeze(1)
@@ -239,6 +242,20 @@ def ablation_jobs(hooked, batches: Iterable, families: dict[Hashable, UnitFamily
     all_reduce_sum(sums)
     all_reduce_sum(count)
     return class_mean(sums, count).view(len(jobs), num_classes).cpu()
+
+
+def _chunks(jobs: list, per: int, first_blocks: list[int]) -> Iterator[list[int]]:
+    """Job indices in order, ``per`` at a time, a new chunk wherever the first hooked block changes (a
+    restarted forward starts at its chunk's earliest block: mixing blocks would run the later job's
+    blocks twice). Every row is computed alone, so the chunking changes no number."""
+    chunk: list[int] = []
+    for j in range(len(jobs)):
+        if chunk and (len(chunk) == per or first_blocks[j] != first_blocks[chunk[0]]):
+            yield chunk
+            chunk = []
+        chunk.append(j)
+    if chunk:
+        yield chunk
 
 
 # --- top-K units: held-out and same-image ---------------------------------------------------------------------------
