@@ -11,7 +11,9 @@ tasks on ``jobs`` slots:
 * a task starts when what it needs is done: an analysis after the model it analyses (a pruned
   model after the dense one; the matched-accuracy control's analyses after the held-out top-1 of the
   dense checkpoints, computed once for every replicate), a chapter after its level's pieces and those of the levels it comes
-  after, the chapters of no level (the discussion) after every other chapter;
+  after, the chapters of no level (the discussion) after every level's pieces. A chapter never waits
+  for another chapter: chapters read only the cache (a chapter writes nothing another reads), so the
+  last chapters of a build run side by side instead of one after another;
 * of the ready tasks, models go first (the dense and the trained-sparse models start together),
   then the longest (``Piece.cost``), so the last task to end is a short one.
 
@@ -85,22 +87,20 @@ def plan(cfg, chapters: list[str]) -> list[Task]:
             t.needs.add(models[(of[0], "wanda", *of[2:])])  # its checkpoint is chosen by that model's accuracy
         if of[1] == MATCHED and (0.0, CHECKPOINTS) in models:
             t.needs.add(models[(0.0, CHECKPOINTS)])  # ... among the checkpoints' held-out top-1, computed once
-    level_chapters = []
+
+    def results_of(names) -> set[str]:
+        """The tasks that leave the results of levels ``names`` in the cache: their pieces, or the chapter
+        of a level that declares none (it computes everything itself)."""
+        return {n for name in names if name in by_level
+                for n in (by_level[name] if get_level(name).pieces is not None else [get_level(name).chapter])}
+
     for chapter in chapters:
         level = level_of_chapter(chapter)
-        if level is None:
-            continue
-        needs = set(by_level.get(level.name, []))
-        for other in level.after:
-            if other in by_level:
-                needs.update(by_level[other])
-                needs.add(get_level(other).chapter)
-        tasks.append(Task(chapter, needs=needs, chapter=chapter))
-        level_chapters.append(chapter)
-    for chapter in chapters:  # chapters of no level (the discussion) read every level: they come last
+        if level is not None:
+            tasks.append(Task(chapter, needs=results_of([level.name, *level.after]) - {chapter}, chapter=chapter))
+    for chapter in chapters:  # chapters of no level (the discussion) read every level
         if level_of_chapter(chapter) is None:
-            tasks.append(Task(chapter, needs=set(level_chapters), chapter=chapter))
-            level_chapters.append(chapter)
+            tasks.append(Task(chapter, needs=results_of(selected), chapter=chapter))
     return tasks
 
 

@@ -26,11 +26,15 @@ def test_the_plan_waits_for_models_and_levels():
     assert tasks["attribution, control"].needs == {"model control"}
     assert tasks["neuron metrics, dense"].needs == {"dense model"}
     neuron = tasks["book/chapters/02_neuron"].needs
-    assert {"neuron metrics, 70%", "neuron metrics, control", "dense model", "book/chapters/01_pruning"} <= neuron
+    assert {"neuron metrics, 70%", "neuron metrics, control", "dense model", "model magnitude 90%"} <= neuron
     assert not any(n.startswith("circuits") for n in neuron)
-    # the chapter after every level waits for their pieces and chapters
+    # the chapter after every level waits for their pieces; the discussion for every piece
     sparse = tasks["book/chapters/06_sparse_training"].needs
-    assert {"circuits, 70%", "book/chapters/04_circuit", "attribution, trained sparse 70%"} <= sparse
+    assert {"circuits, 70%", "neuron metrics, 70%", "attribution, trained sparse 70%"} <= sparse
+    pieces = {n for n, t in tasks.items() if t.piece is not None}
+    assert tasks["book/chapters/07_discussion"].needs == pieces
+    # ... and no chapter waits for another: they read only the cache, so the last ones run side by side
+    assert not any(t.needs - pieces for t in tasks.values())
     # the probe's own SAE is not trained twice (once by the model's piece, once by the sweep)
     assert not [n for n in tasks if n.startswith("SAE sweep, dense cls k=16 x8")]
     # no piece is declared twice
@@ -69,6 +73,24 @@ def test_a_piece_two_levels_declare_is_planned_once_and_awaited_by_both():
         for name in ("toy_a", "toy_b", "toy_c"):
             if name in levels.level_names():
                 levels.unregister_level(name)
+
+
+def test_a_chapter_waits_for_a_level_without_pieces_by_its_chapter():
+    """A level that declares no pieces computes in its chapter; a chapter after it waits for that chapter."""
+    own = levels.Piece("toy own", _toy_entry, (0.7,), of=(0.7, "wanda"))
+    first = levels.Level("toy_first", "toy_first", "neuron", gather=lambda cfg: {}, claims=lambda runs, judge: [],
+                         chapter="toy/toy_first", pieces=None)
+    then = levels.Level("toy_then", "toy_then", "neuron", gather=lambda cfg: {}, claims=lambda runs, judge: [],
+                        chapter="toy/toy_then", pieces=lambda cfg: [own], after=("toy_first",))
+    levels.register_level(first)
+    levels.register_level(then)
+    try:
+        tasks = {t.name: t for t in plan(load_config("smoke"), ["toy/toy_first", "toy/toy_then"])}
+        assert tasks["toy/toy_first"].needs == set()
+        assert tasks["toy/toy_then"].needs == {"toy own", "toy/toy_first"}
+    finally:
+        for name in ("toy_then", "toy_first"):
+            levels.unregister_level(name)
 
 
 def test_models_start_first_then_the_longest():
