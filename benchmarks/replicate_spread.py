@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from impact_core import pipeline, stats  # noqa: E402
 from impact_core.claims import as_array  # noqa: E402
 from impact_core.config import load_config  # noqa: E402
+from impact_core.cost import piece_seconds  # noqa: E402
 from impact_core.levels import for_replicate, level_pieces  # noqa: E402
 from impact_core.levels.circuit import circuit_results  # noqa: E402
 from impact_core.levels.layer import quality_over_seeds  # noqa: E402
@@ -47,7 +48,8 @@ def tasks(cfg) -> list[Task]:
     keep = [p for p in level_pieces(cfg, LEVELS)
             if p.of[0] == 0 and (p.label == "dense model" or not p.model or p.of[1] == CONTROL)
             and p.per_replicate and "at the dense k" not in p.label and not p.label.startswith("circuits at k=")]
-    out = [Task(p.label, piece=p, model=p.model, cost=p.cost) for p in keep]
+    seconds = piece_seconds(cfg, keep)
+    out = [Task(p.label, piece=p, model=p.model, cost=seconds[p.label]) for p in keep]
     models = {t.piece.of: t.name for t in out if t.model}
     for t in out:
         if t.name != "dense model":

@@ -918,6 +918,7 @@ class _Book:
         self.cfg, self.with_dense, self.control = cfg, with_dense, CONTROL
         self.done: set = set()
         self.rows: dict[tuple[str, str], StageCost] = {}
+        self.added: list[StageCost] = []  # every stage added, in order (:func:`piece_seconds` reads a piece's)
 
     def key(self, s: float, m: str) -> tuple:
         """An artefact's model: the one dense model, or a model of the current replicate (``self.cfg``)."""
@@ -933,6 +934,7 @@ class _Book:
 
     def add(self, chapter: str, cost: StageCost) -> None:
         cost = dataclasses.replace(cost, chapter=chapter)
+        self.added.append(cost)
         slot = (chapter, cost.stage)
         self.rows[slot] = self.rows[slot].add(cost) if slot in self.rows else cost
 
@@ -1057,10 +1059,24 @@ def _named(cost: StageCost, name: str, book: bool = False) -> StageCost:
     return dataclasses.replace(cost, stage=name, shard="" if book else cost.shard)
 
 
+_PIECE_WORK: dict[Callable, Callable] = {}
+
+
+def register_piece_work(entry: Callable, work: Callable) -> None:
+    """Declare the stages of a new kind of piece (a level outside this package, say): ``work(book, chapter,
+    piece)`` adds them to ``book`` (a :class:`_Book`: its ``model``, ``accuracy``, ``circuits``, ... or
+    ``add(chapter, StageCost)``) for the pieces whose entry point is ``entry``."""
+    _PIECE_WORK[entry] = work
+
+
 def _piece_work(book: "_Book", chapter: str, piece) -> None:
     """The stages of one piece of the work plan (:class:`impact_core.levels.Piece`), by its entry point:
     the plan's pieces are the one description of the work, which this turns into units (forwards,
-    training steps, mask steps, ...). A new kind of piece needs a line here (a test walks every preset's plan)."""
+    training steps, mask steps, ...) for the cost model and for the plan's order (:func:`piece_seconds`).
+    A new kind of piece needs a line here or a :func:`register_piece_work` (a test walks every preset's plan)."""
+    if piece.entry in _PIECE_WORK:
+        _PIECE_WORK[piece.entry](book, chapter, piece)
+        return
     from . import pipeline
     from .levels import circuit as circuit_level, layer as layer_level, model as model_level, neuron as neuron_level
     from .levels import pruning as pruning_level
@@ -1096,7 +1112,24 @@ def _piece_work(book: "_Book", chapter: str, piece) -> None:
         book.attribution(chapter, s, m)
     else:
         raise KeyError(f"the cost model has no stages for pieces of {entry.__module__}.{entry.__qualname__} "
-                       f"({piece.label!r}): add them to cost._piece_work")
+                       f"({piece.label!r}): add them to cost._piece_work or declare them with cost.register_piece_work")
+
+
+def piece_seconds(cfg: Config, pieces, device: Optional["Device"] = None) -> dict[str, float]:
+    """Predicted seconds of each piece of the work plan (``levels.level_pieces``) on ``device``
+    (:data:`REFERENCE_CPU` when None): the stages :func:`_piece_work` gives it, each artefact paid
+    for by the first piece in ``pieces`` that needs it (the cache computes it once). The plan orders
+    its pieces by these (:func:`impact_core.schedule.plan`), so the order and the cost model read one
+    description of the work; a piece the cost model cannot describe is an error before any compute."""
+    from .levels import for_replicate
+
+    device = REFERENCE_CPU if device is None else device
+    book, out = _Book(cfg), {}
+    for piece in pieces:
+        book.cfg, book.added = for_replicate(cfg, piece.replicate), []
+        _piece_work(book, "plan", piece)
+        out[piece.label] = sum(predict_seconds(st, device) for st in book.added)
+    return out
 
 
 def _chapter_work(book: "_Book") -> None:
@@ -1163,6 +1196,13 @@ def _gpu(name: str, bandwidth: float, memory: float, note: str) -> Device:
 H100 = _gpu("h100", 3.35e12, 80 * GB, "H100 SXM: 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32 (no tensor cores: "
             "TF32 is off in PyTorch by default), 3.35 TB/s, 80 GB (vendor sheet)")
 H200 = _gpu("h200", 4.8e12, 141 * GB, "H200 SXM: the H100's compute, 4.8 TB/s, 141 GB (vendor sheet)")
+
+
+REFERENCE_CPU = Device(name="cpu (reference)", peak_flops={"fp32": 70e9, "bf16": 180e9}, bandwidth=25e9,
+                       overhead_s=3e-6, memory=8 * GB,
+                       note="one thread of a 2-core build: round values of calibrate_cpu_loaded on 2026-12-06 "
+                            "(71.6 GFLOP/s fp32, 25.6 GB/s, 3.0 us per operator); what the plan orders its pieces "
+                            "by (only their ratios matter), never a prediction of a build")
 
 
 def _best(fn: Callable[[], object], repeat: int) -> float:

@@ -15,7 +15,9 @@ tasks on ``jobs`` slots:
   for another chapter: chapters read only the cache (a chapter writes nothing another reads), so the
   last chapters of a build run side by side instead of one after another;
 * of the ready tasks, models go first (the dense and the trained-sparse models start together),
-  then the longest (``Piece.cost``), so the last task to end is a short one.
+  then the longest, so the last task to end is a short one. A piece's length is the cost model's
+  prediction of its stages (:func:`impact_core.cost.piece_seconds`): the plan and the cost model read
+  one description of the work, the pieces the levels declare.
 
 The order changes the wall time, never a number: every piece is a cached entry point, the cache's
 locks keep two processes from computing the same entry, and every computation runs on the same
@@ -64,12 +66,15 @@ def slug(text: str) -> str:
 def plan(cfg, chapters: list[str]) -> list[Task]:
     """The tasks of a build of ``chapters`` (``_toc.yml`` paths) on ``cfg``: the pieces of their levels,
     then the chapters, each with what it needs (see the module docstring)."""
+    from .cost import piece_seconds
     from .levels import get_level, level_of_chapter, level_pieces
     from .pipeline import CHECKPOINTS, MATCHED, RANDOM_WEIGHTS, TRAINED_SPARSE
 
     selected = [lv.name for lv in map(level_of_chapter, chapters) if lv is not None]
     by_level = {name: [p.label for p in level_pieces(cfg, [name])] for name in selected}
-    tasks = [Task(p.label, piece=p, model=p.model, cost=p.cost) for p in level_pieces(cfg, selected)]
+    pieces = level_pieces(cfg, selected)
+    seconds = piece_seconds(cfg, pieces)
+    tasks = [Task(p.label, piece=p, model=p.model, cost=seconds[p.label]) for p in pieces]
     models = {t.piece.of: t.name for t in tasks if t.model}
     dense = models.get((0.0, "wanda"))
     for t in tasks:

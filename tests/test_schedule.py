@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from impact_core import levels, pipeline
+from impact_core import cost, levels, pipeline
 from impact_core.config import load_config
 from impact_core.runner import toc_chapters
 from impact_core.schedule import Task, TaskError, plan, ready_order, run_plan
@@ -44,6 +44,38 @@ def test_the_plan_waits_for_models_and_levels():
 
 def _toy_entry(cfg, sparsity, method="wanda"):
     """A stand-in entry point (never run: the test only plans)."""
+
+
+@pytest.fixture(autouse=True)
+def _toy_work():
+    """The toy pieces' work for the cost model the plan orders by: none (a new kind of piece declares its work)."""
+    cost.register_piece_work(_toy_entry, lambda book, chapter, piece: None)
+    yield
+    cost._PIECE_WORK.pop(_toy_entry, None)
+
+
+def test_the_plan_orders_pieces_by_the_cost_model():
+    """A piece's length is the cost model's prediction of its stages (one description of the work): the
+    trainings above a model's circuits above its neuron metrics, a displayed model's attribution above a
+    claims-only one's; a piece the cost model cannot describe stops the plan before any compute."""
+    cfg = load_config("default")
+    tasks = {t.name: t for t in plan(cfg, toc_chapters())}
+    pieces = [t.piece for t in tasks.values() if t.piece is not None]
+    assert {n: t.cost for n, t in tasks.items() if t.piece is not None} == cost.piece_seconds(cfg, pieces)
+    c = {n: t.cost for n, t in tasks.items()}
+    assert c["dense model"] > c["circuits, 70%"] > c["neuron metrics, 70%"] > 0
+    assert c["model trained sparse 70%"] > c["circuits, 70%"]
+    assert c["attribution, 70%"] > c["attribution, 70%, replicate 1"] > 0  # the displayed methods on 128 images
+    assert c["model 70%"] > 0 and c["model 70%, replicate 1"] > 0
+    odd = levels.Piece("an odd piece", print, (0.0,))
+    level = levels.Level("toy_odd", "toy_odd", "neuron", gather=lambda cfg: {}, claims=lambda runs, judge: [],
+                         chapter="toy/toy_odd", pieces=lambda cfg: [odd])
+    levels.register_level(level)
+    try:
+        with pytest.raises(KeyError, match="an odd piece"):
+            plan(cfg, ["toy/toy_odd"])
+    finally:
+        levels.unregister_level("toy_odd")
 
 
 def test_a_piece_two_levels_declare_is_planned_once_and_awaited_by_both():

@@ -71,8 +71,6 @@ class Piece:
     of:    the model it builds or analyses, ``(sparsity, method)`` (the plan starts it after that
            model; a pruned model after the dense one).
     model: it builds a model: the runner starts models before any analysis.
-    cost:  rough seconds on the default preset on one thread; it only orders the work (longest
-           first), so a wrong value costs time, never a wrong number.
     per_replicate: the claims read it in every replicate (False: a table of replicate 0 only, such as a sweep).
     replicate: which replicate it computes (:func:`replicated_pieces` sets it)."""
 
@@ -82,7 +80,6 @@ class Piece:
     kwargs: Mapping = field(default_factory=dict)
     of: tuple = (0.0, "wanda")
     model: bool = False
-    cost: float = 1.0
     per_replicate: bool = True
     replicate: int = 0
 
@@ -189,7 +186,7 @@ def over_models(entry: Callable[..., dict], sparsities, random_weights: bool = F
     return out
 
 
-def model_pieces(what: str, entry: Callable, sparsities, cost: float, random_weights: bool = False,
+def model_pieces(what: str, entry: Callable, sparsities, random_weights: bool = False,
                  matched: Optional[float] = None, cascade: Sequence[int] = (), **kwargs) -> list[Piece]:
     """A :class:`Piece` of ``entry(cfg, sparsity, method=...)`` for each model :func:`over_models` visits:
     dense, every sparsity, the control (and the random-weights model and its cascade, and the
@@ -199,7 +196,7 @@ def model_pieces(what: str, entry: Callable, sparsities, cost: float, random_wei
     models = [(s, "wanda") for s in with_dense(sparsities)] + [(0.0, CONTROL)]
     models += [(0.0, RANDOM_WEIGHTS)] + [(0.0, reinit_method(j)) for j in cascade] if random_weights else []
     models += [(matched, MATCHED)] if matched is not None else []
-    return [Piece(f"{what}, {model_label(s, m)}", entry, (s,), {"method": m, **kwargs}, of=(s, m), cost=cost)
+    return [Piece(f"{what}, {model_label(s, m)}", entry, (s,), {"method": m, **kwargs}, of=(s, m))
             for s, m in models]
 
 

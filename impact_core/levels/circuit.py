@@ -273,13 +273,13 @@ def pieces(cfg) -> list[Piece]:
     """The circuits :func:`gather` reads (each model at its k; the sparsest and the control also at the
     dense k) and the chapter's k sweep of Table 7 at the sparsest level."""
     top = max(with_dense(cfg.circuit.sparsities))
-    out = model_pieces("circuits", circuit_results, cfg.circuit.sparsities, cost=70, random_weights=True,
+    out = model_pieces("circuits", circuit_results, cfg.circuit.sparsities, random_weights=True,
                        cascade=cfg.cascade, matched=matched_level(cfg, cfg.circuit.sparsities))
     out.append(Piece("circuits at the dense k, control", circuit_results, (0.0,),
-                     {"k": cfg.circuit.k_dense, "method": CONTROL}, of=(0.0, CONTROL), cost=70))
+                     {"k": cfg.circuit.k_dense, "method": CONTROL}, of=(0.0, CONTROL)))
     if top > 0:
         out += [Piece(f"circuits at k={k:g}, {pipeline.model_label(top)}", circuit_results, (top,), {"k": k},
-                      of=(top, "wanda"), cost=70, per_replicate=k == float(cfg.circuit.k_dense))
+                      of=(top, "wanda"), per_replicate=k == float(cfg.circuit.k_dense))
                 for k in sorted({float(cfg.circuit.k_dense), *map(float, sweep_ks(cfg))} - {default_k(cfg, top)})]
     return out
 

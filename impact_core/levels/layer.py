@@ -389,18 +389,18 @@ def pieces(cfg) -> list[Piece]:
     """Each model's SAEs and latent metrics (:func:`model_results`), then the chapter's sweeps of
     Tables 5 and 6 (one SAE each, :func:`sweep_specs`)."""
     s_cfg = cfg.sae
-    out = model_pieces("SAEs", model_results, s_cfg.sparsities, cost=60, random_weights=True, cascade=cfg.cascade)
+    out = model_pieces("SAEs", model_results, s_cfg.sparsities, random_weights=True, cascade=cfg.cascade)
     m = matched_level(cfg, s_cfg.sparsities)
     if m is not None:  # the matched-accuracy control: only its SAEs' quality is read (the latents' claims are "no change")
         out.append(Piece(f"SAEs, {pipeline.model_label(m, pipeline.MATCHED)}", quality_over_seeds, (m,),
-                         {"method": pipeline.MATCHED}, of=(m, pipeline.MATCHED), cost=40))
+                         {"method": pipeline.MATCHED}, of=(m, pipeline.MATCHED)))
     for s in with_dense(s_cfg.sparsities):
         for spec in sweep_specs(cfg, s):
             if (spec["tokens"], spec["k"], spec["expansion"]) == (s_cfg.tokens, s_cfg.k, s_cfg.expansion):
                 continue  # the probe's SAE (seed 0): the model's own piece trains it
             out.append(Piece(f"SAE sweep, {pipeline.model_label(s)} {spec['tokens']} k={spec['k']} x{spec['expansion']}",
                              train_sae, (s, spec["tokens"], spec["k"], spec["expansion"]), of=(s, "wanda"),
-                             cost=40 if spec["tokens"] == s_cfg.tokens else 90, per_replicate=False))
+                             per_replicate=False))
     return out
 
 

@@ -346,7 +346,7 @@ def gather(cfg) -> dict:
 
 def pieces(cfg) -> list[Piece]:
     """:func:`attribution_results` of each model (dense, every sparsity, the control, the random-weights model)."""
-    return model_pieces("attribution", attribution_results, cfg.attribution.sparsities, cost=100, random_weights=True,
+    return model_pieces("attribution", attribution_results, cfg.attribution.sparsities, random_weights=True,
                         cascade=cfg.cascade,
                         matched=matched_level(cfg, cfg.attribution.sparsities))
 

@@ -186,7 +186,7 @@ def gather(cfg) -> dict:
 
 def pieces(cfg) -> list[Piece]:
     """:func:`neuron_metrics` of each model (dense, every sparsity, the control, the random-weights model)."""
-    return model_pieces("neuron metrics", neuron_metrics, cfg.neuron.sparsities, cost=25, random_weights=True,
+    return model_pieces("neuron metrics", neuron_metrics, cfg.neuron.sparsities, random_weights=True,
                         cascade=cfg.cascade)
 
 

@@ -153,17 +153,17 @@ def pieces(cfg) -> list[Piece]:
     each; all models, so they come before any analysis and the chapters do not wait for a last small one),
     and the held-out top-1 of the dense checkpoints the matched-accuracy control picks from (a model piece
     too: it starts right after the dense model)."""
-    out = [Piece("dense model", pipeline.accuracy, (0.0,), model=True, cost=420)]
+    out = [Piece("dense model", pipeline.accuracy, (0.0,), model=True)]
     read = claim_models(cfg) | {("wanda", float(s)) for lv in ("neuron", "sae", "circuit", "attribution")
                                 for s in getattr(cfg, lv).sparsities}
     for m in cfg.pruning.methods:
-        out += [Piece(f"model {pipeline.model_label(s, m)}", built_model, (s, m), of=(s, m), model=True, cost=25,
+        out += [Piece(f"model {pipeline.model_label(s, m)}", built_model, (s, m), of=(s, m), model=True,
                       per_replicate=(m, float(s)) in read)
                 for s in sorted(cfg.pruning.sparsities) if s > 0]
-    out.append(Piece("model control", pipeline.accuracy, (0.0, CONTROL), of=(0.0, CONTROL), model=True, cost=25))
+    out.append(Piece("model control", pipeline.accuracy, (0.0, CONTROL), of=(0.0, CONTROL), model=True))
     if pipeline.matched_control(cfg):  # the matched-accuracy control's candidates, once for every replicate
         out.append(Piece("held-out top-1, dense checkpoints", pipeline.checkpoint_accuracies,
-                         of=(0.0, pipeline.CHECKPOINTS), model=True, cost=45))
+                         of=(0.0, pipeline.CHECKPOINTS), model=True))
     return out
 
 

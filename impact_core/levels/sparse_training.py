@@ -391,19 +391,18 @@ def pieces(cfg) -> list[Piece]:
     out = []
     for c in comparisons(cfg):
         if c["missing"] is None and c["kind"] == "trained":
-            out.append(Piece(f"model {label(*c['b'])}", pipeline.accuracy, c["b"], of=c["b"], model=True, cost=490))
+            out.append(Piece(f"model {label(*c['b'])}", pipeline.accuracy, c["b"], of=c["b"], model=True))
         elif c["missing"] is None:
-            out.append(Piece(f"model {label(*c['b'])}", pipeline.accuracy, c["b"], of=c["b"], model=True, cost=25))
-    own = {"neuron metrics": (neuron_metrics, {}, cfg.neuron.sparsities, 25),
-           "SAEs": (quality_over_seeds, {}, cfg.sae.sparsities, 45),
-           "circuits": (circuit_results, {"k": cfg.circuit.k_sparse}, cfg.circuit.sparsities, 70),
-           "attribution": (attribution_results, {}, cfg.attribution.sparsities, 100)}
+            out.append(Piece(f"model {label(*c['b'])}", pipeline.accuracy, c["b"], of=c["b"], model=True))
+    own = {"neuron metrics": (neuron_metrics, {}, cfg.neuron.sparsities),
+           "SAEs": (quality_over_seeds, {}, cfg.sae.sparsities),
+           "circuits": (circuit_results, {"k": cfg.circuit.k_sparse}, cfg.circuit.sparsities),
+           "attribution": (attribution_results, {}, cfg.attribution.sparsities)}
     for s, method in models(cfg):
-        for what, (entry, extra, level_sparsities, cost) in own.items():
+        for what, (entry, extra, level_sparsities) in own.items():
             if s == 0 or (method == "wanda" and s in level_sparsities):
                 continue  # the level's own pieces compute it
-            out.append(Piece(f"{what}, {label(s, method)}", entry, (s,), {"method": method, **extra}, of=(s, method),
-                             cost=cost))
+            out.append(Piece(f"{what}, {label(s, method)}", entry, (s,), {"method": method, **extra}, of=(s, method)))
     return out
 
 
