@@ -120,15 +120,30 @@ def ready_order(task: Task) -> tuple:
 _WORKER_CFG: dict = {}
 
 
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """A worker's watchdog thread: end the worker once the plan's process is gone (killed, say, by ``kill``
+    or a closed terminal), which would otherwise leave it finishing its piece and then waiting for work
+    forever, holding its memory. A piece cut short leaves nothing in the cache: an entry is written whole
+    (a temporary file, then a rename) and the entry's lock goes with the process."""
+    while True:
+        time.sleep(every)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
 def _start_worker(preset: str, counter) -> None:
     """Worker process start: load the preset once, set its torch threads; on a machine with several
     GPUs, worker i computes on GPU ``i mod count`` (a config that names no GPU index), so the pieces
-    of ``make book JOBS=8`` on an 8-GPU node (SAE sweeps, circuit k sweeps) spread over the GPUs."""
+    of ``make book JOBS=8`` on an 8-GPU node (SAE sweeps, circuit k sweeps) spread over the GPUs.
+    A watchdog ends the worker when the plan's process ends (:func:`_exit_with_parent`)."""
+    import threading
+
     import torch
 
     from .config import load_config, resolve_device
     from .pipeline import preflight
 
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
     with counter.get_lock():
         index, counter.value = counter.value, counter.value + 1
     cfg = load_config(preset)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +202,57 @@ def test_a_failed_piece_names_itself_and_its_log(tmp_path, monkeypatch):
     piece = levels.Piece("bad piece", pipeline.accuracy, (0.5, "no_such_method"), of=(0.5, "no_such_method"))
     with pytest.raises(TaskError, match=r"piece 'bad piece' failed: ValueError: unknown pruning method[\s\S]*bad-piece"):
         run_plan([Task("bad piece", piece=piece)], 1, "smoke", lambda c: 0.0, tmp_path, say=lambda line: None)
+
+
+def _sleeping_piece(cfg, seconds: float, pid_file: str) -> None:
+    """A piece that records its process and sleeps (run in a worker by the test below)."""
+    import os
+
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def test_a_killed_plan_takes_its_workers_with_it(tmp_path):
+    """``kill`` of the plan's process ends its workers too (their watchdog), instead of leaving them running
+    their piece and then waiting forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "worker.pid"
+    script = (
+        "from pathlib import Path\n"
+        "from impact_core import levels\n"
+        "from impact_core.schedule import Task, run_plan\n"
+        "from tests.test_schedule import _sleeping_piece\n"
+        f"piece = levels.Piece('sleeper', _sleeping_piece, (120.0, {str(pid_file)!r}))\n"
+        f"run_plan([Task('sleeper', piece=piece)], 1, 'smoke', lambda c: 0.0, Path({str(tmp_path)!r}), say=print)\n")
+    root = Path(__file__).resolve().parents[1]
+    plan_process = subprocess.Popen([sys.executable, "-c", script], cwd=root,
+                                    env={**os.environ, "PYTHONPATH": str(root), "IMPACT_CACHE": str(tmp_path / "cache")})
+    try:
+        deadline = time.time() + 120
+        while not pid_file.exists() and time.time() < deadline and plan_process.poll() is None:
+            time.sleep(0.2)
+        assert pid_file.exists(), "the piece never started"
+        worker = int(pid_file.read_text())
+        os.kill(worker, 0)  # running
+        plan_process.send_signal(signal.SIGKILL)
+        plan_process.wait(timeout=30)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker outlived the plan's process by 20 s")
+    finally:
+        if plan_process.poll() is None:
+            plan_process.kill()
 
 
 def test_pieces_computed_by_the_book_equal_those_computed_here(smoke_book, tmp_path, monkeypatch):
